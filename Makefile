@@ -1,0 +1,33 @@
+# recserve: `make demo`, `make test`, `make bench`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= .demo
+
+.PHONY: install demo test test-all bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of PyTorch first (pinned: any other version pulls several GB of CUDA packages)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[compress,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m recserve.demo --workdir $(DEMO)
+
+test: install
+	$(PY) -m pytest -q -m "not gpu and not k8s"
+
+bench: install
+	$(PY) -m bench.run
+
+lint: install
+	$(VENV)/bin/ruff check recserve tests bench
+
+clean:
+	rm -rf $(DEMO) bench/results.json bench/results.md bench/*.png .pytest_cache

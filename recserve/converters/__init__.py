@@ -1,0 +1,1 @@
+"""Compression stages, evaluation with its quality gate, and (later) compilation for Triton."""

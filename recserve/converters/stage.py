@@ -1,0 +1,61 @@
+"""The contract every compression stage keeps: model state in, model state and details out.
+
+A stage's spec is the pydantic model users write in a recipe; ``apply`` does the work. The state
+always holds the servable ONNX graph; it also holds the PyTorch module while one backs the graph,
+so that training stages (fine-tune, distillation) can run. Graph-only stages drop the module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import onnx
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from recserve.data.schema import Dataset
+from recserve.models.artifact import sample_feed
+from recserve.models.export import export_onnx
+from recserve.models.train import TrainSettings, fit_ranker, fit_two_tower
+
+
+@dataclass
+class ModelState:
+    kind: str
+    """``ranker`` or ``two-tower``."""
+    graph: onnx.ModelProto
+    module: nn.Module | None = None
+    """The PyTorch model the graph was exported from, while there is one."""
+
+    def with_module(self, module: nn.Module, data: Dataset) -> ModelState:
+        return replace(self, module=module, graph=export_onnx(module, self.kind, sample_feed(self.kind, data)))
+
+    def with_graph(self, graph: onnx.ModelProto) -> ModelState:
+        return replace(self, graph=graph, module=None)
+
+
+@dataclass
+class StageContext:
+    data: Dataset
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def fine_tune(self, state: ModelState, epochs: int, label: str) -> dict[str, Any]:
+        """Train the state's module for ``epochs`` more epochs (no-op at 0); returns the history."""
+        if epochs <= 0 or state.module is None:
+            return {}
+        settings = replace(self.train, epochs=epochs)
+        if state.kind == "ranker":
+            return fit_ranker(state.module, self.data.ranking_train, settings, label=label)
+        return fit_two_tower(state.module, self.data.retrieval, settings, label=label)
+
+
+class StageSpec(BaseModel, ABC):
+    """Base of every stage in a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @abstractmethod
+    def apply(self, state: ModelState, ctx: StageContext) -> tuple[ModelState, dict[str, Any]]:
+        """Return the new state and what the stage did (for the report)."""

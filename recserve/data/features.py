@@ -1,0 +1,184 @@
+"""Fitting (or reusing) vocabularies and dense transforms, and turning raw columns into model inputs.
+
+Every reader goes through one :class:`Preprocessor`: without a saved file it fits vocabularies and
+transforms from the rows the reader hands it (its training rows); with one it reuses the saved ones
+unchanged, so ids and scaling match a model trained earlier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from recserve.data.schema import DenseTransform, RankingData, SparseFeature, Vocabulary, load_preprocessing
+from recserve.errors import DataError
+
+
+def fit_vocabulary(name: str, values: np.ndarray, min_freq: int = 1, extend: np.ndarray | None = None) -> Vocabulary:
+    """Like :meth:`Vocabulary.build` (most frequent first, ties by token, ``""`` = missing) on a numpy column.
+
+    Tokens are ``str(value)``. ``extend`` (e.g. the whole catalog) adds, after the counted tokens and with
+    count 0, the tokens that never occur in ``values``, so every catalog entity gets its own id.
+    Tokens seen in ``values`` fewer than ``min_freq`` times stay out-of-vocabulary.
+    """
+    counted = _count(values)
+    kept = sorted(((t, c) for t, c in counted.items() if c >= min_freq and t != ""), key=lambda tc: (-tc[1], tc[0]))
+    tokens = [t for t, _ in kept]
+    counts = [c for _, c in kept]
+    if extend is not None:
+        new = sorted(set(_count(extend)) - counted.keys() - {""})
+        tokens += new
+        counts += [0] * len(new)
+    return Vocabulary(name, tokens, counts)
+
+
+def _count(values: np.ndarray) -> dict[str, int]:
+    values = np.asarray(values).ravel()
+    if values.size == 0:
+        return {}
+    uniq, counts = np.unique(values, return_counts=True)
+    return {str(u): int(c) for u, c in zip(uniq.tolist(), counts.tolist(), strict=True)}
+
+
+def encode(vocab: Vocabulary, values: np.ndarray) -> np.ndarray:
+    """int64 ids of ``str(value)`` for every value (OOV and ``""`` -> 0), same shape as ``values``."""
+    values = np.asarray(values)
+    if values.size == 0:
+        return np.zeros(values.shape, dtype=np.int64)
+    uniq, inverse = np.unique(values.ravel(), return_inverse=True)
+    ids = vocab.lookup(str(u) for u in uniq.tolist())
+    return ids[inverse].reshape(values.shape)
+
+
+def fit_transform(name: str, values: np.ndarray | None, kind: str = "identity", standardize: bool = True) -> DenseTransform:
+    """A transform ``kind`` whose mean/std come from the finite ``values`` (missing -> 0, i.e. the mean)."""
+    if kind not in ("identity", "log1p"):
+        raise ValueError(f"unknown dense transform kind {kind!r}")
+    if not standardize or values is None:
+        return DenseTransform(name, kind)
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if kind == "log1p":
+        x = np.log1p(np.maximum(x, 0.0))
+    if x.size == 0:
+        return DenseTransform(name, kind)
+    std = float(x.std())
+    return DenseTransform(name, kind, mean=float(x.mean()), std=std if std > 0 else 1.0, fill=0.0)
+
+
+class Preprocessor:
+    """Hands out vocabularies and dense transforms, fitted on the values given or reused from ``saved``.
+
+    ``saved`` is a JSON file written by :meth:`Dataset.save_preprocessing`. What was handed out is
+    collected in :attr:`vocabularies` and :attr:`transforms` (in request order) for the Dataset.
+    """
+
+    def __init__(self, saved: Path | None = None) -> None:
+        self.saved = Path(saved) if saved is not None else None
+        self.vocabularies: dict[str, Vocabulary] = {}
+        self.transforms: list[DenseTransform] = []
+        self._saved_vocabs: dict[str, Vocabulary] | None = None
+        self._saved_transforms: dict[str, DenseTransform] | None = None
+        if self.saved is not None:
+            if not self.saved.is_file():
+                raise DataError(
+                    f"preprocessing file {self.saved} not found; pass the JSON written by Dataset.save_preprocessing "
+                    "when the model was trained"
+                )
+            try:
+                vocabs, transforms = load_preprocessing(self.saved)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise DataError(
+                    f"preprocessing file {self.saved} is not a valid preprocessing JSON ({e}); "
+                    "pass the file written by Dataset.save_preprocessing"
+                ) from e
+            self._saved_vocabs = vocabs
+            self._saved_transforms = {t.name: t for t in transforms}
+
+    @property
+    def reusing(self) -> bool:
+        return self.saved is not None
+
+    def vocabulary(
+        self, name: str, fit_values: np.ndarray, *, extend: np.ndarray | None = None, min_freq: int = 1
+    ) -> Vocabulary:
+        """The vocabulary of feature ``name``: the saved one, else fitted on ``fit_values`` (see :func:`fit_vocabulary`)."""
+        if name in self.vocabularies:
+            return self.vocabularies[name]
+        if self._saved_vocabs is not None:
+            if name not in self._saved_vocabs:
+                raise DataError(
+                    f"preprocessing file {self.saved} has no vocabulary for feature {name!r} "
+                    f"(it has: {', '.join(sorted(self._saved_vocabs)) or 'none'}); it was written for another dataset "
+                    "kind; pass the file saved with the model trained on this kind of data"
+                )
+            vocab = self._saved_vocabs[name]
+        else:
+            vocab = fit_vocabulary(name, fit_values, min_freq=min_freq, extend=extend)
+        self.vocabularies[name] = vocab
+        return vocab
+
+    def transform(
+        self, name: str, fit_values: np.ndarray | None, *, kind: str = "identity", standardize: bool = True
+    ) -> DenseTransform:
+        """The transform of dense feature ``name``: the saved one, else fitted (see :func:`fit_transform`)."""
+        if self._saved_transforms is not None:
+            if name not in self._saved_transforms:
+                raise DataError(
+                    f"preprocessing file {self.saved} has no dense transform for feature {name!r} "
+                    f"(it has: {', '.join(sorted(self._saved_transforms)) or 'none'}); it was written for another "
+                    "dataset kind; pass the file saved with the model trained on this kind of data"
+                )
+            t = self._saved_transforms[name]
+        else:
+            t = fit_transform(name, fit_values, kind=kind, standardize=standardize)
+        self.transforms.append(t)
+        return t
+
+    def features(self, names: Sequence[str]) -> list[SparseFeature]:
+        """SparseFeature list for vocabularies already handed out."""
+        return [SparseFeature(n, self.vocabularies[n].cardinality) for n in names]
+
+
+def ranking_data(
+    prep: Preprocessor,
+    sparse_names: Sequence[str],
+    sparse_ids: Sequence[np.ndarray],
+    transforms: Sequence[DenseTransform],
+    dense_raw: Sequence[np.ndarray],
+    label: np.ndarray,
+) -> RankingData:
+    """Assemble RankingData (int64 sparse, float32 dense and label, all C-contiguous)."""
+    n = len(label)
+    sparse = np.ascontiguousarray(np.stack(sparse_ids, axis=1), dtype=np.int64) if sparse_ids else np.zeros((n, 0), np.int64)
+    if transforms:
+        dense = np.ascontiguousarray(np.stack([t.apply(r) for t, r in zip(transforms, dense_raw, strict=True)], axis=1))
+    else:
+        dense = np.zeros((n, 0), np.float32)
+    return RankingData(
+        prep.features(sparse_names),
+        [t.name for t in transforms],
+        sparse,
+        dense.astype(np.float32, copy=False),
+        np.ascontiguousarray(label, dtype=np.float32),
+    )
+
+
+def table(prep: Preprocessor, names: Sequence[str], columns: Sequence[np.ndarray]) -> np.ndarray:
+    """int64 [rows, len(names)] table: each raw column encoded with the vocabulary of the same name."""
+    ids = [encode(prep.vocabularies[n], c) for n, c in zip(names, columns, strict=True)]
+    return np.ascontiguousarray(np.stack(ids, axis=1), dtype=np.int64)
+
+
+def require_file(path: Path, kind: str, what: str, hint: str) -> Path:
+    """``path`` if it is a file, else a DataError naming the spec kind, the file and what to do."""
+    if not path.is_file():
+        raise DataError(f"{kind}:{path}: {what} not found; {hint}")
+    return path
+
+
+def no_rows(kind: str, path: Path, corrupt: int, expected: str) -> DataError:
+    """The error for a file that yielded no usable row."""
+    return DataError(f"{kind}:{path}: no usable rows ({corrupt} corrupt); expected {expected}")

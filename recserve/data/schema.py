@@ -1,0 +1,166 @@
+"""In-memory shapes of the data every reader produces and every model consumes.
+
+Ids: every categorical feature is mapped to ``[0, cardinality)`` by a :class:`Vocabulary`;
+id 0 is reserved for out-of-vocabulary and missing values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+OOV_ID = 0
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    """A categorical feature: its name and how many ids it has (OOV included)."""
+
+    name: str
+    cardinality: int
+
+
+@dataclass
+class Vocabulary:
+    """Maps raw string values of one feature to ids; 0 is OOV, known tokens start at 1."""
+
+    name: str
+    tokens: list[str]
+    counts: list[int] = field(default_factory=list)
+    """Training-set frequency of each token, aligned with ``tokens`` (empty if unknown)."""
+
+    def __post_init__(self) -> None:
+        self._index = {t: i + 1 for i, t in enumerate(self.tokens)}
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.tokens) + 1
+
+    @classmethod
+    def build(cls, name: str, values: Iterable[str], min_freq: int = 1) -> Vocabulary:
+        """Tokens seen at least ``min_freq`` times, most frequent first (ties by value)."""
+        counter = Counter(v for v in values if v != "")
+        kept = sorted(((t, c) for t, c in counter.items() if c >= min_freq), key=lambda tc: (-tc[1], tc[0]))
+        return cls(name, [t for t, _ in kept], [c for _, c in kept])
+
+    def lookup(self, values: Iterable[str]) -> np.ndarray:
+        index = self._index
+        return np.fromiter((index.get(v, OOV_ID) for v in values), dtype=np.int64)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "tokens": self.tokens, "counts": self.counts}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Vocabulary:
+        return cls(d["name"], list(d["tokens"]), list(d.get("counts", [])))
+
+
+@dataclass(frozen=True)
+class DenseTransform:
+    """How a raw numeric value becomes a model input: ``(f(x) - mean) / std``, missing -> ``fill``."""
+
+    name: str
+    kind: str = "identity"
+    """``identity`` or ``log1p`` (``log(1 + max(x, 0))``, for counts)."""
+    mean: float = 0.0
+    std: float = 1.0
+    fill: float = 0.0
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        x = np.asarray(raw, dtype=np.float64)
+        missing = ~np.isfinite(x)
+        x = np.where(missing, 0.0, x)
+        if self.kind == "log1p":
+            x = np.log1p(np.maximum(x, 0.0))
+        out = (x - self.mean) / (self.std or 1.0)
+        out[missing] = self.fill
+        return out.astype(np.float32)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "mean": self.mean, "std": self.std, "fill": self.fill}
+
+
+@dataclass
+class RankingData:
+    """Rows for a ranker (CTR model): one categorical id per sparse feature, dense floats, a 0/1 label."""
+
+    sparse_features: list[SparseFeature]
+    dense_names: list[str]
+    sparse: np.ndarray
+    """int64 [N, S]; column j holds ids of ``sparse_features[j]``."""
+    dense: np.ndarray
+    """float32 [N, D]."""
+    label: np.ndarray
+    """float32 [N], 0 or 1."""
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def take(self, index: np.ndarray) -> RankingData:
+        return RankingData(self.sparse_features, self.dense_names, self.sparse[index], self.dense[index], self.label[index])
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The ONNX feed for a recserve ranker."""
+        return {"sparse": self.sparse, "dense": self.dense}
+
+
+@dataclass
+class RetrievalData:
+    """Positive user-item pairs for a two-tower retriever, split leave-last-out.
+
+    Rows of ``user_table`` / ``item_table`` are users / items; column 0 is the id feature and the
+    rest are attributes. Pairs index those rows.
+    """
+
+    user_features: list[SparseFeature]
+    item_features: list[SparseFeature]
+    user_table: np.ndarray
+    """int64 [U, Fu]."""
+    item_table: np.ndarray
+    """int64 [I, Fi]."""
+    train_pairs: np.ndarray
+    """int64 [P, 2]: (user row, item row), every positive except each user's last."""
+    test_pairs: np.ndarray
+    """int64 [T, 2]: each evaluated user's last positive."""
+    eval_negatives: np.ndarray
+    """int64 [T, K]: item rows the user never interacted with, sampled deterministically."""
+
+
+@dataclass
+class Dataset:
+    """What a reader returns: the splits it can provide plus the preprocessing learned from training rows."""
+
+    name: str
+    spec: str
+    vocabularies: dict[str, Vocabulary]
+    dense_transforms: list[DenseTransform] = field(default_factory=list)
+    ranking_train: RankingData | None = None
+    ranking_test: RankingData | None = None
+    retrieval: RetrievalData | None = None
+    corrupt_rows: int = 0
+    """Rows that could not be parsed and were skipped."""
+
+    def save_preprocessing(self, path: Path) -> None:
+        """Write vocabularies and dense transforms (what serving needs to map raw features to ids)."""
+        path.write_text(
+            json.dumps(
+                {
+                    "dataset": self.name,
+                    "spec": self.spec,
+                    "vocabularies": {k: v.to_json() for k, v in self.vocabularies.items()},
+                    "dense_transforms": [t.to_json() for t in self.dense_transforms],
+                }
+            )
+        )
+
+
+def load_preprocessing(path: Path) -> tuple[dict[str, Vocabulary], list[DenseTransform]]:
+    d = json.loads(Path(path).read_text())
+    vocabs = {k: Vocabulary.from_json(v) for k, v in d["vocabularies"].items()}
+    transforms = [DenseTransform(**t) for t in d["dense_transforms"]]
+    return vocabs, transforms

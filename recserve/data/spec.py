@@ -1,0 +1,106 @@
+"""Dataset specs: ``KIND[:PATH][,key=value...]`` -> the matching reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recserve.data import criteo, interactions, movielens, synthetic
+from recserve.data.schema import Dataset
+from recserve.errors import DataError
+
+VALID_FORMS = (
+    "criteo:PATH[,min_freq=N] | movielens:DIR | interactions:PATH[,meta=PATH][,neg_ratio=N] | "
+    "synthetic[:ROWS][,users=N][,items=N][,seed=N]"
+)
+OPTIONS = {
+    "criteo": {"min_freq": int},
+    "movielens": {},
+    "interactions": {"meta": str, "neg_ratio": int},
+    "synthetic": {"users": int, "items": int, "seed": int},
+}
+NEEDS_PATH = {"criteo", "movielens", "interactions"}
+
+
+@dataclass
+class Spec:
+    kind: str
+    path: str | None
+    options: dict[str, int | str] = field(default_factory=dict)
+
+
+def _bad(spec: str, why: str) -> DataError:
+    return DataError(f"dataset spec {spec!r}: {why}; valid forms: {VALID_FORMS}")
+
+
+def parse_spec(spec: str) -> Spec:
+    """Split a spec into kind, path and typed options; DataError (listing the valid forms) on any mistake."""
+    head, *pairs = spec.strip().split(",")
+    kind, _, path = head.partition(":")
+    kind = kind.strip().lower()
+    if kind not in OPTIONS:
+        raise _bad(spec, f"unknown kind {kind!r}")
+    path = path.strip() or None
+    if kind in NEEDS_PATH and path is None:
+        raise _bad(spec, f"{kind} needs a path ({kind}:PATH)")
+    if kind == "synthetic" and path is not None and not (path.isdigit() and int(path) > 0):
+        raise _bad(spec, f"synthetic:ROWS needs a positive integer row count, got {path!r}")
+    options: dict[str, int | str] = {}
+    for pair in pairs:
+        key, eq, value = (s.strip() for s in pair.partition("="))
+        if not eq or not key or not value:
+            raise _bad(spec, f"option {pair!r} is not key=value")
+        if key not in OPTIONS[kind]:
+            allowed = ", ".join(OPTIONS[kind]) or "none"
+            raise _bad(spec, f"unknown option {key!r} for {kind} (allowed: {allowed})")
+        if OPTIONS[kind][key] is int:
+            if not value.isdigit():
+                raise _bad(spec, f"option {key}={value!r} must be a non-negative integer")
+            options[key] = int(value)
+        else:
+            options[key] = value
+    return Spec(kind, path, options)
+
+
+def load_dataset(
+    spec: str,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    eval_negatives: int = 100,
+    preprocessing: Path | None = None,
+) -> Dataset:
+    """Load the dataset a spec names; splits are deterministic given ``seed``.
+
+    ``preprocessing``: a JSON written by :meth:`Dataset.save_preprocessing`; its vocabularies and dense
+    transforms are reused instead of fitted, so ids match the model trained with it.
+    For ``synthetic``, the spec's ``seed=`` draws the data (default: ``seed``), ``seed`` the split.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction={test_fraction} must be between 0 and 1 (exclusive), e.g. 0.2")
+    if eval_negatives < 0:
+        raise DataError(f"eval_negatives={eval_negatives} must be >= 0, e.g. 100")
+    s = parse_spec(spec)
+    common = {"seed": seed, "preprocessing": preprocessing}
+    if s.kind == "criteo":
+        ds = criteo.load(Path(s.path), test_fraction=test_fraction, **s.options, **common)
+    elif s.kind == "movielens":
+        ds = movielens.load(Path(s.path), test_fraction=test_fraction, eval_negatives=eval_negatives, **common)
+    elif s.kind == "interactions":
+        meta = s.options.pop("meta", None)
+        ds = interactions.load(
+            Path(s.path), meta=Path(meta) if meta else None, eval_negatives=eval_negatives, **s.options, **common
+        )
+    else:
+        ds = synthetic.generate(
+            int(s.path) if s.path else 100_000,
+            users=int(s.options.get("users", 2000)),
+            items=int(s.options.get("items", 5000)),
+            seed=int(s.options.get("seed", seed)),
+            split_seed=seed,
+            test_fraction=test_fraction,
+            eval_negatives=eval_negatives,
+            preprocessing=preprocessing,
+        )
+    ds.spec = spec
+    return ds

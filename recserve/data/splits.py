@@ -1,0 +1,126 @@
+"""Deterministic splits and negative sampling shared by the readers."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from recserve.data.schema import RetrievalData, SparseFeature
+from recserve.errors import DataError
+
+
+def rng_for(seed: int, purpose: str) -> np.random.Generator:
+    """An independent, reproducible random stream per (seed, purpose)."""
+    return np.random.default_rng([seed, zlib.crc32(purpose.encode())])
+
+
+def random_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) row indices; ``round(n * test_fraction)`` test rows, at least one of each when n >= 2."""
+    perm = rng_for(seed, "split").permutation(n)
+    n_test = int(round(n * test_fraction))
+    if n >= 2:
+        n_test = min(max(n_test, 1), n - 1)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def leave_last_out(users: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) interaction indices: each user's latest interaction (ties: later in the input) is test.
+
+    Users with fewer than 2 interactions keep everything in train. ``train`` is in input order,
+    ``test`` is ordered by user.
+    """
+    n = len(users)
+    order = np.lexsort((np.arange(n), times, users))
+    u = np.asarray(users)[order]
+    last = np.ones(n, dtype=bool)
+    last[:-1] = u[1:] != u[:-1]
+    first = np.ones(n, dtype=bool)
+    first[1:] = u[1:] != u[:-1]
+    is_test = last & ~first
+    return np.sort(order[~is_test]), order[is_test]
+
+
+def sample_negatives(
+    users: np.ndarray,
+    n_items: int,
+    seen_users: np.ndarray,
+    seen_items: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    option: str = "eval_negatives",
+) -> np.ndarray:
+    """int64 [len(users), k]: per entry, ``k`` distinct item rows (uniform) that user never interacted with.
+
+    ``(seen_users, seen_items)`` are all known interactions. ``option`` names the setting to lower in the
+    error raised when a user has fewer than ``k`` items left.
+    """
+    users = np.asarray(users, dtype=np.int64)
+    out = np.empty((len(users), k), dtype=np.int64)
+    if k == 0 or len(users) == 0:
+        return out
+    seen = np.unique(np.asarray(seen_users, np.int64) * n_items + np.asarray(seen_items, np.int64))
+
+    # Vectorized rejection sampling: draw more candidates than needed, keep the first k valid ones.
+    cand = rng.integers(0, n_items, size=(len(users), 2 * k + 16))
+    keys = users[:, None] * n_items + cand
+    interacted = np.zeros(keys.shape, dtype=bool)
+    if seen.size:
+        interacted = seen[np.minimum(np.searchsorted(seen, keys), seen.size - 1)] == keys
+    ok = ~interacted & ~_repeats_in_rows(cand)
+    enough = ok.sum(axis=1) >= k
+    first_ok = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+    out[enough] = np.take_along_axis(cand, first_ok, axis=1)[enough]
+
+    # Rare rows (heavy users, small catalogs): sample exactly from what is left.
+    for r in np.flatnonzero(~enough):
+        u = int(users[r])
+        lo, hi = np.searchsorted(seen, [u * n_items, (u + 1) * n_items])
+        allowed = np.setdiff1d(np.arange(n_items), seen[lo:hi] - u * n_items)
+        if len(allowed) < k:
+            raise DataError(
+                f"{option}={k} is too many: a user interacted with {n_items - len(allowed)} of the {n_items} items, "
+                f"leaving only {len(allowed)} to sample negatives from; lower {option} to at most {len(allowed)}"
+            )
+        out[r] = rng.choice(allowed, size=k, replace=False)
+    return out
+
+
+def _repeats_in_rows(a: np.ndarray) -> np.ndarray:
+    """True where a value already occurred earlier in the same row."""
+    order = np.argsort(a, axis=1, kind="stable")
+    s = np.take_along_axis(a, order, axis=1)
+    rep_sorted = np.zeros(a.shape, dtype=bool)
+    rep_sorted[:, 1:] = s[:, 1:] == s[:, :-1]
+    rep = np.empty_like(rep_sorted)
+    np.put_along_axis(rep, order, rep_sorted, axis=1)
+    return rep
+
+
+def build_retrieval(
+    user_features: Sequence[SparseFeature],
+    item_features: Sequence[SparseFeature],
+    user_table: np.ndarray,
+    item_table: np.ndarray,
+    users: np.ndarray,
+    items: np.ndarray,
+    times: np.ndarray,
+    eval_negatives: int,
+    seed: int,
+) -> tuple[RetrievalData, np.ndarray, np.ndarray]:
+    """Leave-last-out RetrievalData from interactions (user row, item row, time), plus the (train, test) indices."""
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    train, test = leave_last_out(users, times)
+    negatives = sample_negatives(users[test], len(item_table), users, items, eval_negatives, rng_for(seed, "eval_negatives"))
+    data = RetrievalData(
+        list(user_features),
+        list(item_features),
+        np.ascontiguousarray(user_table, dtype=np.int64),
+        np.ascontiguousarray(item_table, dtype=np.int64),
+        np.ascontiguousarray(np.stack([users[train], items[train]], axis=1)),
+        np.ascontiguousarray(np.stack([users[test], items[test]], axis=1)),
+        np.ascontiguousarray(negatives),
+    )
+    return data, train, test

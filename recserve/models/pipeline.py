@@ -1,0 +1,44 @@
+"""``recserve train``: data -> model -> training -> ONNX export checked against PyTorch -> artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from recserve.converters.evaluate import evaluate
+from recserve.data import load_dataset
+from recserve.errors import ConfigError, DataError
+from recserve.models.artifact import TrainedModel, build_module
+from recserve.models.ranker import RankerConfig
+from recserve.models.train import TrainSettings, fit_ranker, fit_two_tower
+from recserve.models.two_tower import TwoTowerConfig
+
+
+def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32, **settings: Any) -> dict[str, Any]:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    data = load_dataset(data_spec, seed=settings.get("seed", 0))
+    train = TrainSettings(**settings)
+    if kind == "ranker":
+        if data.ranking_train is None or not len(data.ranking_train):
+            raise DataError(f"{data_spec} has no labelled rows to train a ranker on")
+        t = data.ranking_train
+        config = RankerConfig([f.cardinality for f in t.sparse_features], len(t.dense_names), embedding_dim=embedding_dim)
+        module = build_module(kind, config)
+        history = fit_ranker(module, t, train)
+    else:
+        r = data.retrieval
+        if r is None or not len(r.train_pairs):
+            raise DataError(f"{data_spec} has no user-item pairs to train a two-tower retriever on "
+                            "(criteo data has no user or item ids: train a ranker on it)")
+        config = TwoTowerConfig([f.cardinality for f in r.user_features], [f.cardinality for f in r.item_features],
+                                embedding_dim=embedding_dim)
+        module = build_module(kind, config)
+        history = fit_two_tower(module, r, train)
+    trained = TrainedModel(kind, config, module, data_spec, train.seed)
+    graph = trained.export(data)
+    ev = evaluate(graph, kind, data, speed=False)
+    trained.metrics = {"held_out": ev.quality, "history": history, "corrupt_rows": data.corrupt_rows}
+    trained.save(out, data, graph)
+    return {"quality": ev.quality, "parameters": ev.parameters, "size_bytes": ev.size_bytes}

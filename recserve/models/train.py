@@ -1,0 +1,133 @@
+"""CPU training loops for the reference models, with a progress bar.
+
+``fit_ranker`` also does knowledge distillation when given teacher logits, and fine-tuning of a
+pruned model (masks from ``torch.nn.utils.prune`` stay applied through its forward hooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from recserve.converters.metrics import auc_score
+from recserve.data.schema import RankingData, RetrievalData
+from recserve.models.ranker import Ranker
+from recserve.models.two_tower import TwoTower
+
+
+@dataclass
+class TrainSettings:
+    """How to train; the defaults suit the demo and the public samples on 2 CPU cores."""
+
+    epochs: int = 3
+    batch_size: int = 1024
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    validation_fraction: float = 0.1
+    """Share of the training rows kept back to pick the best epoch (ranker only)."""
+    threads: int = 2
+
+
+@dataclass
+class Distillation:
+    """Soft targets for a student: ``alpha * BCE(labels) + (1 - alpha) * T^2 * BCE(teacher / T)``."""
+
+    teacher_logits: np.ndarray
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), transient=True)
+
+
+def predict_logits(model: Ranker, data: RankingData, batch_size: int = 8192) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(data), batch_size):
+            sp = torch.from_numpy(data.sparse[s:s + batch_size])
+            de = torch.from_numpy(data.dense[s:s + batch_size])
+            out.append(model(sp, de).squeeze(1).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def fit_ranker(model: Ranker, data: RankingData, settings: TrainSettings, *,
+               distill: Distillation | None = None, label: str = "train") -> dict:
+    """Train ``model`` in place; keeps the epoch with the best validation AUC. Returns a history dict."""
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    rng = np.random.default_rng(settings.seed)
+    order = rng.permutation(len(data))
+    n_val = int(len(order) * settings.validation_fraction) if settings.epochs > 0 else 0
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    val = data.take(val_idx)
+    sparse, dense, y = (torch.from_numpy(a) for a in (data.sparse, data.dense, data.label))
+    soft = None
+    if distill is not None:
+        soft = torch.sigmoid(torch.from_numpy(distill.teacher_logits.astype(np.float32)) / distill.temperature)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    best_auc, best_state, history = -1.0, None, []
+    with _progress() as progress:
+        task = progress.add_task(label, total=settings.epochs * max(1, len(train_idx) // settings.batch_size), info="")
+        for epoch in range(settings.epochs):
+            model.train()
+            perm = torch.from_numpy(rng.permutation(train_idx))
+            for s in range(0, len(perm), settings.batch_size):
+                b = perm[s:s + settings.batch_size]
+                logit = model(sparse[b], dense[b]).squeeze(1)
+                loss = bce(logit, y[b])
+                if distill is not None:
+                    t = distill.temperature
+                    loss = distill.alpha * loss + (1 - distill.alpha) * t * t * bce(logit / t, soft[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{settings.epochs} loss {loss.item():.4f}")
+            val_auc = auc_score(val.label, predict_logits(model, val)) if n_val else float("nan")
+            history.append({"epoch": epoch + 1, "validation_auc": val_auc})
+            if n_val == 0 or val_auc > best_auc:
+                best_auc = val_auc
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"epochs": history, "best_validation_auc": best_auc}
+
+
+def fit_two_tower(model: TwoTower, data: RetrievalData, settings: TrainSettings, *, label: str = "train") -> dict:
+    """In-batch-negative softmax training on the positive pairs."""
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    rng = np.random.default_rng(settings.seed)
+    users = torch.from_numpy(data.user_table)
+    items = torch.from_numpy(data.item_table)
+    pairs = data.train_pairs
+    opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    history = []
+    with _progress() as progress:
+        task = progress.add_task(label, total=settings.epochs * max(1, len(pairs) // settings.batch_size), info="")
+        for epoch in range(settings.epochs):
+            model.train()
+            perm = rng.permutation(len(pairs))
+            total = 0.0
+            for s in range(0, len(perm), settings.batch_size):
+                b = torch.from_numpy(pairs[perm[s:s + settings.batch_size]])
+                u, i = model(users[b[:, 0]], items[b[:, 1]])
+                logits = u @ i.T / model.config.temperature
+                loss = nn.functional.cross_entropy(logits, torch.arange(len(b)))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item()
+                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{settings.epochs} loss {loss.item():.4f}")
+            history.append({"epoch": epoch + 1, "mean_loss": total / max(1, -(-len(perm) // settings.batch_size))})
+    model.eval()
+    return {"epochs": history}

@@ -1,0 +1,26 @@
+"""Shared fixtures. Hardware markers skip cleanly where the hardware is absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = shutil.which("nvidia-smi") is not None and _tensorrt_importable()
+    has_cluster = bool(os.environ.get("KUBECONFIG"))
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT"))
+        if "k8s" in item.keywords and not has_cluster:
+            item.add_marker(pytest.mark.skip(reason="needs a cluster: set KUBECONFIG"))
+
+
+def _tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
