@@ -30,10 +30,10 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
     for a in node.attribute:
         if a.name == name:
-            return a.i
+            return onnx.helper.get_attribute_value(a)
     return default
 
 

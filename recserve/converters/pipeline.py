@@ -44,8 +44,9 @@ def load_model(path: Path) -> LoadedModel:
         return LoadedModel(state, path / "model.onnx", path / "preprocessing.json", trained.data_spec, True)
     onnx_path = path / "model.onnx" if path.is_dir() else path
     graph = _read_onnx(onnx_path)
-    pre = onnx_path.parent / "preprocessing.json"
-    return LoadedModel(ModelState(model_kind(graph), graph), onnx_path, pre if pre.exists() else None, None, False)
+    pre, meta = onnx_path.parent / "preprocessing.json", onnx_path.parent / "model.json"
+    spec = json.loads(meta.read_text()).get("data_spec") if meta.exists() else None
+    return LoadedModel(ModelState(model_kind(graph), graph), onnx_path, pre if pre.exists() else None, spec, False)
 
 
 def _read_onnx(path: Path) -> onnx.ModelProto:

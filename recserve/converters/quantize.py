@@ -91,14 +91,16 @@ class QuantizeStage(StageSpec):
                   only: list[str] | None = None) -> onnx.ModelProto:
         logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs every node at INFO
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "q.onnx"
+            out, src = Path(tmp) / "q.onnx", Path(tmp) / "float.onnx"
+            # a path, not the proto: the quantizer rewrites a proto it is given to external data in place
+            onnx.save(state.graph, src)
             common = dict(op_types_to_quantize=self.op_types, per_channel=self.per_channel,
                           nodes_to_quantize=only, nodes_to_exclude=exclude or None)
             if self.mode == "int8_dynamic":
-                quantize_dynamic(state.graph, out, weight_type=QuantType.QInt8, **common)
+                quantize_dynamic(src, out, weight_type=QuantType.QInt8, **common)
             else:
                 quantize_static(
-                    state.graph, out, _Calibration(state.kind, ctx.data, self.calibration_rows),
+                    src, out, _Calibration(state.kind, ctx.data, self.calibration_rows),
                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=METHODS[self.calibration_method],
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}, **common)

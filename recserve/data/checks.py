@@ -16,7 +16,9 @@ def check_dataset(ds: Dataset) -> None:
     if ds.ranking_train is not None:
         names = [t.name for t in ds.dense_transforms]
         if names != ds.ranking_train.dense_names:
-            raise ValueError(f"dense_transforms {names} are not aligned with dense_names {ds.ranking_train.dense_names}")
+            raise ValueError(
+                f"dense_transforms {names} are not aligned with dense_names {ds.ranking_train.dense_names}"
+            )
     r = ds.retrieval
     if r is None:
         return
@@ -26,14 +28,12 @@ def check_dataset(ds: Dataset) -> None:
         _check_array(name, pairs, np.int64, 2)
         if pairs.shape[1] != width:
             raise ValueError(f"{name} has {pairs.shape[1]} columns, expected {width}")
-        if len(pairs) and not (
-            0 <= pairs.min() and pairs[:, 0].max() < len(r.user_table) and pairs[:, 1].max() < len(r.item_table)
-        ):
+        if not (_within(pairs[:, 0], len(r.user_table)) and _within(pairs[:, 1], len(r.item_table))):
             raise ValueError(f"{name} holds rows outside the user/item tables")
     _check_array("eval_negatives", r.eval_negatives, np.int64, 2)
     if len(r.eval_negatives) != len(r.test_pairs):
         raise ValueError(f"eval_negatives has {len(r.eval_negatives)} rows for {len(r.test_pairs)} test pairs")
-    if r.eval_negatives.size and not (0 <= r.eval_negatives.min() and r.eval_negatives.max() < len(r.item_table)):
+    if not _within(r.eval_negatives, len(r.item_table)):
         raise ValueError("eval_negatives holds rows outside the item table")
 
 
@@ -58,10 +58,17 @@ def _check_ids(ds: Dataset, name: str, ids: np.ndarray, features: list[SparseFea
         vocab = ds.vocabularies.get(f.name)
         if vocab is None or vocab.cardinality != f.cardinality:
             raise ValueError(f"{name}: feature {f.name} has no vocabulary of cardinality {f.cardinality}")
-        if len(ids) and not (0 <= ids[:, j].min() and ids[:, j].max() < f.cardinality):
+        if not _within(ids[:, j], f.cardinality):
             raise ValueError(f"{name}: ids of {f.name} outside [0, {f.cardinality})")
+
+
+def _within(a: np.ndarray, upper: int) -> bool:
+    """All values in [0, upper)."""
+    return a.size == 0 or (a.min() >= 0 and a.max() < upper)
 
 
 def _check_array(name: str, a: np.ndarray, dtype: type, ndim: int) -> None:
     if a.dtype != dtype or a.ndim != ndim or not a.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous {np.dtype(dtype)} array of {ndim} dims, got {a.dtype} {a.shape}")
+        raise ValueError(
+            f"{name}: expected a C-contiguous {np.dtype(dtype)} array of {ndim} dims, got {a.dtype} {a.shape}"
+        )

@@ -62,7 +62,9 @@ def load(
 ) -> Dataset:
     """Read a Criteo TSV; random seeded split; vocabularies (``min_freq``) and log1p+standardize fitted on train."""
     path = Path(path)
-    require_file(path, "criteo", "file", "point the spec at a Criteo train.txt (label, I1..I13, C1..C26, tab-separated)")
+    require_file(
+        path, "criteo", "file", "point the spec at a Criteo train.txt (label, I1..I13, C1..C26, tab-separated)"
+    )
     prep = Preprocessor(preprocessing)
     label, ints, cats, corrupt = parse(path)
     if len(label) == 0:
@@ -70,7 +72,8 @@ def load(
     train, test = random_split(len(label), test_fraction, seed)
 
     sparse_ids = [
-        encode(prep.vocabulary(name, cats[train, j], min_freq=min_freq), cats[:, j]) for j, name in enumerate(SPARSE_NAMES)
+        encode(prep.vocabulary(name, cats[train, j], min_freq=min_freq), cats[:, j])
+        for j, name in enumerate(SPARSE_NAMES)
     ]
     transforms = [prep.transform(name, ints[train, j], kind="log1p") for j, name in enumerate(DENSE_NAMES)]
     data = ranking_data(prep, SPARSE_NAMES, sparse_ids, transforms, list(ints.T), label)

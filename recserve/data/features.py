@@ -52,7 +52,9 @@ def encode(vocab: Vocabulary, values: np.ndarray) -> np.ndarray:
     return ids[inverse].reshape(values.shape)
 
 
-def fit_transform(name: str, values: np.ndarray | None, kind: str = "identity", standardize: bool = True) -> DenseTransform:
+def fit_transform(
+    name: str, values: np.ndarray | None, kind: str = "identity", standardize: bool = True
+) -> DenseTransform:
     """A transform ``kind`` whose mean/std come from the finite ``values`` (missing -> 0, i.e. the mean)."""
     if kind not in ("identity", "log1p"):
         raise ValueError(f"unknown dense transform kind {kind!r}")
@@ -104,7 +106,7 @@ class Preprocessor:
     def vocabulary(
         self, name: str, fit_values: np.ndarray, *, extend: np.ndarray | None = None, min_freq: int = 1
     ) -> Vocabulary:
-        """The vocabulary of feature ``name``: the saved one, else fitted on ``fit_values`` (see :func:`fit_vocabulary`)."""
+        """Vocabulary of ``name``: already handed out, else saved, else fitted on ``fit_values`` (fit_vocabulary)."""
         if name in self.vocabularies:
             return self.vocabularies[name]
         if self._saved_vocabs is not None:
@@ -152,7 +154,9 @@ def ranking_data(
 ) -> RankingData:
     """Assemble RankingData (int64 sparse, float32 dense and label, all C-contiguous)."""
     n = len(label)
-    sparse = np.ascontiguousarray(np.stack(sparse_ids, axis=1), dtype=np.int64) if sparse_ids else np.zeros((n, 0), np.int64)
+    sparse = (
+        np.ascontiguousarray(np.stack(sparse_ids, axis=1), dtype=np.int64) if sparse_ids else np.zeros((n, 0), np.int64)
+    )
     if transforms:
         dense = np.ascontiguousarray(np.stack([t.apply(r) for t, r in zip(transforms, dense_raw, strict=True)], axis=1))
     else:

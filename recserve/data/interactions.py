@@ -63,9 +63,7 @@ def column(t: Table, keys: tuple[str, ...], path: Path, what: str) -> int:
     for k in keys:
         if k in lower:
             return lower.index(k)
-    raise DataError(
-        f"interactions:{path}: no {what} column in header {t.header}; name it one of {', '.join(keys)}"
-    )
+    raise DataError(f"interactions:{path}: no {what} column in header {t.header}; name it one of {', '.join(keys)}")
 
 
 @dataclass
@@ -82,7 +80,7 @@ def read_meta(path: Path) -> Meta:
     t = read_table(path, "item metadata")
     key = column(t, ITEM_KEYS, path, "item")
     attrs = []
-    for j, name in enumerate(t.header):
+    for j in range(len(t.header)):
         filled = [r[j] for r in t.rows if r[j]]
         if j != key and not (filled and sum(v.startswith("[") for v in filled) * 2 > len(filled)):
             attrs.append(j)
@@ -99,7 +97,9 @@ def read_meta(path: Path) -> Meta:
 def read_log(path: Path) -> tuple[list[str], list[str], np.ndarray, int]:
     """(users, items, times float64, corrupt): rows with an empty user/item or a non-numeric time are corrupt."""
     t = read_table(path, "interaction log")
-    cu, ci, ct = (column(t, keys, path, w) for keys, w in ((USER_KEYS, "user"), (ITEM_KEYS, "item"), (TIME_KEYS, "time")))
+    cu, ci, ct = (
+        column(t, keys, path, w) for keys, w in ((USER_KEYS, "user"), (ITEM_KEYS, "item"), (TIME_KEYS, "time"))
+    )
     users, items, times = [], [], []
     corrupt = t.corrupt
     for r in t.rows:
@@ -130,7 +130,9 @@ def load(
     hint = "point the spec at a CSV/TSV interaction log with a header holding user, item and time columns"
     require_file(path, "interactions", "file", hint)
     if meta is not None:
-        require_file(Path(meta), "interactions", f"meta file {meta}", "point meta= at a CSV/TSV with an item or item_id column")
+        require_file(
+            Path(meta), "interactions", f"meta file {meta}", "point meta= at a CSV/TSV with an item or item_id column"
+        )
     if neg_ratio < 1:
         raise DataError(f"interactions:{path}: neg_ratio={neg_ratio} must be at least 1 (negatives per positive)")
     prep = Preprocessor(preprocessing)

@@ -145,7 +145,12 @@ def load(
     ratings, bad_ratings = read_ratings(paths["u.data"], users, items)
     corrupt = bad_users + bad_items + bad_ratings
     if len(ratings) == 0:
-        raise no_rows("movielens", folder, corrupt, "u.data lines 'user<TAB>item<TAB>rating<TAB>timestamp' of users/items in u.user/u.item")
+        raise no_rows(
+            "movielens",
+            folder,
+            corrupt,
+            "u.data lines 'user<TAB>item<TAB>rating<TAB>timestamp' of users/items in u.user/u.item",
+        )
     user_row, item_row, rating, ts = ratings.T
     train, test = random_split(len(ratings), test_fraction, seed)
 
@@ -184,4 +189,3 @@ def load(
         retrieval=retrieval,
         corrupt_rows=corrupt,
     )
-

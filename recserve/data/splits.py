@@ -19,7 +19,7 @@ def rng_for(seed: int, purpose: str) -> np.random.Generator:
 def random_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, test) row indices; ``round(n * test_fraction)`` test rows, at least one of each when n >= 2."""
     perm = rng_for(seed, "split").permutation(n)
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     if n >= 2:
         n_test = min(max(n_test, 1), n - 1)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
@@ -113,7 +113,9 @@ def build_retrieval(
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
     train, test = leave_last_out(users, times)
-    negatives = sample_negatives(users[test], len(item_table), users, items, eval_negatives, rng_for(seed, "eval_negatives"))
+    negatives = sample_negatives(
+        users[test], len(item_table), users, items, eval_negatives, rng_for(seed, "eval_negatives")
+    )
     data = RetrievalData(
         list(user_features),
         list(item_features),

@@ -141,7 +141,7 @@ def test_deterministic_and_too_many_negatives(tmp_path: Path) -> None:
     b = load_dataset(f"movielens:{folder}", eval_negatives=2, seed=5)
     assert np.array_equal(a.retrieval.eval_negatives, b.retrieval.eval_negatives)
     assert np.array_equal(a.ranking_test.sparse, b.ranking_test.sparse)
-    with pytest.raises(DataError, match="eval_negatives=4 is too many.*lower eval_negatives to at most 3"):
+    with pytest.raises(DataError, match=r"eval_negatives=4 is too many.*lower eval_negatives to at most 3"):
         load_dataset(f"movielens:{folder}", eval_negatives=4)
 
 

@@ -129,7 +129,7 @@ def test_preprocessing_reuse_synthetic_and_errors(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="no vocabulary for feature 'C1'"):
         load_dataset(f"criteo:{write_criteo(tmp_path / 'c.txt', 20, 'a', 0)}", preprocessing=saved)
-    with pytest.raises(DataError, match="preprocessing file .* not found"):
+    with pytest.raises(DataError, match=r"preprocessing file .* not found"):
         load_dataset("synthetic:100", preprocessing=tmp_path / "missing.json")
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(DataError, match="not a valid preprocessing JSON"):
