@@ -87,9 +87,13 @@ def load_dataset(
     elif s.kind == "movielens":
         ds = movielens.load(Path(s.path), test_fraction=test_fraction, eval_negatives=eval_negatives, **common)
     elif s.kind == "interactions":
-        meta = s.options.pop("meta", None)
+        meta = s.options.get("meta")
         ds = interactions.load(
-            Path(s.path), meta=Path(meta) if meta else None, eval_negatives=eval_negatives, **s.options, **common
+            Path(s.path),
+            meta=Path(str(meta)) if meta else None,
+            neg_ratio=int(s.options.get("neg_ratio", 4)),
+            eval_negatives=eval_negatives,
+            **common,
         )
     else:
         ds = synthetic.generate(

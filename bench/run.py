@@ -1,0 +1,40 @@
+"""`make bench`: run every benchmark, write bench/results.json and bench/results.md."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markdown import Markdown
+
+from bench import compression
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {"compression": compression}
+
+
+def main() -> int:
+    console = Console()
+    results = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    sections = ["# recserve benchmarks", ""]
+    for name, module in BENCHMARKS.items():
+        with console.status(f"benchmark: {name}"), tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            results[name] = module.run(Path(tmp))
+            results[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        sections += [module.markdown(results[name]), ""]
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    (HERE / "results.md").write_text("\n".join(sections))
+    console.print(Markdown("\n".join(sections)))
+    console.print(f"written: {HERE / 'results.json'}, {HERE / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
