@@ -37,7 +37,7 @@ def data_spec() -> str:
 def run(workdir: Path) -> dict:
     spec = data_spec()
     teacher_dir = workdir / "teacher"
-    trained = train_model(spec, "ranker", teacher_dir, epochs=3)
+    trained = train_model(spec, "ranker", teacher_dir, epochs=6)
     recipes = {}
     for name in RANKER_RECIPES:
         report = compress(teacher_dir, load_recipe(ROOT / "recipes" / f"{name}.yaml"), workdir / name,

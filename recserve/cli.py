@@ -28,7 +28,7 @@ def train(
     data: Annotated[str, typer.Option(help="criteo:PATH, movielens:DIR, interactions:PATH or synthetic[:ROWS]")],
     out: Annotated[Path, typer.Option(help="output directory (model.onnx, model.pt, model.json, preprocessing.json)")],
     model: Annotated[ModelKindOpt, typer.Option(help="which reference model")] = ModelKindOpt.ranker,
-    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="the epoch with the best validation AUC is kept")] = 6,
     embedding_dim: Annotated[int, typer.Option(min=1)] = 32,
     batch_size: Annotated[int, typer.Option(min=1)] = 1024,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,

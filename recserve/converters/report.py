@@ -41,6 +41,7 @@ def _fmt(v: float | None, f: str) -> str:
 def plot_report(report: dict[str, Any], path: Path) -> None:
     """AUC against size on disk after each stage (log-scale size), the gate's AUC floor dashed."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,6 +59,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         ax.axhline(floor, ls="--", color="tab:red", lw=1, label=f"gate: AUC >= {floor:.4f}")
         ax.legend(loc="lower right")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("size on disk (KiB, log scale)")
     ax.set_ylabel("held-out AUC")
     ax.set_title(f"{report['recipe']}: quality against size per stage")
