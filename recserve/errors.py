@@ -37,3 +37,11 @@ class GateFailed(RecserveError):
     def __init__(self, reasons: list[str]):
         self.reasons = list(reasons)
         super().__init__("quality gate failed: " + "; ".join(self.reasons))
+
+
+class ServerError(RecserveError):
+    """A server (Triton, the router) could not start, or stopped answering."""
+
+
+class InferenceError(RecserveError):
+    """A request was refused or failed on the server."""

@@ -64,7 +64,7 @@ def sample_feed(kind: str, data: Dataset, n: int = 64) -> dict[str, np.ndarray]:
 
 
 def is_trained_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "model.json").exists()
+    return path.is_dir() and (path / "model.json").exists() and (path / "model.pt").exists()
 
 
 def load_trained(path: Path) -> TrainedModel:

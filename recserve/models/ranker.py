@@ -42,6 +42,11 @@ def mlp(sizes: list[int], *, last_activation: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def oov_clamp(ids: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """Ids outside ``[0, cardinality)`` of their feature become the OOV id 0 (never another feature's row)."""
+    return torch.where((ids >= 0) & (ids < limits), ids, torch.zeros_like(ids))
+
+
 class CrossLayer(nn.Module):
     def __init__(self, width: int, rank: int | None):
         super().__init__()
@@ -63,6 +68,7 @@ class Ranker(nn.Module):
         d = config.embedding_dim
         offsets = torch.tensor([0] + list(config.cardinalities[:-1]), dtype=torch.int64).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("limits", torch.tensor(config.cardinalities, dtype=torch.int64), persistent=False)
         self.embedding = nn.Embedding(sum(config.cardinalities), d)
         nn.init.normal_(self.embedding.weight, std=0.05)
         self.bottom = mlp([config.num_dense, *config.bottom_mlp, d])
@@ -71,7 +77,7 @@ class Ranker(nn.Module):
         self.top = mlp([width, *config.top_mlp, 1], last_activation=False)
 
     def forward(self, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        emb = self.embedding(sparse + self.offsets).flatten(1)
+        emb = self.embedding(oov_clamp(sparse, self.limits) + self.offsets).flatten(1)
         x0 = torch.cat([emb, self.bottom(dense)], dim=1)
         x = x0
         for layer in self.cross:

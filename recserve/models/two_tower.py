@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from recserve.models.ranker import mlp
+from recserve.models.ranker import mlp, oov_clamp
 
 
 @dataclass
@@ -35,12 +35,13 @@ class Tower(nn.Module):
         super().__init__()
         offsets = torch.tensor([0] + list(cardinalities[:-1]), dtype=torch.int64).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("limits", torch.tensor(cardinalities, dtype=torch.int64), persistent=False)
         self.embedding = nn.Embedding(sum(cardinalities), dim)
         nn.init.normal_(self.embedding.weight, std=0.05)
         self.mlp = mlp([dim * len(cardinalities), *hidden, out], last_activation=False)
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(self.embedding(sparse + self.offsets).flatten(1))
+        x = self.mlp(self.embedding(oov_clamp(sparse, self.limits) + self.offsets).flatten(1))
         return nn.functional.normalize(x, dim=1)
 
 

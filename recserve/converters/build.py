@@ -1,0 +1,65 @@
+"""``recserve build``: a compressed (or trained) ONNX model into a new version of a Triton model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from recserve.converters.pipeline import load_model
+from recserve.converters.repository import add_version
+from recserve.converters.tensorrt import build_engine
+from recserve.converters.triton_config import TARGETS, BuildProfile, graph_io, model_config, to_pbtxt
+from recserve.converters.trt_check import Finding, check
+from recserve.errors import ConfigError, ModelError
+
+
+@dataclass
+class BuildResult:
+    version_dir: Path
+    config_text: str
+    findings: list[Finding] = field(default_factory=list)
+
+
+def load_profile(path: Path | None, overrides: dict) -> BuildProfile:
+    """A YAML profile with flag overrides on top (flags given as None are left out)."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read profile {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a build profile is a YAML mapping of options")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return BuildProfile.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'profile'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"build profile: {problems}") from e
+
+
+def build(model_path: Path, name: str, target: str, repository: Path, profile: BuildProfile,
+          version: int | None = None) -> BuildResult:
+    if target not in TARGETS:
+        raise ConfigError(f"unknown --target {target!r}; use one of {', '.join(TARGETS)}")
+    loaded = load_model(model_path)
+    graph = loaded.state.graph
+    findings = check(graph, profile.max_batch_size) if target != "onnxruntime" else []
+    errors = [f for f in findings if f.severity == "error"]
+    if target == "tensorrt" and errors:
+        raise ModelError("the model is not ready for TensorRT:\n  " + "\n  ".join(map(str, errors)))
+    config = model_config(name, graph, target, profile)
+    if target == "tensorrt":
+        inputs, _ = graph_io(graph)
+        files = {"model.plan": build_engine(graph.SerializeToString(), inputs, profile)}
+    else:
+        files = {"model.onnx": graph.SerializeToString()}
+    if loaded.preprocessing is not None and loaded.preprocessing.exists():
+        files["preprocessing.json"] = loaded.preprocessing.read_bytes()
+    vdir = add_version(repository, config, files, version)
+    return BuildResult(vdir, to_pbtxt(config), findings)

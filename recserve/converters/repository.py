@@ -1,0 +1,54 @@
+"""Write models into a Triton model repository: a new version directory each time, never an overwrite."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from recserve.converters.triton_config import from_pbtxt, to_pbtxt
+from recserve.errors import ConfigError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _signature(cfg: mc.ModelConfig) -> tuple:
+    return (cfg.max_batch_size, tuple((t.name, t.data_type, tuple(t.dims)) for t in cfg.input),
+            tuple((t.name, t.data_type, tuple(t.dims)) for t in cfg.output))
+
+
+def add_version(repository: Path, config: mc.ModelConfig, files: dict[str, bytes], version: int | None = None) -> Path:
+    """Write ``files`` into ``repository/<name>/<version>/`` and the model's ``config.pbtxt``.
+
+    The version is the next free one unless given; an existing version is never touched. The new
+    config must keep the inputs and outputs of the existing one (every version is served with it).
+    """
+    if not NAME.match(config.name):
+        raise ConfigError(f"model name {config.name!r}: use letters, digits, '_', '-' and '.'")
+    model_dir = Path(repository) / config.name
+    existing = versions(model_dir)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    if version < 1:
+        raise ConfigError("--version must be 1 or more")
+    if version in existing:
+        raise ConfigError(f"{model_dir}/{version} already exists; versions are never overwritten: "
+                          "omit --version to add the next one")
+    cfg_path = model_dir / "config.pbtxt"
+    if cfg_path.exists():
+        old = from_pbtxt(cfg_path.read_text())
+        if _signature(old) != _signature(config):
+            raise ConfigError(f"{config.name}: the new model's inputs/outputs/max_batch_size differ from the served "
+                              f"versions {existing}; build it under another --name")
+    vdir = model_dir / str(version)
+    vdir.mkdir(parents=True)
+    for name, data in files.items():
+        (vdir / name).write_bytes(data)
+    cfg_path.write_text(to_pbtxt(config))
+    return vdir

@@ -1,0 +1,1 @@
+"""Triton: the embedded server launcher, the CPU onnxruntime backend, and a small client."""

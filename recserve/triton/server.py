@@ -1,0 +1,199 @@
+"""Start the real ``tritonserver`` binary from the nvidia-pytriton wheel, on CPU.
+
+The wheel ships only Triton's python backend. :func:`prepare_backends` lays out a backend
+directory holding that backend (``python/``) and recserve's python-based ``onnxruntime`` backend
+(``onnxruntime/model.py``), so model configs written for the official container
+(``backend: "onnxruntime"``) run unchanged here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from recserve.errors import ServerError
+
+BACKENDS = Path(__file__).resolve().parent / "backends"
+
+
+@dataclass
+class ServerSettings:
+    """How to start the embedded Triton."""
+
+    repository: Path
+    """The model repository (``<model>/config.pbtxt``, ``<model>/<version>/model.onnx``)."""
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    """``none``: load everything at start; ``poll``: watch the repository; ``explicit``: load/unload by API."""
+    load_models: list[str] = field(default_factory=list)
+    """With ``explicit``: models to load at start (``*`` for all)."""
+    poll_seconds: int = 2
+    log_verbose: int = 0
+    startup_timeout: float = 90.0
+    """Seconds to wait for ``/v2/health/ready``."""
+    log_file: Path | None = None
+    """Where Triton's own log goes (a temporary file when None)."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    libs: Path
+    python_backend: Path
+    stub: Path
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate the binary, its libraries and the python backend inside the nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise ServerError("tritonserver is not installed: `pip install 'recserve[serve]'` (nvidia-pytriton)") from e
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    install = TritonInstall(root / "bin" / "tritonserver", libs, root / "backends" / "python",
+                            root / "python_backend_stubs" / version / "triton_python_backend_stub")
+    missing = [p for p in (install.binary, install.libs, install.python_backend, install.stub) if not p.exists()]
+    if missing:
+        raise ServerError(f"the nvidia-pytriton install is incomplete (missing {missing[0]}); reinstall it")
+    return install
+
+
+def prepare_backends(dest: Path, install: TritonInstall | None = None) -> Path:
+    """Write a backend directory with Triton's python backend and recserve's python-based backends."""
+    install = install or find_tritonserver()
+    python = dest / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(install.python_backend / f, python / f)
+    shutil.copy2(install.stub, python / "triton_python_backend_stub")
+    for backend in BACKENDS.iterdir():
+        if (backend / "model.py").exists():
+            (dest / backend.name).mkdir(exist_ok=True)
+            shutil.copy2(backend / "model.py", dest / backend.name / "model.py")
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedTriton:
+    """The real tritonserver as a child process; a context manager that waits for readiness."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.settings.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.settings.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+
+    def command(self, backend_dir: Path, install: TritonInstall) -> list[str]:
+        s = self.settings
+        cmd = [str(install.binary), f"--model-repository={Path(s.repository).resolve()}",
+               f"--backend-directory={backend_dir}", f"--grpc-port={s.grpc_port}", f"--http-port={s.http_port}",
+               f"--metrics-port={s.metrics_port}", f"--model-control-mode={s.model_control}",
+               f"--log-verbose={s.log_verbose}", "--allow-metrics=true", "--allow-gpu-metrics=false",
+               "--strict-readiness=true", "--exit-timeout-secs=10"]
+        if s.model_control == "poll":
+            cmd.append(f"--repository-poll-secs={s.poll_seconds}")
+        if s.model_control == "explicit":
+            cmd += [f"--load-model={m}" for m in s.load_models]
+        return cmd
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.libs), env.get("LD_LIBRARY_PATH")]))
+        # the python backend's stub runs this interpreter's environment (onnxruntime, numpy)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def start(self) -> EmbeddedTriton:
+        repo = Path(self.settings.repository)
+        if not repo.is_dir():
+            raise ServerError(f"model repository {repo} does not exist; create one with `recserve build`")
+        install = find_tritonserver()
+        self._tmp = tempfile.TemporaryDirectory(prefix="recserve-triton-")
+        backend_dir = prepare_backends(Path(self._tmp.name) / "backends", install)
+        self.log_path = self.settings.log_file or Path(self._tmp.name) / "triton.log"
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(backend_dir, install), stdout=log, stderr=subprocess.STDOUT,
+                                        env=self.environment(install), start_new_session=True)
+        log.close()
+        try:
+            self.wait_ready(self.settings.startup_timeout)
+        except ServerError:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise ServerError(f"tritonserver was not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGINT (Triton drains in-flight requests and unloads models), then SIGKILL if it hangs."""
+        p, self.process = self.process, None
+        if p is not None and p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGINT)
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            except ProcessLookupError:
+                pass
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> EmbeddedTriton:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
