@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from recserve.errors import ConfigError, GateFailed, RecserveError
+from recserve.errors import ConfigError, GateFailed, RecserveError, ServerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress, compile, serve, route and roll out large recommendation models.")
@@ -66,6 +66,120 @@ def compress(
         raise GateFailed(report["gate"]["reasons"])
     console.print(f"[green]gate passed[/green]: {out}/model.onnx is {report['size_ratio']:.1f}x smaller, "
                   f"relative AUC loss {report['relative_auc_loss']:+.4%}")
+
+
+class TargetOpt(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+    onnxruntime_trt = "onnxruntime-trt"
+
+
+@app.command()
+def build(
+    model: Annotated[Path, typer.Argument(help="a `recserve compress`/`train` output directory or an .onnx file")],
+    name: Annotated[str, typer.Option(help="model name in the repository")],
+    repository: Annotated[Path, typer.Option(help="Triton model repository")] = Path("model_repository"),
+    target: Annotated[TargetOpt, typer.Option(help="onnxruntime (CPU/edge), tensorrt (engine, needs TensorRT), "
+                                              "onnxruntime-trt (engine built on the GPU node at load)")] = TargetOpt.onnxruntime,
+    profile: Annotated[Optional[Path], typer.Option(help="YAML build profile (see recserve.converters.triton_config)")] = None,
+    version: Annotated[Optional[int], typer.Option(help="version number (default: the next free one)")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(min=0)] = None,
+    max_queue_delay_us: Annotated[Optional[int], typer.Option(min=0)] = None,
+    instance_count: Annotated[Optional[int], typer.Option(min=1)] = None,
+    dynamic_batching: Annotated[Optional[bool], typer.Option()] = None,
+    precision: Annotated[Optional[str], typer.Option(help="TensorRT precision: fp32, fp16 or int8")] = None,
+) -> None:
+    """Add a new version of a model to a Triton repository, with its config.pbtxt."""
+    from recserve.converters.build import build as run
+    from recserve.converters.build import load_profile
+
+    overrides = dict(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                     instance_count=instance_count, dynamic_batching=dynamic_batching, precision=precision)
+    result = run(model, name, target.value, repository, load_profile(profile, overrides), version)
+    if result.findings:
+        err.print("TensorRT will not take these parts; onnxruntime runs them on CUDA/CPU instead:")
+    for f in result.findings:
+        err.print(f"  [yellow]{f}[/yellow]", highlight=False)
+    console.print(f"[green]built[/green] {result.version_dir} ({target.value})")
+
+
+@app.command(name="trt-check")
+def trt_check(
+    model: Annotated[Path, typer.Argument(help="an ONNX model (or a directory holding model.onnx)")],
+    max_batch_size: int = 256,
+) -> None:
+    """Check on CPU what would stop TensorRT from building an engine for this model."""
+    from recserve.converters.pipeline import load_model
+    from recserve.converters.trt_check import check
+
+    findings = check(load_model(model).state.graph, max_batch_size)
+    for f in findings:
+        console.print(str(f), style="red" if f.severity == "error" else "yellow", highlight=False)
+    if any(f.severity == "error" for f in findings):
+        raise typer.Exit(1)
+    console.print("[green]ready for TensorRT[/green]" + (" (with warnings)" if findings else ""))
+
+
+@app.command()
+def serve(
+    repository: Annotated[Path, typer.Option(help="Triton model repository")] = Path("model_repository"),
+    grpc_port: int = 8001,
+    http_port: int = 8000,
+    metrics_port: int = 8002,
+    model_control: Annotated[str, typer.Option(help="none, poll or explicit")] = "none",
+    load_model: Annotated[Optional[list[str]], typer.Option(help="with explicit: model to load at start")] = None,
+    log_verbose: Annotated[int, typer.Option(help="Triton's verbose log level (0: off)")] = 0,
+) -> None:
+    """Start the embedded Triton (the real tritonserver binary, CPU) until Ctrl-C."""
+    import signal
+    import threading
+
+    from recserve.triton.server import EmbeddedTriton, ServerSettings
+
+    if model_control not in ("none", "poll", "explicit"):
+        raise ConfigError(f"--model-control {model_control!r}: use none, poll or explicit")
+    settings = ServerSettings(repository, grpc_port, http_port, metrics_port, model_control, load_model or [],
+                              log_verbose=log_verbose)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with console.status("starting tritonserver"):
+        server = EmbeddedTriton(settings).start()
+    console.print(f"Triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}")
+    try:
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                raise ServerError(f"tritonserver exited unexpectedly:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping tritonserver")
+        server.stop()
+
+
+@app.command()
+def infer(
+    model: Annotated[str, typer.Argument(help="model name")],
+    url: Annotated[str, typer.Option(help="Triton gRPC address")] = "127.0.0.1:8001",
+    version: Annotated[str, typer.Option(help="model version (default: Triton's policy)")] = "",
+    json_inputs: Annotated[Optional[str], typer.Option("--json", help='inputs as JSON, e.g. {"sparse": [[1,2]], "dense": [[0.5]]}')] = None,
+    data: Annotated[Optional[str], typer.Option(help="send held-out rows of this dataset spec instead")] = None,
+    rows: Annotated[int, typer.Option(min=1)] = 4,
+    repository: Annotated[Optional[Path], typer.Option(help="repository holding the model's preprocessing.json")] = None,
+) -> None:
+    """Send one KServe v2 gRPC request to Triton and print the outputs."""
+    from recserve.triton.client import TritonClient
+    from recserve.triton.inputs import inputs_from_data, inputs_from_json
+
+    with TritonClient(url) as client:
+        if json_inputs is not None:
+            feed = inputs_from_json(json_inputs, client.config(model, version))
+        elif data is not None:
+            feed = inputs_from_data(data, rows, model, repository)
+        else:
+            raise ConfigError("give the inputs: --json '{...}' or --data SPEC")
+        outputs = client.infer(model, feed, version=version)
+    for name, value in outputs.items():
+        console.print(f"{name} {list(value.shape)}: {value.tolist()}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -29,7 +30,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from pydantic import Field
 
 from recserve.converters.evaluate import quality
-from recserve.converters.graph import linear_layers
+from recserve.converters.graph import export_graph, linear_layers
 from recserve.converters.stage import ModelState, StageContext, StageSpec
 from recserve.data.schema import Dataset
 from recserve.errors import StageError
@@ -77,6 +78,7 @@ class QuantizeStage(StageSpec):
                              f"the graph's linear layers are {[lay.node.name for lay in linear_layers(state.graph)]}")
         if self.mode == "fp16":
             graph = convert_float_to_float16(state.graph, keep_io_types=True, node_block_list=self.exclude_nodes or None)
+            graph = export_graph(gs.import_onnx(graph), graph)  # the converter leaves its input casts unsorted
             return state.with_graph(graph), {"mode": "fp16", "excluded": self.exclude_nodes}
         details: dict[str, Any] = {"mode": self.mode}
         exclude = list(self.exclude_nodes)
@@ -103,7 +105,9 @@ class QuantizeStage(StageSpec):
                     src, out, _Calibration(state.kind, ctx.data, self.calibration_rows),
                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=METHODS[self.calibration_method],
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}, **common)
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   # float biases: TensorRT takes INT8 QDQ only, not INT32 bias QDQ
+                                   "QuantizeBias": False}, **common)
             return onnx.load(out)
 
     def sensitivity_analysis(self, state: ModelState, ctx: StageContext) -> list[dict[str, Any]]:
