@@ -103,6 +103,18 @@ def build(
     console.print(f"[green]built[/green] {result.version_dir} ({target.value})")
 
 
+@app.command(name="build-ensembles")
+def build_ensembles(
+    repository: Annotated[Path, typer.Option(help="Triton model repository")] = Path("model_repository"),
+    ranker: Annotated[str, typer.Option(help="name of the ranker model the ensembles call")] = "ranker",
+) -> None:
+    """Write the recommend/retrieve ensembles and their python models into a repository."""
+    from recserve.triton.ensembles import write_ensembles
+
+    for d in write_ensembles(repository, ranker):
+        console.print(f"wrote {d}")
+
+
 @app.command(name="trt-check")
 def trt_check(
     model: Annotated[Path, typer.Argument(help="an ONNX model (or a directory holding model.onnx)")],

@@ -145,6 +145,17 @@ class Dataset:
     corrupt_rows: int = 0
     """Rows that could not be parsed and were skipped."""
 
+    def columns(self) -> dict[str, list[str]]:
+        """Feature names in model-input column order: ranking sparse/dense, retrieval user/item."""
+        out: dict[str, list[str]] = {}
+        if self.ranking_train is not None:
+            out["ranking_sparse"] = [f.name for f in self.ranking_train.sparse_features]
+            out["ranking_dense"] = list(self.ranking_train.dense_names)
+        if self.retrieval is not None:
+            out["user_sparse"] = [f.name for f in self.retrieval.user_features]
+            out["item_sparse"] = [f.name for f in self.retrieval.item_features]
+        return out
+
     def save_preprocessing(self, path: Path) -> None:
         """Write vocabularies and dense transforms (what serving needs to map raw features to ids)."""
         path.write_text(
@@ -154,6 +165,7 @@ class Dataset:
                     "spec": self.spec,
                     "vocabularies": {k: v.to_json() for k, v in self.vocabularies.items()},
                     "dense_transforms": [t.to_json() for t in self.dense_transforms],
+                    "columns": self.columns(),
                 }
             )
         )

@@ -1,0 +1,78 @@
+"""The checked-in Triton ensembles and their python models, generated as ModelConfig messages.
+
+``recommend``: raw candidate features -> ``recommend_preprocess`` (vocabularies from training) ->
+``ranker`` -> ``recommend_topk``. One request is one query: its candidates are the rows, so the
+ensemble and its python steps do not batch across requests (``max_batch_size: 0``); the ranker
+inside still batches on its own. ``retrieve``: raw user features -> ``retrieve_preprocess`` ->
+``user_tower`` -> ``item_index`` (nearest neighbours over the item tower's embeddings, with the
+ranker features of every item) -> ``ranker`` -> ``recommend_topk``.
+
+``recserve build-ensembles`` writes them into a repository; the copies under
+``model_repository/`` are that command's output (a test keeps them in sync).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from recserve.converters.triton_config import to_pbtxt
+
+MODELS = Path(__file__).resolve().parent / "models"
+STRING, FP32, INT64, INT32 = mc.TYPE_STRING, mc.TYPE_FP32, mc.TYPE_INT64, mc.TYPE_INT32
+
+
+def _python_model(name: str, inputs: list[tuple], outputs: list[tuple], parameters: dict[str, str] | None = None,
+                  instances: int = 1) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    for n, t, d in inputs:
+        cfg.input.add(name=n, data_type=t, dims=d)
+    for n, t, d in outputs:
+        cfg.output.add(name=n, data_type=t, dims=d)
+    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for k, v in (parameters or {}).items():
+        cfg.parameters[k].string_value = v
+    return cfg
+
+
+def _step(ens: mc.ModelConfig, model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+    step.input_map.update(inputs)
+    step.output_map.update(outputs)
+
+
+def recommend_configs(ranker: str = "ranker") -> list[mc.ModelConfig]:
+    pre = _python_model("recommend_preprocess", [("sparse_raw", STRING, [-1, -1]), ("dense_raw", FP32, [-1, -1])],
+                        [("sparse", INT64, [-1, -1]), ("dense", FP32, [-1, -1])], {"ranker_model": ranker}, instances=2)
+    topk = _python_model("recommend_topk", [("score", FP32, [-1, 1]), ("item_ids", STRING, [-1]), ("top_k", INT32, [1])],
+                         [("items", STRING, [-1]), ("scores", FP32, [-1])])
+    ens = mc.ModelConfig(name="recommend", platform="ensemble", max_batch_size=0)
+    for n, t, d in [("sparse_raw", STRING, [-1, -1]), ("dense_raw", FP32, [-1, -1]), ("item_ids", STRING, [-1]),
+                    ("top_k", INT32, [1])]:
+        ens.input.add(name=n, data_type=t, dims=d)
+    for n, t, d in [("items", STRING, [-1]), ("scores", FP32, [-1])]:
+        ens.output.add(name=n, data_type=t, dims=d)
+    _step(ens, "recommend_preprocess", {"sparse_raw": "sparse_raw", "dense_raw": "dense_raw"},
+          {"sparse": "_sparse", "dense": "_dense"})
+    _step(ens, ranker, {"sparse": "_sparse", "dense": "_dense"}, {"score": "_score"})
+    _step(ens, "recommend_topk", {"score": "_score", "item_ids": "item_ids", "top_k": "top_k"},
+          {"items": "items", "scores": "scores"})
+    return [pre, topk, ens]
+
+
+def write_ensembles(repository: Path, ranker: str = "ranker") -> list[Path]:
+    """Write the ensembles' configs and python models into ``repository``; returns the model directories."""
+    written = []
+    for cfg in recommend_configs(ranker):
+        d = Path(repository) / cfg.name
+        (d / "1").mkdir(parents=True, exist_ok=True)
+        (d / "config.pbtxt").write_text(to_pbtxt(cfg))
+        src = MODELS / f"{cfg.name}.py"
+        if src.exists():
+            shutil.copyfile(src, d / "1" / "model.py")
+        else:
+            (d / "1" / ".keep").touch()
+        written.append(d)
+    return written

@@ -1,0 +1,60 @@
+"""Raw request features -> model inputs, with the vocabularies and transforms saved at training time.
+
+Used by the Triton ensemble's preprocessing model and by the router's edge path, so that both map
+raw values exactly as training did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recserve.data.schema import DenseTransform, Vocabulary, load_preprocessing
+from recserve.errors import InferenceError
+
+
+@dataclass
+class FeatureEncoder:
+    """Encodes raw ranker rows: categorical strings by vocabulary (unknown -> OOV 0), numbers by transform."""
+
+    sparse_names: list[str]
+    vocabularies: list[Vocabulary]
+    transforms: list[DenseTransform]
+
+    @classmethod
+    def load(cls, path: Path, sparse_names: list[str] | None = None) -> FeatureEncoder:
+        vocabs, transforms = load_preprocessing(path)
+        names = sparse_names or list(vocabs)
+        return cls(names, [vocabs[n] for n in names], transforms)
+
+    def encode(self, sparse_raw: np.ndarray, dense_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``sparse_raw`` [N, S] strings (or bytes), ``dense_raw`` [N, D] numbers (NaN = missing)."""
+        sparse_raw, dense_raw = np.asarray(sparse_raw), np.asarray(dense_raw, dtype=np.float64)
+        if sparse_raw.ndim != 2 or sparse_raw.shape[1] != len(self.vocabularies):
+            raise InferenceError(f"sparse features: expected [N, {len(self.vocabularies)}] "
+                                 f"({', '.join(self.sparse_names)}), got {list(sparse_raw.shape)}")
+        if dense_raw.ndim != 2 or dense_raw.shape[1] != len(self.transforms):
+            raise InferenceError(f"dense features: expected [N, {len(self.transforms)}] "
+                                 f"({', '.join(t.name for t in self.transforms)}), got {list(dense_raw.shape)}")
+        if len(sparse_raw) != len(dense_raw):
+            raise InferenceError(f"{len(sparse_raw)} sparse rows but {len(dense_raw)} dense rows")
+        texts = [[v.decode() if isinstance(v, bytes) else str(v) for v in col] for col in sparse_raw.T]
+        sparse = np.stack([vocab.lookup(col) for vocab, col in zip(self.vocabularies, texts)], axis=1) if texts else \
+            np.zeros((len(sparse_raw), 0), np.int64)
+        dense = np.stack([t.apply(dense_raw[:, j]) for j, t in enumerate(self.transforms)], axis=1).astype(np.float32)
+        return np.ascontiguousarray(sparse, dtype=np.int64), np.ascontiguousarray(dense)
+
+
+def read_columns(path: Path) -> dict[str, list[str]]:
+    """The model-input column order saved with the vocabularies (see ``Dataset.columns``)."""
+    return json.loads(Path(path).read_text()).get("columns", {})
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores, best first (stable for ties)."""
+    scores = np.asarray(scores).ravel()
+    k = max(0, min(int(k), len(scores)))
+    return np.argsort(-scores, kind="stable")[:k]
