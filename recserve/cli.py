@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -49,7 +49,7 @@ def compress(
     model: Annotated[Path, typer.Argument(help="a `recserve train` output directory or a plain .onnx file")],
     recipe: Annotated[Path, typer.Option(help="compression recipe (YAML); see recipes/")],
     out: Annotated[Path, typer.Option(help="output directory (model.onnx, report.json, report.png)")],
-    data: Annotated[Optional[str], typer.Option(help="dataset spec; defaults to the recipe's, then the model's")] = None,
+    data: Annotated[str | None, typer.Option(help="dataset spec; defaults to the recipe's, then the model's")] = None,
     speed: Annotated[bool, typer.Option(help="measure onnxruntime latency and throughput per stage")] = True,
 ) -> None:
     """Compress a recommender stage by stage, evaluate every stage on held-out data, and gate the result."""
@@ -81,13 +81,13 @@ def build(
     repository: Annotated[Path, typer.Option(help="Triton model repository")] = Path("model_repository"),
     target: Annotated[TargetOpt, typer.Option(help="onnxruntime (CPU/edge), tensorrt (engine, needs TensorRT), "
                                               "onnxruntime-trt (engine built on the GPU node at load)")] = TargetOpt.onnxruntime,
-    profile: Annotated[Optional[Path], typer.Option(help="YAML build profile (see recserve.converters.triton_config)")] = None,
-    version: Annotated[Optional[int], typer.Option(help="version number (default: the next free one)")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(min=0)] = None,
-    max_queue_delay_us: Annotated[Optional[int], typer.Option(min=0)] = None,
-    instance_count: Annotated[Optional[int], typer.Option(min=1)] = None,
-    dynamic_batching: Annotated[Optional[bool], typer.Option()] = None,
-    precision: Annotated[Optional[str], typer.Option(help="TensorRT precision: fp32, fp16 or int8")] = None,
+    profile: Annotated[Path | None, typer.Option(help="YAML build profile (see recserve.converters.triton_config)")] = None,
+    version: Annotated[int | None, typer.Option(help="version number (default: the next free one)")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=0)] = None,
+    max_queue_delay_us: Annotated[int | None, typer.Option(min=0)] = None,
+    instance_count: Annotated[int | None, typer.Option(min=1)] = None,
+    dynamic_batching: Annotated[bool | None, typer.Option()] = None,
+    precision: Annotated[str | None, typer.Option(help="TensorRT precision: fp32, fp16 or int8")] = None,
 ) -> None:
     """Add a new version of a model to a Triton repository, with its config.pbtxt."""
     from recserve.converters.build import build as run
@@ -115,6 +115,21 @@ def build_ensembles(
         console.print(f"wrote {d}")
 
 
+@app.command()
+def index(
+    retriever: Annotated[Path, typer.Argument(help="a two-tower `recserve train` (or compress) output")],
+    ranker: Annotated[Path, typer.Option(help="the ranker (train/compress output) trained on the same data")],
+    repository: Annotated[Path, typer.Option(help="Triton model repository")] = Path("model_repository"),
+    data: Annotated[str | None, typer.Option(help="dataset spec (default: the retriever's)")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="items passed from retrieval to ranking")] = 100,
+) -> None:
+    """Build the retrieval path's models: user_tower and item_index (item embeddings + ranker item features)."""
+    from recserve.triton.retrieval import build_retrieval
+
+    for d in build_retrieval(retriever, ranker, data, repository, candidates=candidates):
+        console.print(f"[green]built[/green] {d}")
+
+
 @app.command(name="trt-check")
 def trt_check(
     model: Annotated[Path, typer.Argument(help="an ONNX model (or a directory holding model.onnx)")],
@@ -139,7 +154,7 @@ def serve(
     http_port: int = 8000,
     metrics_port: int = 8002,
     model_control: Annotated[str, typer.Option(help="none, poll or explicit")] = "none",
-    load_model: Annotated[Optional[list[str]], typer.Option(help="with explicit: model to load at start")] = None,
+    load_model: Annotated[list[str] | None, typer.Option(help="with explicit: model to load at start")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's verbose log level (0: off)")] = 0,
 ) -> None:
     """Start the embedded Triton (the real tritonserver binary, CPU) until Ctrl-C."""
@@ -173,10 +188,10 @@ def infer(
     model: Annotated[str, typer.Argument(help="model name")],
     url: Annotated[str, typer.Option(help="Triton gRPC address")] = "127.0.0.1:8001",
     version: Annotated[str, typer.Option(help="model version (default: Triton's policy)")] = "",
-    json_inputs: Annotated[Optional[str], typer.Option("--json", help='inputs as JSON, e.g. {"sparse": [[1,2]], "dense": [[0.5]]}')] = None,
-    data: Annotated[Optional[str], typer.Option(help="send held-out rows of this dataset spec instead")] = None,
+    json_inputs: Annotated[str | None, typer.Option("--json", help='inputs as JSON, e.g. {"sparse": [[1,2]], "dense": [[0.5]]}')] = None,
+    data: Annotated[str | None, typer.Option(help="send held-out rows of this dataset spec instead")] = None,
     rows: Annotated[int, typer.Option(min=1)] = 4,
-    repository: Annotated[Optional[Path], typer.Option(help="repository holding the model's preprocessing.json")] = None,
+    repository: Annotated[Path | None, typer.Option(help="repository holding the model's preprocessing.json")] = None,
 ) -> None:
     """Send one KServe v2 gRPC request to Triton and print the outputs."""
     from recserve.triton.client import TritonClient

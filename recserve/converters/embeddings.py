@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from pydantic import Field
 
 from recserve.converters.evaluate import session
-from recserve.converters.graph import export_graph, embedding_gathers, initializers
+from recserve.converters.graph import embedding_gathers, export_graph, initializers
 from recserve.converters.stage import ModelState, StageContext, StageSpec
 from recserve.errors import StageError
 

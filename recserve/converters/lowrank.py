@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import torch
 from pydantic import Field, model_validator

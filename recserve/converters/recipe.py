@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,7 +16,7 @@ from recserve.converters.quantize import QuantizeStage
 from recserve.errors import ConfigError
 
 Stage = Annotated[
-    Union[PruneStage, LowRankStage, DistillStage, QuantizeStage, EmbeddingStage],
+    PruneStage | LowRankStage | DistillStage | QuantizeStage | EmbeddingStage,
     Field(discriminator="type"),
 ]
 STAGE_TYPES = ("prune", "low_rank", "distill", "quantize", "embeddings")

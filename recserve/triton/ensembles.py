@@ -62,10 +62,43 @@ def recommend_configs(ranker: str = "ranker") -> list[mc.ModelConfig]:
     return [pre, topk, ens]
 
 
+def retrieve_configs(ranker: str = "ranker", user_tower: str = "user_tower",
+                     index: str = "item_index") -> list[mc.ModelConfig]:
+    pre = _python_model(
+        "retrieve_preprocess",
+        [("user_raw", STRING, [-1, -1]), ("context_raw", STRING, [-1, -1]), ("context_dense_raw", FP32, [-1, -1])],
+        [("user_sparse", INT64, [-1, -1]), ("context_sparse", INT64, [-1, -1]), ("context_dense", FP32, [-1, -1])],
+        {"ranker_model": ranker, "user_tower_model": user_tower, "index_model": index})
+    ens = mc.ModelConfig(name="retrieve", platform="ensemble", max_batch_size=0)
+    for n, t, d in [("user_raw", STRING, [1, -1]), ("context_raw", STRING, [1, -1]),
+                    ("context_dense_raw", FP32, [1, -1]), ("top_k", INT32, [1])]:
+        ens.input.add(name=n, data_type=t, dims=d)
+    for n, t, d in [("items", STRING, [-1]), ("scores", FP32, [-1])]:
+        ens.output.add(name=n, data_type=t, dims=d)
+    _step(ens, "retrieve_preprocess", {"user_raw": "user_raw", "context_raw": "context_raw",
+                                       "context_dense_raw": "context_dense_raw"},
+          {"user_sparse": "_user_sparse", "context_sparse": "_context_sparse", "context_dense": "_context_dense"})
+    _step(ens, user_tower, {"user_sparse": "_user_sparse"}, {"user_embedding": "_user_embedding"})
+    _step(ens, index, {"user_embedding": "_user_embedding", "context_sparse": "_context_sparse",
+                       "context_dense": "_context_dense"},
+          {"sparse": "_sparse", "dense": "_dense", "item_ids": "_item_ids"})
+    _step(ens, ranker, {"sparse": "_sparse", "dense": "_dense"}, {"score": "_score"})
+    _step(ens, "recommend_topk", {"score": "_score", "item_ids": "_item_ids", "top_k": "top_k"},
+          {"items": "items", "scores": "scores"})
+    return [pre, ens]
+
+
+def item_index_config(name: str = "item_index", candidates: int = 100) -> mc.ModelConfig:
+    return _python_model(name, [("user_embedding", FP32, [-1, -1]), ("context_sparse", INT64, [-1, -1]),
+                                ("context_dense", FP32, [-1, -1])],
+                         [("sparse", INT64, [-1, -1]), ("dense", FP32, [-1, -1]), ("item_ids", STRING, [-1]),
+                          ("retrieval_scores", FP32, [-1])], {"candidates": str(candidates)})
+
+
 def write_ensembles(repository: Path, ranker: str = "ranker") -> list[Path]:
     """Write the ensembles' configs and python models into ``repository``; returns the model directories."""
     written = []
-    for cfg in recommend_configs(ranker):
+    for cfg in recommend_configs(ranker) + retrieve_configs(ranker):
         d = Path(repository) / cfg.name
         (d / "1").mkdir(parents=True, exist_ok=True)
         (d / "config.pbtxt").write_text(to_pbtxt(cfg))

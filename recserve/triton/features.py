@@ -44,8 +44,19 @@ class FeatureEncoder:
         texts = [[v.decode() if isinstance(v, bytes) else str(v) for v in col] for col in sparse_raw.T]
         sparse = np.stack([vocab.lookup(col) for vocab, col in zip(self.vocabularies, texts)], axis=1) if texts else \
             np.zeros((len(sparse_raw), 0), np.int64)
-        dense = np.stack([t.apply(dense_raw[:, j]) for j, t in enumerate(self.transforms)], axis=1).astype(np.float32)
+        dense = np.zeros((len(dense_raw), len(self.transforms)), np.float32)
+        for j, t in enumerate(self.transforms):
+            dense[:, j] = t.apply(dense_raw[:, j])
         return np.ascontiguousarray(sparse, dtype=np.int64), np.ascontiguousarray(dense)
+
+
+def sibling_file(this_model_dir: str, model: str, filename: str) -> Path:
+    """``filename`` in the newest version of another model of the same repository (from a python model)."""
+    root = Path(this_model_dir.rstrip("/")).parent / model
+    versions = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    if not versions:
+        raise FileNotFoundError(f"model '{model}' has no version in {root.parent}; build it first")
+    return root / str(versions[-1]) / filename
 
 
 def read_columns(path: Path) -> dict[str, list[str]]:

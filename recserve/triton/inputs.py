@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from recserve.converters.repository import versions
 from recserve.data import load_dataset
 from recserve.errors import ConfigError
-from recserve.converters.repository import versions
 
 _TRITON_TO_NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64, "TYPE_INT64": np.int64,
                     "TYPE_INT32": np.int32, "TYPE_INT8": np.int8, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_}

@@ -5,22 +5,17 @@ Reads ``preprocessing.json`` from the newest version of the ranker model named b
 """
 
 import json
-import os
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from recserve.errors import RecserveError
-from recserve.triton.features import FeatureEncoder, read_columns
+from recserve.triton.features import FeatureEncoder, read_columns, sibling_file
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         ranker = config["parameters"]["ranker_model"]["string_value"]
-        root = os.path.join(os.path.dirname(args["model_repository"].rstrip("/")), ranker)
-        versions = sorted(int(v) for v in os.listdir(root) if v.isdigit())
-        path = os.path.join(root, str(versions[-1]), "preprocessing.json")
+        path = sibling_file(args["model_repository"], ranker, "preprocessing.json")
         self.encoder = FeatureEncoder.load(path, read_columns(path).get("ranking_sparse"))
 
     def execute(self, requests):
@@ -30,7 +25,7 @@ class TritonPythonModel:
             dense_raw = pb_utils.get_input_tensor_by_name(request, "dense_raw").as_numpy()
             try:
                 sparse, dense = self.encoder.encode(sparse_raw, dense_raw)
-            except RecserveError as e:
+            except Exception as e:  # a bad request gets its own error; the model keeps serving
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
                 continue
             responses.append(pb_utils.InferenceResponse(

@@ -1,0 +1,111 @@
+"""The ``recserve`` command as users run it: ``main()`` in a subprocess, so exit codes and stderr are real.
+
+A user mistake is one ``error:`` line and exit code 2, never a traceback; a failed gate exits 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts a Python that imports torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "synthetic:3000,users=100,items=150"
+FP16 = "name: cli-fp16\nstages:\n  - type: quantize\n    mode: fp16\n"
+
+
+def recserve(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-c", "from recserve.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, timeout=180, cwd=cwd or ROOT, env=env)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("cli") / "ranker"
+    proc = recserve("train", "--data", TINY, "--out", out, "--epochs", "1", "--embedding-dim", "4")
+    return out, proc
+
+
+def test_train_writes_the_artifact(trained) -> None:
+    out, proc = trained
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained ranker on " + TINY in proc.stdout and "held-out auc" in proc.stdout
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "model.pt", "model.json", "preprocessing.json"}
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["kind"] == "ranker" and meta["data_spec"] == TINY and meta["config"]["embedding_dim"] == 4
+    assert 0.0 < meta["metrics"]["held_out"]["auc"] <= 1.0
+
+
+def test_compress_prints_the_table_and_passes(trained, tmp_path: Path) -> None:
+    model, _ = trained
+    recipe = tmp_path / "fp16.yaml"
+    recipe.write_text(FP16 + "gate:\n  min_size_ratio: 1.5\n")
+    out = tmp_path / "out"
+    proc = recserve("compress", model, "--recipe", recipe, "--out", out, "--no-speed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for needle in ("cli-fp16 on " + TINY, "gate PASSED", "stage", "AUC", "baseline", "1. quantize", "size ratio",
+                   "gate passed", f"{out}/model.onnx is"):
+        assert needle in proc.stdout, needle
+    assert (out / "model.onnx").exists() and (out / "report.json").exists() and (out / "report.png").exists()
+
+
+def test_gate_failure_exits_3(trained, tmp_path: Path) -> None:
+    model, _ = trained
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text(FP16 + "gate:\n  min_size_ratio: 1000\n")
+    out = tmp_path / "out"
+    proc = recserve("compress", model, "--recipe", recipe, "--out", out, "--no-speed")
+    assert_one_error_line(proc, 3, "quality gate failed", "min_size_ratio 1000")
+    assert "gate FAILED" in proc.stdout
+    assert not (out / "model.onnx").exists() and (out / "report.json").exists()
+
+
+def _bad_recipe(tmp: Path) -> list[str]:
+    (tmp / "bad.yaml").write_text("stages:\n  - type: prune\n    sparsity: 1.5\n")
+    return ["compress", str(tmp), "--recipe", str(tmp / "bad.yaml"), "--out", str(tmp / "out")]
+
+
+def _not_onnx(tmp: Path) -> list[str]:
+    (tmp / "fp16.yaml").write_text(FP16)
+    (tmp / "model.onnx").write_text("definitely not protobuf\n")
+    return ["compress", str(tmp / "model.onnx"), "--recipe", str(tmp / "fp16.yaml"), "--out", str(tmp / "out"),
+            "--data", TINY]
+
+
+MISTAKES = {
+    "missing-recipe": (lambda tmp: ["compress", str(tmp), "--recipe", str(tmp / "nope.yaml"), "--out", str(tmp / "o")],
+                       ["cannot read recipe", "nope.yaml"]),
+    "bad-recipe": (_bad_recipe, ["bad.yaml", "stages.0.prune.sparsity"]),
+    "not-onnx": (_not_onnx, ["not a valid ONNX model"]),
+    "unknown-data-kind": (lambda tmp: ["train", "--data", "parquet:/x", "--out", str(tmp / "o")],
+                          ["unknown kind 'parquet'", "synthetic[:ROWS]"]),
+    "missing-model": (lambda tmp: ["compress", str(tmp / "nothing"), "--recipe", str(ROOT / "recipes/ranker-fp16.yaml"),
+                                   "--out", str(tmp / "o")], ["does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_user_mistakes_are_one_error_line(case: str, tmp_path: Path) -> None:
+    make_args, needles = MISTAKES[case]
+    proc = recserve(*make_args(tmp_path))
+    assert_one_error_line(proc, 2, *needles)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
