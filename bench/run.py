@@ -12,23 +12,27 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from bench import compression
+from bench import compression, triton
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {"compression": compression}
+BENCHMARKS = {"compression": compression, "triton": triton}
+"""In order: later benchmarks reuse what earlier ones built in the shared work directory."""
 
 
-def main() -> int:
+def main(only: list[str] | None = None) -> int:
     console = Console()
     results = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     sections = ["# recserve benchmarks", ""]
-    for name, module in BENCHMARKS.items():
-        with console.status(f"benchmark: {name}"), tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            results[name] = module.run(Path(tmp))
-            results[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        sections += [module.markdown(results[name]), ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, module in BENCHMARKS.items():
+            if only and name not in only:
+                continue
+            with console.status(f"benchmark: {name}"):
+                t0 = time.perf_counter()
+                results[name] = module.run(Path(tmp))
+                results[name]["seconds"] = round(time.perf_counter() - t0, 1)
+            sections += [module.markdown(results[name]), ""]
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     (HERE / "results.md").write_text("\n".join(sections))
     console.print(Markdown("\n".join(sections)))
@@ -37,4 +41,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:] or None))

@@ -259,7 +259,6 @@ def test_out_is_the_folder_of_a_differently_named_onnx(ranker_dir: Path, tiny_da
     assert sha(folder / "ranker.onnx") == digest
 
 
-@pytest.mark.slow
 def test_two_tower_retriever_int8(two_tower_dir: Path, tiny_data: Dataset, tmp_path: Path) -> None:
     recipe = load_recipe(RECIPES / "retriever-int8.yaml")
     report = compress(two_tower_dir, recipe, tmp_path / "out", speed=False, train=TRAIN)
@@ -289,6 +288,10 @@ def test_data_spec_override_is_used(ranker_dir: Path, tmp_path: Path) -> None:
     report = compress(ranker_dir, parse_recipe(FP16), tmp_path / "out", data_spec=spec, speed=False)
     assert report["data"] == spec
     assert report["held_out_rows"] == 600
+    # the recipe's data comes before the model's, and --data before the recipe's
+    with_data = parse_recipe(FP16 + "data: synthetic:2000,users=200,items=300\n")
+    assert compress(ranker_dir, with_data, tmp_path / "o2", speed=False)["held_out_rows"] == 400
+    assert compress(ranker_dir, with_data, tmp_path / "o3", data_spec=spec, speed=False)["data"] == spec
 
 
 def test_distill_in_a_recipe_needs_no_module_afterwards(ranker_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,160 @@
+"""Triton benchmark (issue 3's bar), against the real embedded tritonserver.
+
+* dynamic batching against none: the same INT8 ranker served twice, closed loop at concurrency
+  64 with batch-1 requests, the two configs alternating round by round: throughput ratio and p99;
+* batch-1 latency at concurrency 1: client-measured against Triton's own server-side time
+  (queue + compute, from the statistics delta around each request), p50 and p99.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from bench.timing import paired_ratio
+from recserve.converters.build import build
+from recserve.converters.triton_config import BuildProfile
+from recserve.data import load_dataset
+from recserve.triton.client import TritonClient
+from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+
+CONCURRENCY = 64
+REQUESTS = 3000
+ROUNDS = 3
+
+
+def _inputs(sparse: np.ndarray, dense: np.ndarray) -> list:
+    a = grpcclient.InferInput("sparse", list(sparse.shape), "INT64")
+    a.set_data_from_numpy(sparse)
+    b = grpcclient.InferInput("dense", list(dense.shape), "FP32")
+    b.set_data_from_numpy(dense)
+    return [a, b]
+
+
+def infer_request(model: str, sparse: np.ndarray, dense: np.ndarray) -> service_pb2.ModelInferRequest:
+    """A KServe v2 request built once and reused: the load generator's own cost stays small."""
+    req = service_pb2.ModelInferRequest(model_name=model)
+    for name, arr, dtype in (("sparse", sparse, "INT64"), ("dense", dense, "FP32")):
+        req.inputs.add(name=name, datatype=dtype, shape=list(arr.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(arr).tobytes())
+    return req
+
+
+async def closed_loop(url: str, model: str, rows: list[tuple[np.ndarray, np.ndarray]], concurrency: int,
+                      total: int) -> dict:
+    """``concurrency`` workers each send the next request as soon as their last one returned."""
+    requests = [infer_request(model, sp, de) for sp, de in rows]
+    latencies: list[float] = []
+    counter = iter(range(total))
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        async def worker() -> None:
+            for i in counter:
+                t0 = time.perf_counter()
+                await stub.ModelInfer(requests[i % len(requests)])
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1e3
+    return {"rps": total / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def server_vs_client(client: TritonClient, url: str, model: str, rows, n: int = 300) -> dict:
+    raw = grpcclient.InferenceServerClient(url)
+    client_ms, server_ms = [], []
+
+    def server_ns() -> int:
+        s = client.statistics(model)["model_stats"][0]["inference_stats"]
+        return sum(int(s[k].get("ns", 0)) for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+
+    for i in range(n + 20):
+        sp, de = rows[i % len(rows)]
+        before = server_ns()
+        t0 = time.perf_counter()
+        raw.infer(model, _inputs(sp, de))
+        took = time.perf_counter() - t0
+        after = server_ns()
+        if i >= 20:
+            client_ms.append(took * 1e3)
+            server_ms.append((after - before) / 1e6)
+    raw.close()
+    pct = lambda a, q: float(np.percentile(a, q))  # noqa: E731
+    return {"client_p50_ms": pct(client_ms, 50), "client_p99_ms": pct(client_ms, 99),
+            "server_p50_ms": pct(server_ms, 50), "server_p99_ms": pct(server_ms, 99)}
+
+
+def run(workdir: Path) -> dict:
+    model_dir = workdir / "ranker-8x"
+    if not (model_dir / "model.onnx").exists():
+        raise RuntimeError("run the compression benchmark first (it writes ranker-8x)")
+    repo = workdir / "triton-repo"
+    build(model_dir, "ranker_batched", "onnxruntime", repo,
+          BuildProfile(max_queue_delay_us=1000, preferred_batch_sizes=[64], intra_op_threads=1))
+    build(model_dir, "ranker_nobatch", "onnxruntime", repo, BuildProfile(dynamic_batching=False, intra_op_threads=1))
+    data = load_dataset(_spec(workdir), preprocessing=model_dir / "preprocessing.json")
+    t = data.ranking_test
+    rows = [(t.sparse[i:i + 1], t.dense[i:i + 1]) for i in range(512)]
+    settings = ServerSettings(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    with EmbeddedTriton(settings) as server, TritonClient(server.grpc_url) as client:
+        latency = {m: server_vs_client(client, server.grpc_url, m, rows) for m in ("ranker_nobatch", "ranker_batched")}
+        results: dict[str, list[dict]] = {"ranker_batched": [], "ranker_nobatch": []}
+        for _ in range(ROUNDS):
+            for model in results:
+                results[model].append(asyncio.run(closed_loop(server.grpc_url, model, rows, CONCURRENCY, REQUESTS)))
+        stats = {m: client.statistics(m)["model_stats"][0] for m in results}
+    med = {m: {k: float(np.median([r[k] for r in rs])) for k in ("rps", "p50_ms", "p99_ms")} for m, rs in results.items()}
+    return {
+        "model": "ranker-8x (INT8 QDQ + INT4 embeddings)", "concurrency": CONCURRENCY, "requests_per_round": REQUESTS,
+        "rounds": ROUNDS, "dynamic_batching": med["ranker_batched"], "no_batching": med["ranker_nobatch"],
+        "throughput_ratio": paired_ratio([r["rps"] for r in results["ranker_batched"]],
+                                         [r["rps"] for r in results["ranker_nobatch"]]),
+        "batches": {m: {"inference_count": int(s["inference_count"]), "execution_count": int(s["execution_count"]),
+                        "server_compute_us_per_inference": _compute_ns(s) / int(s["inference_count"]) / 1e3}
+                    for m, s in stats.items()},
+        "batch1_latency": latency,
+    }
+
+
+def _compute_ns(model_stats: dict) -> int:
+    s = model_stats["inference_stats"]
+    return sum(int(s[k].get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
+
+
+def _spec(workdir: Path) -> str:
+    import json
+
+    return json.loads((workdir / "ranker-8x" / "report.json").read_text())["data"]
+
+
+def markdown(r: dict) -> str:
+    b, n, lat = r["dynamic_batching"], r["no_batching"], r["batch1_latency"]
+    lines = [f"### Triton ({r['model']}, embedded tritonserver on CPU)", "",
+             f"Closed loop, concurrency {r['concurrency']}, batch-1 requests, {r['rounds']} alternating rounds:", "",
+             "| config | requests/s | p50 ms | p99 ms | inferences / executions | server compute us / inference |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, x in (("dynamic batching", b), ("no batching", n)):
+        key = "ranker_batched" if name == "dynamic batching" else "ranker_nobatch"
+        c = r["batches"][key]
+        lines.append(f"| {name} | {x['rps']:,.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
+                     f"{c['inference_count']:,} / {c['execution_count']:,} | {c['server_compute_us_per_inference']:.1f} |")
+    cost = r["batches"]["ranker_nobatch"]["server_compute_us_per_inference"] / \
+        r["batches"]["ranker_batched"]["server_compute_us_per_inference"]
+    lines += ["", f"Dynamic batching: **{r['throughput_ratio']:.2f}x** the end-to-end throughput of no batching (paired "
+              f"rounds; the load generator and Triton share the machine's cores), and {cost:.1f}x less server compute "
+              "per inference.", "",
+              "Batch-1 latency at concurrency 1 (ms; server-side = Triton's queue + compute for the same requests):", "",
+              "| config | client p50 | client p99 | server p50 | server p99 |", "|---|---:|---:|---:|---:|"]
+    for key, name in (("ranker_nobatch", "no batching"), ("ranker_batched", "dynamic batching (1 ms queue delay)")):
+        x = lat[key]
+        lines.append(f"| {name} | {x['client_p50_ms']:.3f} | {x['client_p99_ms']:.3f} | {x['server_p50_ms']:.3f} | "
+                     f"{x['server_p99_ms']:.3f} |")
+    return "\n".join(lines)
