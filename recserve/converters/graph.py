@@ -59,6 +59,7 @@ def embedding_gathers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         n for n in model.graph.node
         if n.op_type == "Gather" and _attr(n, "axis", 0) == 0 and n.input[0] in inits
         and inits[n.input[0]].data_type in FLOAT_TYPES and len(inits[n.input[0]].dims) == 2
+        and inits[n.input[0]].dims[1] > 1  # [rows, 1] is a table of per-row scales, not embeddings
     ]
 
 

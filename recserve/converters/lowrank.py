@@ -82,7 +82,7 @@ class LowRankStage(StageSpec):
         for layer in linear_layers(state.graph):
             pq = self._factor(layer.matrix(inits))
             if pq is not None:
-                plans.append((layer.node.name, layer.node.output[0], pq))
+                plans.append((layer.node.name or layer.node.output[0], layer.node.output[0], pq))
         if not plans:
             return state, {"ranks": {}, "note": "no layer qualified for factorization"}
         graph = gs.import_onnx(state.graph)

@@ -126,6 +126,10 @@ def compress(model_path: Path, recipe: Recipe, out: Path, *, data_spec: str | No
     ``out/report.json`` and ``out/report.png``. Returns the report."""
     model = load_model(model_path)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    if recipe.gate.min_throughput_ratio is not None and not speed:
+        raise ConfigError("the gate's min_throughput_ratio needs speed measurements: drop --no-speed or the limit")
     if (out / "model.onnx").resolve() == model.source.resolve():
         raise ConfigError(f"--out {out} would overwrite the input model {model.source}; choose another directory")
     spec = data_spec or recipe.data or model.data_spec
@@ -150,8 +154,9 @@ def compress(model_path: Path, recipe: Recipe, out: Path, *, data_spec: str | No
     out.mkdir(parents=True, exist_ok=True)
     if not reasons:
         onnx.save(state.graph, out / "model.onnx")
-        if model.preprocessing and model.preprocessing.exists():
-            shutil.copyfile(model.preprocessing, out / "preprocessing.json")
+        target = out / "preprocessing.json"
+        if model.preprocessing and model.preprocessing.exists() and model.preprocessing.resolve() != target.resolve():
+            shutil.copyfile(model.preprocessing, target)
     else:
         (out / "model.onnx").unlink(missing_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))

@@ -70,7 +70,8 @@ def _mlps(module: nn.Module) -> list[tuple[str, nn.Sequential]]:
     """The prunable Linear/ReLU chains of a recserve model (ranker bottom/top, tower MLPs)."""
     return [(name, m) for name, m in module.named_modules()
             if isinstance(m, nn.Sequential) and sum(isinstance(x, nn.Linear) for x in m) >= 2
-            and all(isinstance(x, (nn.Linear, nn.ReLU)) for x in m)]
+            and all(isinstance(x, (nn.Linear, nn.ReLU)) for x in m) and any(isinstance(x, nn.ReLU) for x in m)
+            and all(x.bias is not None for x in m if isinstance(x, nn.Linear))]
 
 
 class PruneStage(StageSpec):

@@ -56,7 +56,8 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a recipe is a YAML mapping with 'stages' (and optionally 'gate', 'data')")
-    for i, stage in enumerate(raw.get("stages") or []):
+    stages = raw.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
         kind = stage.get("type") if isinstance(stage, dict) else None
         if kind not in STAGE_TYPES:
             raise ConfigError(f"{source}: stages.{i}: unknown stage type {kind!r}; use one of {', '.join(STAGE_TYPES)}")
@@ -72,4 +73,6 @@ def load_recipe(path: Path) -> Recipe:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"cannot read recipe {path}: {e.strerror}; see recipes/ for ready ones") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a YAML text file; pass a recipe such as recipes/ranker-8x.yaml") from e
     return parse_recipe(text, str(path))

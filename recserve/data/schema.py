@@ -48,6 +48,10 @@ class Vocabulary:
         kept = sorted(((t, c) for t, c in counter.items() if c >= min_freq), key=lambda tc: (-tc[1], tc[0]))
         return cls(name, [t for t, _ in kept], [c for _, c in kept])
 
+    def token(self, index: int) -> str:
+        """The raw value of an id ("" for the OOV id)."""
+        return self.tokens[index - 1] if 0 < index <= len(self.tokens) else ""
+
     def lookup(self, values: Iterable[str]) -> np.ndarray:
         index = self._index
         return np.fromiter((index.get(v, OOV_ID) for v in values), dtype=np.int64)
@@ -80,6 +84,11 @@ class DenseTransform:
         out = (x - self.mean) / (self.std or 1.0)
         out[missing] = self.fill
         return out.astype(np.float32)
+
+    def invert(self, values: np.ndarray) -> np.ndarray:
+        """A raw value that :meth:`apply` maps to ``values`` (for building requests from encoded rows)."""
+        x = np.asarray(values, dtype=np.float64) * (self.std or 1.0) + self.mean
+        return np.expm1(x) if self.kind == "log1p" else x
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "mean": self.mean, "std": self.std, "fill": self.fill}

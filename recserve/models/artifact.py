@@ -11,6 +11,7 @@ OUT/preprocessing.json  vocabularies and dense transforms (raw features -> model
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def load_trained(path: Path) -> TrainedModel:
         config = (RankerConfig if kind == "ranker" else TwoTowerConfig)(**meta["config"])
         module = build_module(kind, config)
         module.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ModelError(f"{path} is not a complete `recserve train` output ({e}); train again or pass model.onnx") from e
     module.eval()
     return TrainedModel(kind, config, module, meta.get("data_spec", ""), meta.get("seed", 0), meta.get("metrics", {}))

@@ -50,6 +50,14 @@ class FeatureEncoder:
         return np.ascontiguousarray(sparse, dtype=np.int64), np.ascontiguousarray(dense)
 
 
+    def decode(self, sparse: np.ndarray, dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw rows (object array of str, float32) that :meth:`encode` maps back to ``sparse``/``dense``."""
+        raw_sparse = np.array([[v.token(int(i)) for v, i in zip(self.vocabularies, row)] for row in sparse], dtype=object)
+        raw_dense = np.stack([t.invert(dense[:, j]) for j, t in enumerate(self.transforms)], axis=1) \
+            if self.transforms else np.zeros((len(dense), 0))
+        return raw_sparse.reshape(len(sparse), len(self.vocabularies)), raw_dense.astype(np.float32)
+
+
 def sibling_file(this_model_dir: str, model: str, filename: str) -> Path:
     """``filename`` in the newest version of another model of the same repository (from a python model)."""
     root = Path(this_model_dir.rstrip("/")).parent / model

@@ -210,9 +210,6 @@ def test_corrupt_train_dir_is_a_model_error(ranker_dir: Path, tmp_path: Path) ->
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=pickle.UnpicklingError,
-                   reason="BUG: load_trained does not catch pickle.UnpicklingError, which torch.load(weights_only=True) "
-                          "raises for a corrupt model.pt -> traceback instead of ModelError")
 def test_corrupt_weights_are_a_model_error(ranker_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(ranker_dir, broken)
@@ -234,9 +231,6 @@ def test_train_dir_without_weights_is_graph_only(ranker_dir: Path, tmp_path: Pat
         compress(folder, parse_recipe("stages: [{type: prune, method: structured}]"), tmp_path / "out", speed=False)
 
 
-@pytest.mark.xfail(strict=True, raises=FileExistsError,
-                   reason="BUG: compress() never checks that --out is a directory; an existing file there fails "
-                          "with a raw FileExistsError from out.mkdir() after every stage has run")
 def test_out_is_an_existing_file(ranker_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
     target.write_text("keep me")
@@ -245,9 +239,6 @@ def test_out_is_an_existing_file(ranker_dir: Path, tmp_path: Path) -> None:
     assert target.read_text() == "keep me"
 
 
-@pytest.mark.xfail(strict=True, raises=shutil.SameFileError,
-                   reason="BUG: with a plain .onnx input whose folder holds preprocessing.json, --out set to that "
-                          "folder copies preprocessing.json onto itself -> shutil.SameFileError")
 def test_out_is_the_folder_of_a_differently_named_onnx(ranker_dir: Path, tiny_data: Dataset, tmp_path: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()

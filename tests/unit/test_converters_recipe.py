@@ -92,9 +92,6 @@ def test_mistakes_are_config_errors_naming_the_field(text: str, needles: list[st
 
 
 @pytest.mark.parametrize("text", ["stages: 3\n", "stages: true\n"])
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BUG: parse_recipe iterates a non-list 'stages' before validation -> "
-                          "TypeError ('int' object is not iterable) instead of a ConfigError")
 def test_scalar_stages_is_config_error(text: str) -> None:
     with pytest.raises(ConfigError, match="stages"):
         parse_recipe(text, "my.yaml")
@@ -114,9 +111,6 @@ def test_load_recipe_names_the_file(tmp_path: Path) -> None:
         load_recipe(p)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="BUG: load_recipe catches only OSError; a binary file (e.g. model.onnx passed as --recipe) "
-                          "raises UnicodeDecodeError instead of a ConfigError")
 def test_load_recipe_binary_file(tmp_path: Path) -> None:
     p = tmp_path / "model.onnx"
     p.write_bytes(b"\x08\x07\x12\x08recserve\x96\xff\xfe\x00\x81")
