@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= .demo
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench lint clean protos
 
 install: $(STAMP)
 
@@ -31,3 +31,7 @@ lint: install
 
 clean:
 	rm -rf $(DEMO) bench/results.json bench/results.md bench/*.png .pytest_cache
+
+# regenerate the router's gRPC code from its .proto (the generated files are checked in)
+protos: install
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. recserve/serving/protos/recommender.proto

@@ -209,6 +209,50 @@ def infer(
         console.print(f"{name} {list(value.shape)}: {value.tolist()}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def catalog(
+    ranker: Annotated[Path, typer.Argument(help="a ranker (train or compress output)")],
+    out: Annotated[Path, typer.Option(help="output directory of the item catalog")],
+    data: Annotated[Optional[str], typer.Option(help="dataset spec (default: the ranker's)")] = None,
+) -> None:
+    """Write the item catalog the router needs for Rank: each item's ranker features."""
+    from recserve.triton.retrieval import build_catalog_dir
+
+    console.print(f"[green]wrote[/green] {build_catalog_dir(ranker, data, out)}")
+
+
+@app.command()
+def route(
+    config: Annotated[Path, typer.Option(help="router config (YAML); see README 'Route'")],
+    policy: Annotated[Optional[Path], typer.Option(help="initial routing policy (YAML/JSON)")] = None,
+) -> None:
+    """Start the Ray Serve router (gRPC Rank + HTTP JSON) locally until Ctrl-C."""
+    import signal
+    import threading
+
+    from recserve.serving.config import load_router_config
+    from recserve.serving.policy import parse_policy
+
+    cfg = load_router_config(config)
+    initial = parse_policy(policy.read_text(), str(policy)) if policy else None
+    from recserve.serving import app as serve_app
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with console.status("starting Ray Serve"):
+        serve_app.start(cfg, initial)
+    console.print(f"router ready: gRPC 127.0.0.1:{cfg.grpc_port} (recserve.Recommender/Rank), "
+                  f"HTTP http://127.0.0.1:{cfg.http_port}/v1/rank, metrics http://127.0.0.1:{cfg.http_port}/metrics")
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping the router")
+        serve_app.stop()
+
+
 def main() -> None:
     try:
         app()

@@ -25,10 +25,11 @@ class FeatureEncoder:
     transforms: list[DenseTransform]
 
     @classmethod
-    def load(cls, path: Path, sparse_names: list[str] | None = None) -> FeatureEncoder:
+    def load(cls, path: Path, sparse_names: list[str] | None = None, *, dense: bool = True) -> FeatureEncoder:
+        """The encoder of ``sparse_names`` (default: every vocabulary) and, with ``dense``, the dense transforms."""
         vocabs, transforms = load_preprocessing(path)
         names = sparse_names or list(vocabs)
-        return cls(names, [vocabs[n] for n in names], transforms)
+        return cls(names, [vocabs[n] for n in names], transforms if dense else [])
 
     def encode(self, sparse_raw: np.ndarray, dense_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``sparse_raw`` [N, S] strings (or bytes), ``dense_raw`` [N, D] numbers (NaN = missing)."""

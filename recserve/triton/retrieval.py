@@ -70,6 +70,22 @@ def detect_layout(data: Dataset) -> Layout:
                   names, list(t.dense_names))
 
 
+def build_catalog(ranker_data: Dataset) -> dict[str, np.ndarray | dict]:
+    """The item catalog without embeddings: every item of the ranker's training rows and its item-side features."""
+    layout = detect_layout(ranker_data)
+    t = ranker_data.ranking_train
+    col = layout.sparse_names.index("item_id")
+    items, rows = np.unique(t.sparse[:, col], return_index=True)
+    keep = items > 0
+    vocab = ranker_data.vocabularies["item_id"]
+    return {
+        "item_ids": np.array([vocab.token(int(i)) for i in items[keep]]),
+        "item_sparse": np.ascontiguousarray(t.sparse[rows[keep]][:, layout.sparse_item]),
+        "item_dense": np.ascontiguousarray(t.dense[rows[keep]][:, layout.dense_item]),
+        "layout": layout.__dict__,
+    }
+
+
 def build_index(two_tower: onnx.ModelProto, retriever_data: Dataset, ranker_data: Dataset) -> dict[str, np.ndarray | dict]:
     """Arrays of the ``item_index`` model: item embeddings, raw ids, ranker item features, layout."""
     r = retriever_data.retrieval
@@ -100,8 +116,10 @@ def build_index(two_tower: onnx.ModelProto, retriever_data: Dataset, ranker_data
 
 
 def save_index(index: dict, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     for k in ("embeddings", "item_sparse", "item_dense"):
-        np.save(directory / f"{k}.npy", index[k])
+        if k in index:
+            np.save(directory / f"{k}.npy", index[k])
     (directory / "items.json").write_text(json.dumps(index["item_ids"].tolist()))
     (directory / "layout.json").write_text(json.dumps(index["layout"]))
 
@@ -111,14 +129,27 @@ class ItemIndex:
 
     def __init__(self, directory: Path):
         d = Path(directory)
-        self.embeddings = np.load(d / "embeddings.npy")
-        self.item_sparse = np.load(d / "item_sparse.npy")
-        self.item_dense = np.load(d / "item_dense.npy")
-        self.item_ids = np.array(json.loads((d / "items.json").read_text()), dtype=object)
-        self.layout = Layout(**json.loads((d / "layout.json").read_text()))
+        try:
+            self.embeddings = np.load(d / "embeddings.npy") if (d / "embeddings.npy").exists() else None
+            sparse, dense = np.load(d / "item_sparse.npy"), np.load(d / "item_dense.npy")
+            self.item_ids = np.array(json.loads((d / "items.json").read_text()), dtype=object)
+            self.layout = Layout(**json.loads((d / "layout.json").read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelError(f"{d} is not an item catalog (`recserve index` or `recserve catalog` output): {e}") from e
+        # one extra row of OOV features answers for items the catalog does not know
+        self.item_sparse = np.concatenate([sparse, np.zeros((1, sparse.shape[1]), sparse.dtype)])
+        self.item_dense = np.concatenate([dense, np.zeros((1, dense.shape[1]), dense.dtype)])
+        self.row_of = {str(item): i for i, item in enumerate(self.item_ids)}
+
+    def rows_for(self, item_ids: list[str]) -> np.ndarray:
+        """Catalog rows of raw item ids; unknown items get the OOV row."""
+        oov = len(self.item_ids)
+        return np.array([self.row_of.get(i, oov) for i in item_ids], dtype=np.int64)
 
     def search(self, user_embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(item rows, scores) of the ``k`` items closest to one user embedding, best first."""
+        if self.embeddings is None:
+            raise ModelError("this catalog has no item embeddings: build it with `recserve index` to retrieve")
         scores = self.embeddings @ np.asarray(user_embedding, dtype=np.float32).ravel()
         k = max(1, min(int(k), len(scores)))
         best = np.argpartition(-scores, k - 1)[:k]
@@ -139,6 +170,33 @@ class ItemIndex:
         dense[:, lay.dense_item] = self.item_dense[rows]
         dense[:, lay.dense_context] = context_dense
         return sparse, dense
+
+
+def context_encoder(ranker_preprocessing: Path, layout: Layout):
+    """Encoder of the ranker's context (non-item) columns, from the ranker's vocabularies and transforms."""
+    from recserve.data.schema import load_preprocessing
+    from recserve.triton.features import FeatureEncoder
+
+    vocabs, transforms = load_preprocessing(ranker_preprocessing)
+    names = layout.context_sparse_names
+    return FeatureEncoder(names, [vocabs[n] for n in names], [transforms[j] for j in layout.dense_context])
+
+
+def build_catalog_dir(ranker: Path, data_spec: str | None, out: Path) -> Path:
+    """``recserve catalog``: the item catalog of a ranker, for the router's Rank calls."""
+    import shutil
+
+    from recserve.converters.pipeline import load_model
+    from recserve.data import load_dataset
+
+    rank = load_model(ranker)
+    spec = data_spec or rank.data_spec
+    if not spec:
+        raise DataError("pass --data: the dataset the ranker was trained on")
+    save_index(build_catalog(load_dataset(spec, preprocessing=rank.preprocessing)), Path(out))
+    if rank.preprocessing is not None:
+        shutil.copyfile(rank.preprocessing, Path(out) / "preprocessing.json")
+    return Path(out)
 
 
 def build_retrieval(retriever: Path, ranker: Path, data_spec: str | None, repository: Path, *,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from triton_fixtures import TrainedModels, ort_run, ranker_data, start_triton, triton_models  # noqa: F401
+import triton_fixtures
+from triton_fixtures import TrainedModels, ort_run, start_triton
 
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
@@ -18,9 +19,13 @@ from recserve.triton.retrieval import build_retrieval
 
 pytestmark = pytest.mark.slow
 
+# session fixtures shared by the Triton modules (the models are trained once, see triton_fixtures)
+triton_models = triton_fixtures.triton_models
+ranker_data = triton_fixtures.ranker_data
+
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, triton_models: TrainedModels) -> Path:  # noqa: F811
+def repo(tmp_path_factory: pytest.TempPathFactory, triton_models: TrainedModels) -> Path:
     repo = tmp_path_factory.mktemp("explicit-repo")
     build(triton_models.ranker, "ranker", "onnxruntime", repo, BuildProfile())
     build_retrieval(triton_models.two_tower, triton_models.ranker, None, repo)  # in the repository, never loaded
@@ -38,7 +43,7 @@ def client(repo: Path):
 
 
 @pytest.fixture(scope="module")
-def feed(ranker_data: Dataset) -> dict[str, np.ndarray]:  # noqa: F811
+def feed(ranker_data: Dataset) -> dict[str, np.ndarray]:
     t = ranker_data.ranking_test
     return {"sparse": t.sparse[:9], "dense": t.dense[:9]}
 
@@ -56,7 +61,7 @@ def test_explicit_mode_loads_only_the_listed_models(client: TritonClient, feed) 
 
 
 def test_add_a_version_load_both_by_config_override_then_unload(client: TritonClient, repo: Path,
-                                                                 triton_models: TrainedModels, feed) -> None:  # noqa: F811
+                                                                 triton_models: TrainedModels, feed) -> None:
     (want_v1,) = ort_run(triton_models.ranker / "model.onnx", feed)
     (want_v2,) = ort_run(triton_models.ranker_b / "model.onnx", feed)
     assert not np.allclose(want_v1, want_v2, atol=1e-4), "the two versions must be told apart by their scores"
@@ -97,13 +102,13 @@ def test_add_a_version_load_both_by_config_override_then_unload(client: TritonCl
                           "but Triton answers UNAVAILABLE for a model version that is not ready (unloaded or loading)",
                    strict=True)
 def test_a_request_for_an_unloaded_version_is_an_inference_error(client: TritonClient, repo: Path,
-                                                                 triton_models: TrainedModels, feed) -> None:  # noqa: F811
+                                                                 triton_models: TrainedModels, feed) -> None:
     if not (repo / "ranker" / "2").exists():
         build(triton_models.ranker_b, "ranker", "onnxruntime", repo, BuildProfile())
     client.load("ranker")  # the repository's config: the latest version, 2
     assert client.model_ready("ranker", "2")
     client.unload("ranker")
-    assert client.server_ready()  # the server is up and answering
+    assert client.repository_index()  # the server is up and answering
     with pytest.raises(InferenceError):
         client.infer("ranker", feed, version="2")
 

@@ -72,6 +72,14 @@ def ranker_data(triton_models: TrainedModels) -> Dataset:
     return _DATA["ranker"]
 
 
+@pytest.fixture(scope="session")
+def two_tower_data(triton_models: TrainedModels) -> Dataset:
+    """The dataset, id-mapped with the two-tower retriever's vocabularies."""
+    if "two_tower" not in _DATA:
+        _DATA["two_tower"] = load_dataset(SPEC, preprocessing=triton_models.two_tower / "preprocessing.json")
+    return _DATA["two_tower"]
+
+
 def settings(repository: Path, **kw) -> ServerSettings:
     return ServerSettings(Path(repository), grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kw)
 

@@ -5,9 +5,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from recserve.data.schema import load_preprocessing
 from recserve.triton.features import FeatureEncoder, read_columns, sibling_file
-from recserve.triton.retrieval import Layout
+from recserve.triton.retrieval import Layout, context_encoder
 
 
 class TritonPythonModel:
@@ -15,13 +14,10 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         here = args["model_repository"]
         tower = sibling_file(here, params["user_tower_model"], "preprocessing.json")
-        self.user = FeatureEncoder.load(tower, read_columns(tower)["user_sparse"])
-        self.user.transforms = []
+        self.user = FeatureEncoder.load(tower, read_columns(tower)["user_sparse"], dense=False)
         ranker = sibling_file(here, params["ranker_model"], "preprocessing.json")
         layout = Layout(**json.loads(sibling_file(here, params["index_model"], "layout.json").read_text()))
-        vocabs, transforms = load_preprocessing(ranker)
-        names = layout.context_sparse_names
-        self.context = FeatureEncoder(names, [vocabs[n] for n in names], [transforms[j] for j in layout.dense_context])
+        self.context = context_encoder(ranker, layout)
 
     def execute(self, requests):
         responses = []

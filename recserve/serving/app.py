@@ -1,0 +1,125 @@
+"""The Ray Serve application: a Router deployment (gRPC ``Rank`` through Ray Serve's gRPC proxy, and
+HTTP JSON) composed with a Retriever deployment for requests that bring no candidates.
+
+Routing-policy changes reach the replicas without a restart, two ways: the policy file is re-read
+when it changes (a mounted ConfigMap in a cluster), and ``reconfigure`` takes a ``policy`` in the
+deployment's ``user_config``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+from google.protobuf import json_format
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+
+from recserve.serving.client import BUDGET_HEADER
+from recserve.serving.config import RetrieverRoute, RouterConfig
+from recserve.serving.policy import RoutingPolicy
+from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
+from recserve.serving.router import HTTP_STATUS, RankError, Retriever, Router
+
+SERVICER = "recserve.serving.protos.recommender_pb2_grpc.add_RecommenderServicer_to_server"
+log = logging.getLogger(__name__)
+
+
+def _budget(value: str | None) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise RankError("INVALID_ARGUMENT", f"{BUDGET_HEADER} must be a number of milliseconds, got {value!r}") from None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class RetrieverDeployment:
+    def __init__(self, route: dict, threads: int = 1):
+        self.retriever = Retriever(RetrieverRoute.model_validate(route), threads)
+
+    async def candidates(self, user: dict[str, str]) -> list[str]:
+        return self.retriever.candidates(user)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+class RouterDeployment:
+    def __init__(self, config: dict, retriever=None):
+        cfg = RouterConfig.model_validate(config)
+        retrieve_fn = (lambda user: retriever.candidates.remote(user)) if retriever is not None else None
+        self.router = Router(cfg, retrieve_fn=retrieve_fn)
+
+    def reconfigure(self, user_config: dict) -> None:
+        if user_config and user_config.get("policy") is not None:
+            self.router.policy.set(RoutingPolicy.model_validate(user_config["policy"]))
+
+    async def Rank(self, request: RankRequest, grpc_context: RayServegRPCContext) -> RankResponse:  # noqa: N802
+        try:
+            budget = _budget(dict(grpc_context.invocation_metadata()).get(BUDGET_HEADER))
+            return await self.router.rank(request, budget)
+        except RankError as e:
+            grpc_context.set_code(getattr(grpc.StatusCode, e.code))
+            grpc_context.set_details(str(e))
+        except Exception as e:  # never let one request take the replica down
+            log.exception("Rank failed")
+            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            grpc_context.set_details(f"internal error: {type(e).__name__}: {e}")
+        return RankResponse(request_id=request.request_id)
+
+    async def __call__(self, http_request):
+        from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+        path = http_request.url.path.rstrip("/")
+        if path.endswith("/metrics"):
+            return Response(self.router.metrics.exposition(), media_type="text/plain; version=0.0.4")
+        if path.endswith("/healthz"):
+            return PlainTextResponse("ok")
+        if not path.endswith("/v1/rank") or http_request.method != "POST":
+            return JSONResponse({"error": "NOT_FOUND", "message": "POST /v1/rank, GET /metrics, GET /healthz"}, 404)
+        try:
+            body = await http_request.body()
+            try:
+                request = json_format.Parse(body or b"{}", RankRequest())
+            except (json_format.ParseError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise RankError("INVALID_ARGUMENT", f"the body is not a RankRequest in JSON: {e}") from e
+            response = await self.router.rank(request, _budget(http_request.headers.get(BUDGET_HEADER)))
+            return JSONResponse(json_format.MessageToDict(response, preserving_proto_field_name=True))
+        except RankError as e:
+            return JSONResponse({"error": e.code, "message": str(e)}, HTTP_STATUS.get(e.code, 500))
+        except Exception as e:
+            log.exception("rank failed")
+            return JSONResponse({"error": "INTERNAL", "message": f"{type(e).__name__}: {e}"}, 500)
+
+
+def build_app(config: RouterConfig, policy: RoutingPolicy | None = None):
+    retriever = None
+    if config.retriever is not None:
+        retriever = RetrieverDeployment.bind(config.retriever.model_dump(mode="json"), config.edge_threads)
+    user_config = {"policy": policy.model_dump()} if policy is not None else {"policy": None}
+    return RouterDeployment.options(num_replicas=config.num_replicas, user_config=user_config).bind(
+        config.model_dump(mode="json", exclude={"retriever"}), retriever)
+
+
+def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus: int = 2) -> None:
+    """Start Ray (locally, if not connected), Serve's HTTP and gRPC proxies, and the application."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": config.http_port},
+                grpc_options={"port": config.grpc_port, "grpc_servicer_functions": [SERVICER]})
+    serve.run(build_app(config, policy), name="recserve", route_prefix="/", blocking=False)
+
+
+def update_policy(policy: RoutingPolicy, config: RouterConfig) -> None:
+    """Push a new policy to running replicas through user_config (no restart)."""
+    serve.run(build_app(config, policy), name="recserve", route_prefix="/", blocking=False)
+
+
+def stop() -> None:
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,46 @@
+"""A client for the router's gRPC API: the call's deadline is the latency budget, sent twice (gRPC timeout
+and ``x-budget-ms`` metadata, because Ray Serve's gRPC proxy does not forward deadlines)."""
+
+from __future__ import annotations
+
+import grpc
+
+from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
+from recserve.serving.protos.recommender_pb2_grpc import RecommenderStub
+
+BUDGET_HEADER = "x-budget-ms"
+
+
+def budget_metadata(timeout_s: float | None) -> tuple[tuple[str, str], ...]:
+    return ((BUDGET_HEADER, f"{timeout_s * 1e3:.3f}"),) if timeout_s is not None else ()
+
+
+class RouterClient:
+    def __init__(self, target: str = "127.0.0.1:9000"):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = RecommenderStub(self.channel)
+
+    def rank(self, request: RankRequest, timeout_s: float | None = 1.0) -> RankResponse:
+        """Raises ``grpc.RpcError`` with the router's status code on refusal."""
+        return self.stub.Rank(request, timeout=timeout_s, metadata=budget_metadata(timeout_s))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RouterClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncRouterClient:
+    def __init__(self, target: str = "127.0.0.1:9000"):
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = RecommenderStub(self.channel)
+
+    async def rank(self, request: RankRequest, timeout_s: float | None = 1.0) -> RankResponse:
+        return await self.stub.Rank(request, timeout=timeout_s, metadata=budget_metadata(timeout_s))
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,99 @@
+"""The router's configuration (YAML), validated with pydantic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recserve.errors import ConfigError
+
+
+class RankerRef(BaseModel):
+    """One ranker of a model: its Triton name (cloud), its compressed ONNX file (edge) and blend weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    triton_model: str
+    edge_model: Path
+    weight: float = Field(1.0, gt=0.0)
+
+
+class ModelRoute(BaseModel):
+    """A model the router serves: rankers blended by weight over one item catalog."""
+
+    model_config = ConfigDict(extra="forbid")
+    rankers: list[RankerRef] = Field(min_length=1)
+    catalog: Path = Field(description="item catalog directory (`recserve catalog` or an item_index version)")
+    preprocessing: Path = Field(description="the rankers' preprocessing.json (vocabularies and transforms)")
+
+
+class RetrieverRoute(BaseModel):
+    """Candidate generation for requests without candidates: user tower + nearest neighbours."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_tower: Path = Field(description="user tower ONNX (a user_tower version's model.onnx or a two-tower model.onnx)")
+    preprocessing: Path = Field(description="the retriever's preprocessing.json")
+    catalog: Path = Field(description="catalog with item embeddings (an item_index version directory)")
+    candidates: int = Field(100, ge=1)
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (the cloud)")
+    default_model: str = "ranker"
+    models: dict[str, ModelRoute] = Field(min_length=1)
+    retriever: RetrieverRoute | None = None
+    policy_file: Path | None = Field(None, description="routing policy (version weights, shadow); re-read on change")
+    max_candidates: int = Field(1000, ge=1)
+    default_budget_ms: float | None = Field(None, gt=0, description="budget when a request carries no deadline")
+    edge_latency_ms: float = Field(2.0, ge=0)
+    margin_ms: float = Field(1.0, ge=0)
+    max_inflight: int = Field(256, ge=1)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown_s: float = Field(2.0, gt=0)
+    cache_ttl_s: float = Field(5.0, ge=0)
+    cache_size: int = Field(10_000, ge=0)
+    edge_threads: int = Field(1, ge=1)
+    grpc_port: int = 9000
+    http_port: int = 8010
+    num_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _default(self) -> RouterConfig:
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not among models {sorted(self.models)}")
+        return self
+
+
+def load_router_config(path: Path) -> RouterConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read router config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    try:
+        cfg = RouterConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{path}: {problems}") from e
+    base = Path(path).resolve().parent
+    return resolve_paths(cfg, base)
+
+
+def resolve_paths(cfg: RouterConfig, base: Path) -> RouterConfig:
+    """Relative paths in the config are relative to the config file."""
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    for m in cfg.models.values():
+        m.catalog, m.preprocessing = fix(m.catalog), fix(m.preprocessing)
+        for r in m.rankers:
+            r.edge_model = fix(r.edge_model)
+    if cfg.retriever:
+        r = cfg.retriever
+        r.user_tower, r.preprocessing, r.catalog = fix(r.user_tower), fix(r.preprocessing), fix(r.catalog)
+    if cfg.policy_file:
+        cfg.policy_file = fix(cfg.policy_file)
+    return cfg

@@ -1,0 +1,36 @@
+"""Prometheus metrics of the router (one registry per replica, served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("recserve_router_requests", "Rank requests by outcome",
+                                ["model", "route", "version", "code"], registry=r)
+        self.latency = Histogram("recserve_router_request_seconds", "Rank latency inside the router",
+                                 ["model", "route", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.cloud_latency = Histogram("recserve_router_cloud_seconds", "Triton call latency seen by the router",
+                                       ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.cloud_failures = Counter("recserve_router_cloud_failures", "Cloud calls that failed or timed out",
+                                      ["model", "version", "kind"], registry=r)
+        self.shadow_requests = Counter("recserve_router_shadow_requests", "Requests mirrored to a shadow version",
+                                       ["model", "version"], registry=r)
+        self.shadow_failures = Counter("recserve_router_shadow_failures", "Shadow calls that failed",
+                                       ["model", "version"], registry=r)
+        self.shadow_overlap = Histogram("recserve_router_shadow_overlap", "overlap@k of shadow and served top-k",
+                                        ["model", "version"], buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0), registry=r)
+        self.shadow_drift = Histogram("recserve_router_shadow_score_drift", "mean |shadow - served| score per request",
+                                      ["model", "version"], buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+                                      registry=r)
+        self.circuit_open = Gauge("recserve_router_circuit_open", "1 while the cloud circuit breaker is open", registry=r)
+        self.cache_hits = Counter("recserve_router_cache_hits", "Responses served from the result cache", registry=r)
+        self.policy_reloads = Gauge("recserve_router_policy_reloads", "Routing policy files loaded", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,122 @@
+"""Routing policy: per model, version -> traffic weight, plus a shadow percentage.
+
+The operator writes it (a file, e.g. a mounted ConfigMap); the router reads it and picks a version
+per request. Choices are pure functions of the policy and a uniform random number, so tests
+need no randomness.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recserve.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ModelPolicy(BaseModel):
+    """Traffic split of one model."""
+
+    model_config = ConfigDict(extra="forbid")
+    versions: dict[str, float] = Field(description="Triton version -> weight (relative, >= 0)")
+    shadow_percent: float = Field(0.0, ge=0.0, le=100.0, description="share of requests also sent to the shadow version")
+    shadow_version: str | None = Field(None, description="version that receives shadow traffic (not returned)")
+
+    @model_validator(mode="after")
+    def _weights(self) -> ModelPolicy:
+        if not self.versions:
+            raise ValueError("versions must name at least one version")
+        if any(w < 0 for w in self.versions.values()) or sum(self.versions.values()) <= 0:
+            raise ValueError("version weights must be >= 0 and not all 0")
+        if self.shadow_percent > 0 and not self.shadow_version:
+            raise ValueError("shadow_percent > 0 needs shadow_version")
+        return self
+
+
+class RoutingPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: dict[str, ModelPolicy] = Field(default_factory=dict)
+
+
+def choose_version(policy: RoutingPolicy, model: str, u: float) -> str:
+    """The version for a request, by weight; ``u`` is uniform in [0, 1). Empty: Triton's default."""
+    p = policy.models.get(model)
+    if p is None:
+        return ""
+    total = sum(p.versions.values())
+    acc = 0.0
+    for version, weight in sorted(p.versions.items()):
+        acc += weight / total
+        if u < acc:
+            return version
+    return max((v for v, w in p.versions.items() if w > 0), key=lambda v: (p.versions[v], v))
+
+
+def shadow_version(policy: RoutingPolicy, model: str, served: str, u: float) -> str | None:
+    """The version to mirror this request to, if any (never the one that served it)."""
+    p = policy.models.get(model)
+    if p is None or not p.shadow_version or u * 100.0 >= p.shadow_percent or p.shadow_version == served:
+        return None
+    return p.shadow_version
+
+
+def parse_policy(text: str, source: str = "policy") -> RoutingPolicy:
+    try:
+        raw = yaml.safe_load(text) or {}
+        return RoutingPolicy.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML/JSON ({str(e).splitlines()[0]})") from e
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{source}: {problems}") from e
+
+
+def write_policy(policy: RoutingPolicy, path: Path) -> None:
+    """Atomically replace the policy file (readers never see half a file)."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(policy.model_dump(exclude_none=True), indent=2))
+    tmp.replace(path)
+
+
+class PolicyWatcher:
+    """Re-reads the policy file when it changes (checked at most every ``interval_s``).
+
+    A file that fails to parse is logged and ignored: the last good policy stays in force.
+    """
+
+    def __init__(self, path: Path | None, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path) if path else None
+        self.interval_s = interval_s
+        self.clock = clock
+        self.policy = RoutingPolicy()
+        self._checked = float("-inf")
+        self._stamp: tuple | None = None
+        self.reloads = 0
+
+    def set(self, policy: RoutingPolicy) -> None:
+        self.policy = policy
+
+    def current(self) -> RoutingPolicy:
+        if self.path is None or self.clock() - self._checked < self.interval_s:
+            return self.policy
+        self._checked = self.clock()
+        try:
+            st = self.path.stat()
+        except OSError:
+            return self.policy
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self.policy = parse_policy(self.path.read_text(), str(self.path))
+                self.reloads += 1
+            except ConfigError as e:
+                log.warning("keeping the previous routing policy: %s", e)
+        return self.policy

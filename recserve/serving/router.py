@@ -1,0 +1,227 @@
+"""The router's core, without Ray: one ``rank`` call from a RankRequest to a RankResponse.
+
+Per request: validate -> cache -> candidates (given, or retrieved) -> ranker rows -> edge or cloud
+(``routing.decide``) -> blend the rankers' scores -> top-k, mirroring a share of cloud traffic to
+the shadow version. The Ray Serve deployment (``app.py``) wraps it; tests drive it directly with
+fake scorers and a hand-moved clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from recserve.errors import RecserveError
+from recserve.serving.cache import TTLCache
+from recserve.serving.config import ModelRoute, RetrieverRoute, RouterConfig
+from recserve.serving.metrics import RouterMetrics
+from recserve.serving.policy import PolicyWatcher, choose_version, shadow_version
+from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
+from recserve.serving.routing import CircuitBreaker, LatencyEstimate, RouteSettings, decide
+from recserve.serving.scorers import CloudError, CloudScorer, EdgeScorer
+from recserve.triton.features import FeatureEncoder, read_columns, top_k
+from recserve.triton.retrieval import ItemIndex, context_encoder
+
+log = logging.getLogger(__name__)
+
+
+class RankError(RecserveError):
+    """A request the router refuses; ``code`` is the gRPC status name (HTTP maps it too)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "INTERNAL": 500}
+
+
+@dataclass
+class _Model:
+    route: ModelRoute
+    catalog: ItemIndex
+    context: FeatureEncoder
+
+
+class Retriever:
+    """Candidates for a user: the user tower in process, then exact nearest neighbours in the catalog."""
+
+    def __init__(self, route: RetrieverRoute, threads: int = 1):
+        from recserve.converters.evaluate import session
+
+        self.route = route
+        self.tower = session(route.user_tower.read_bytes(), threads)
+        self.index = ItemIndex(route.catalog)
+        self.encoder = FeatureEncoder.load(route.preprocessing, read_columns(route.preprocessing)["user_sparse"],
+                                          dense=False)
+
+    def candidates(self, user: dict[str, str]) -> list[str]:
+        raw = np.array([[user.get(n, "") for n in self.encoder.sparse_names]], dtype=object)
+        ids, _ = self.encoder.encode(raw, np.zeros((1, 0)))
+        (emb,) = self.tower.run(["user_embedding"], {"user_sparse": ids})
+        rows, _ = self.index.search(emb[0], self.route.candidates)
+        return [str(i) for i in self.index.item_ids[rows]]
+
+
+class Router:
+    def __init__(self, config: RouterConfig, *, cloud: CloudScorer | None = None, edge: EdgeScorer | None = None,
+                 clock: Callable[[], float] = time.monotonic, rng: Callable[[], float] = random.random,
+                 metrics: RouterMetrics | None = None,
+                 retrieve_fn: Callable[[dict[str, str]], Awaitable[list[str]]] | None = None):
+        self.config = config
+        self.clock, self.rng = clock, rng
+        self.cloud = cloud or CloudScorer(config.triton_url)
+        self.edge = edge or EdgeScorer(config.edge_threads)
+        self.metrics = metrics or RouterMetrics()
+        self.settings = RouteSettings(config.edge_latency_ms, config.margin_ms, config.max_inflight)
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s, clock)
+        self.estimate = LatencyEstimate()
+        self.cache = TTLCache(config.cache_size, config.cache_ttl_s, clock)
+        self.policy = PolicyWatcher(config.policy_file, clock=clock)
+        self.inflight = 0
+        self.models: dict[str, _Model] = {}
+        for name, route in config.models.items():
+            catalog = ItemIndex(route.catalog)
+            self.models[name] = _Model(route, catalog, context_encoder(route.preprocessing, catalog.layout))
+            for r in route.rankers:
+                self.edge.load(r.edge_model)
+        self.retrieve_fn = retrieve_fn
+        self.retriever = Retriever(config.retriever, config.edge_threads) if config.retriever and not retrieve_fn else None
+        self._shadow_tasks: set[asyncio.Task] = set()
+
+    # -- the request path -------------------------------------------------------------------------
+    async def rank(self, request: RankRequest, budget_ms: float | None = None) -> RankResponse:
+        start = self.clock()
+        budget_ms = budget_ms if budget_ms is not None else self.config.default_budget_ms
+        name = request.model or self.config.default_model
+        try:
+            response = await self._rank(request, name, start, budget_ms)
+        except RankError as e:
+            self.metrics.requests.labels(name, "none", "", e.code).inc()
+            raise
+        self.metrics.requests.labels(name, response.served_by, response.version, "OK").inc()
+        self.metrics.latency.labels(name, response.served_by, response.version).observe(self.clock() - start)
+        return response
+
+    async def _rank(self, req: RankRequest, name: str, start: float, budget_ms: float | None) -> RankResponse:
+        model = self.models.get(name)
+        if model is None:
+            raise RankError("NOT_FOUND", f"unknown model {name!r}; this router serves {sorted(self.models)}")
+        if len(req.candidate_item_ids) > self.config.max_candidates:
+            raise RankError("INVALID_ARGUMENT", f"{len(req.candidate_item_ids)} candidates is more than the "
+                            f"{self.config.max_candidates} allowed; send fewer or raise max_candidates")
+        if req.top_k < 0:
+            raise RankError("INVALID_ARGUMENT", "top_k must be >= 0 (0 returns every candidate)")
+        if budget_ms is not None and budget_ms <= 0:
+            raise RankError("DEADLINE_EXCEEDED", "the request's deadline had already passed when it arrived")
+        key = (name, tuple(sorted(req.user.items())), req.query, tuple(req.candidate_item_ids), req.top_k,
+               tuple(sorted(req.numeric.items())))
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.metrics.cache_hits.inc()
+            out = RankResponse()
+            out.CopyFrom(cached)
+            out.request_id, out.served_by, out.reason = req.request_id, "cache", "cache hit"
+            return out
+        items = list(req.candidate_item_ids) or await self._retrieve(req)
+        sparse, dense = self._rows(model, req, items)
+        remaining = None if budget_ms is None else budget_ms - (self.clock() - start) * 1e3
+        decision = decide(remaining, self.estimate.estimate_ms, self.breaker.allow(), self.inflight, self.settings)
+        self.metrics.circuit_open.set(1 if self.breaker.state == CircuitBreaker.OPEN else 0)
+        if decision.route == "reject":
+            raise RankError("DEADLINE_EXCEEDED", "the deadline passed before ranking could start")
+        primary = model.route.rankers[0].triton_model
+        version, served, reason = "", "edge", decision.reason
+        scores = None
+        if decision.route == "cloud":
+            version = choose_version(self.policy.current(), primary, self.rng())
+            parts = await self._cloud(model, name, version, sparse, dense, decision.cloud_timeout_ms / 1e3)
+            if parts is None:
+                reason = "cloud failed: answered from edge"
+            else:
+                served = "cloud"
+                scores = sum(r.weight * p for r, p in zip(model.route.rankers, parts))
+        if scores is None:
+            scores = sum(r.weight * self.edge.score(r.edge_model, sparse, dense) for r in model.route.rankers)
+            version = "edge"
+        best = top_k(scores, req.top_k or len(items))
+        response = RankResponse(request_id=req.request_id, items=[items[i] for i in best],
+                                scores=[float(scores[i]) for i in best], served_by=served, model=name,
+                                version=version, reason=reason)
+        self.metrics.policy_reloads.set(self.policy.reloads)
+        if served == "cloud":
+            self.cache.put(key, response)
+            self._maybe_shadow(name, primary, version, sparse, dense, parts[0], len(best))
+        return response
+
+    # -- pieces ------------------------------------------------------------------------------------
+    async def _retrieve(self, req: RankRequest) -> list[str]:
+        if self.retrieve_fn is not None:
+            return list(await self.retrieve_fn(dict(req.user)))
+        if self.retriever is None:
+            raise RankError("INVALID_ARGUMENT", "candidate_item_ids is empty and this router has no retriever: "
+                            "send candidates, or configure `retriever`")
+        return self.retriever.candidates(dict(req.user))
+
+    def _rows(self, model: _Model, req: RankRequest, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        values = dict(req.user)
+        if req.query:
+            values.setdefault("query_id", req.query)
+            values.setdefault("query", req.query)
+        enc = model.context
+        raw_sparse = np.array([[values.get(n, "") for n in enc.sparse_names]], dtype=object)
+        raw_dense = np.array([[req.numeric.get(t.name, np.nan) for t in enc.transforms]], dtype=np.float64)
+        ctx_sparse, ctx_dense = enc.encode(raw_sparse, raw_dense)
+        rows = model.catalog.rows_for(items)
+        return model.catalog.ranker_rows(rows, ctx_sparse, ctx_dense)
+
+    async def _cloud(self, model: _Model, name: str, version: str, sparse, dense, timeout_s: float):
+        """Each ranker's cloud scores, or None after a failure (recorded by the breaker and metrics)."""
+        self.inflight += 1
+        t0 = self.clock()
+        try:
+            parts = await asyncio.gather(*(
+                self.cloud.score(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
+                for i, r in enumerate(model.route.rankers)))
+        except CloudError as e:
+            self.breaker.record_failure()
+            self.metrics.cloud_failures.labels(name, version, e.kind).inc()
+            log.info("cloud call failed (%s): %s", e.kind, e)
+            return None
+        finally:
+            self.inflight -= 1
+        took = self.clock() - t0
+        self.breaker.record_success()
+        self.estimate.observe(took * 1e3)
+        self.metrics.cloud_latency.labels(name, version).observe(took)
+        return parts
+
+    def _maybe_shadow(self, name: str, triton_model: str, served_version: str, sparse, dense, scores, k: int) -> None:
+        target = shadow_version(self.policy.current(), triton_model, served_version, self.rng())
+        if target is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._shadow(name, triton_model, target, sparse, dense, scores, k))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, name: str, triton_model: str, version: str, sparse, dense, served, k: int) -> None:
+        self.metrics.shadow_requests.labels(name, version).inc()
+        try:
+            shadow = await self.cloud.score(triton_model, version, sparse, dense, 1.0)
+        except CloudError:
+            self.metrics.shadow_failures.labels(name, version).inc()
+            return
+        a, b = set(top_k(served, k).tolist()), set(top_k(shadow, k).tolist())
+        self.metrics.shadow_overlap.labels(name, version).observe(len(a & b) / max(1, k))
+        self.metrics.shadow_drift.labels(name, version).observe(float(np.mean(np.abs(shadow - served))))
+
+    async def close(self) -> None:
+        for t in list(self._shadow_tasks):
+            t.cancel()
+        await self.cloud.close()

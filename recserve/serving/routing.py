@@ -1,0 +1,98 @@
+"""Edge or cloud, per request: pure decisions over the deadline, a latency estimate, a circuit breaker
+and in-flight load. Time comes from an injected clock, so tests drive it by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class RouteSettings:
+    """How the router trades the cloud's quality against the deadline."""
+
+    edge_latency_ms: float = 2.0
+    """What answering from the edge model costs; kept in reserve so a failed cloud call can still fall back."""
+    margin_ms: float = 1.0
+    """Slack for serialization and scheduling on top of the estimates."""
+    max_inflight: int = 256
+    """Cloud calls in flight above which new requests go to the edge."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    route: str
+    """``cloud``, ``edge`` or ``reject`` (the deadline has already passed)."""
+    reason: str
+    cloud_timeout_ms: float = 0.0
+    """With ``cloud``: how long to wait for it before falling back to the edge."""
+
+
+def decide(budget_ms: float | None, cloud_estimate_ms: float, cloud_allowed: bool, inflight: int,
+           settings: RouteSettings) -> Decision:
+    """Where to send a request with ``budget_ms`` left (None: no deadline)."""
+    if budget_ms is not None and budget_ms <= 0:
+        return Decision("reject", "deadline already passed")
+    if not cloud_allowed:
+        return Decision("edge", "circuit open")
+    if inflight >= settings.max_inflight:
+        return Decision("edge", "cloud saturated")
+    if budget_ms is None:
+        return Decision("cloud", "no deadline", 10_000.0)
+    reserve = settings.edge_latency_ms + settings.margin_ms
+    if cloud_estimate_ms + reserve > budget_ms:
+        return Decision("edge", "deadline")
+    return Decision("cloud", "within budget", budget_ms - reserve)
+
+
+class LatencyEstimate:
+    """Exponentially weighted mean and mean absolute deviation of cloud latency; estimate = mean + k * dev."""
+
+    def __init__(self, alpha: float = 0.1, k: float = 2.0, initial_ms: float = 5.0):
+        self.alpha, self.k = alpha, k
+        self.mean = initial_ms
+        self.dev = initial_ms / 2
+
+    def observe(self, ms: float) -> None:
+        self.dev += self.alpha * (abs(ms - self.mean) - self.dev)
+        self.mean += self.alpha * (ms - self.mean)
+
+    @property
+    def estimate_ms(self) -> float:
+        return self.mean + self.k * self.dev
+
+
+class CircuitBreaker:
+    """Closed -> open after ``failure_threshold`` consecutive failures or timeouts; after ``cooldown_s``
+    half-open lets one probe through: success closes it, failure opens it again."""
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(self, failure_threshold: int = 5, cooldown_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.state = self.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self._probing = False
+
+    def allow(self) -> bool:
+        if self.state == self.OPEN and self.clock() - self.opened_at >= self.cooldown_s:
+            self.state, self._probing = self.HALF_OPEN, False
+        if self.state == self.CLOSED:
+            return True
+        if self.state == self.HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self.state, self.failures, self._probing = self.CLOSED, 0, False
+
+    def record_failure(self) -> None:
+        self.failures += 1
+        if self.state == self.HALF_OPEN or self.failures >= self.failure_threshold:
+            self.state, self.opened_at, self._probing = self.OPEN, self.clock(), False
