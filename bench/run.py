@@ -12,10 +12,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from bench import compression, triton
+from bench import compression, router, triton
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {"compression": compression, "triton": triton}
+BENCHMARKS = {"compression": compression, "triton": triton, "router": router}
 """In order: later benchmarks reuse what earlier ones built in the shared work directory."""
 
 

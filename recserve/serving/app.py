@@ -104,8 +104,14 @@ def build_app(config: RouterConfig, policy: RoutingPolicy | None = None):
 
 def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus: int = 2) -> None:
     """Start Ray (locally, if not connected), Serve's HTTP and gRPC proxies, and the application."""
+    import os
+
     import ray
 
+    # Ray Serve's latency knobs: user code on the replica's own loop, buffered access logs, and
+    # gRPC between proxy and replicas. Read by the Serve processes that ray.init starts.
+    for key in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_USE_GRPC"):
+        os.environ.setdefault(key, "1")
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": config.http_port},

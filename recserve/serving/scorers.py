@@ -35,39 +35,47 @@ class EdgeScorer:
 
 
 class CloudScorer:
-    """Async Triton client (KServe v2 gRPC); created lazily inside the serving event loop."""
+    """Async KServe v2 gRPC calls to Triton with request messages built directly (no per-call wrappers):
+    the router's own cost per request stays small. The channel is created lazily in the serving loop."""
 
     def __init__(self, url: str):
         self.url = url
-        self._client = None
+        self._channel = None
+        self._stub = None
 
     def _get(self):
-        if self._client is None:
-            import tritonclient.grpc.aio as aioclient
+        if self._stub is None:
+            import grpc
+            from tritonclient.grpc import service_pb2_grpc
 
-            self._client = aioclient.InferenceServerClient(self.url)
-        return self._client
+            self._channel = grpc.aio.insecure_channel(self.url)
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
 
     async def score(self, model: str, version: str, sparse: np.ndarray, dense: np.ndarray, timeout_s: float) -> np.ndarray:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
+        import grpc
+        from tritonclient.grpc import service_pb2
 
-        a = grpcclient.InferInput("sparse", list(sparse.shape), "INT64")
-        a.set_data_from_numpy(sparse)
-        b = grpcclient.InferInput("dense", list(dense.shape), "FP32")
-        b.set_data_from_numpy(dense)
+        req = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+        req.inputs.add(name="sparse", datatype="INT64", shape=sparse.shape)
+        req.inputs.add(name="dense", datatype="FP32", shape=dense.shape)
+        req.raw_input_contents.extend([np.ascontiguousarray(sparse, np.int64).tobytes(),
+                                       np.ascontiguousarray(dense, np.float32).tobytes()])
         try:
-            result = await asyncio.wait_for(
-                self._get().infer(model, [a, b], model_version=version, client_timeout=timeout_s), timeout_s)
+            resp = await self._get().ModelInfer(req, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            kind = ("timeout" if code == grpc.StatusCode.DEADLINE_EXCEEDED
+                    else "unavailable" if code == grpc.StatusCode.UNAVAILABLE else "error")
+            raise CloudError(kind, f"{model} v{version or '-'}: {e.details()}") from e
         except asyncio.TimeoutError as e:
             raise CloudError("timeout", f"{model} v{version or '-'}: no answer in {timeout_s * 1e3:.1f} ms") from e
-        except InferenceServerException as e:
-            status = str(e.status() or "")
-            kind = "timeout" if "DEADLINE" in status else "unavailable" if "UNAVAILABLE" in status else "error"
-            raise CloudError(kind, f"{model} v{version or '-'}: {e.message()}") from e
-        return result.as_numpy("score").ravel()
+        for out, raw in zip(resp.outputs, resp.raw_output_contents):
+            if out.name == "score":
+                return np.frombuffer(raw, dtype=np.float32).copy()
+        raise CloudError("error", f"{model}: the response has no 'score' output")
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None

@@ -13,7 +13,7 @@ from triton_fixtures import TrainedModels, ort_run, start_triton
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
 from recserve.data.schema import Dataset
-from recserve.errors import ConfigError, InferenceError
+from recserve.errors import ConfigError, InferenceError, ServerError
 from recserve.triton.client import TritonClient
 from recserve.triton.retrieval import build_retrieval
 
@@ -100,7 +100,7 @@ def test_add_a_version_load_both_by_config_override_then_unload(client: TritonCl
 
 @pytest.mark.xfail(reason="BUG: TritonClient maps every gRPC UNAVAILABLE to ServerError('Triton ... is unreachable'), "
                           "but Triton answers UNAVAILABLE for a model version that is not ready (unloaded or loading)",
-                   strict=True)
+                   raises=ServerError, strict=True)
 def test_a_request_for_an_unloaded_version_is_an_inference_error(client: TritonClient, repo: Path,
                                                                  triton_models: TrainedModels, feed) -> None:
     if not (repo / "ranker" / "2").exists():

@@ -6,7 +6,9 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +83,9 @@ def _stop(proc: subprocess.Popen, grpc: int) -> None:
     kill_tritonservers(grpc)
 
 
-def test_serve_becomes_ready_answers_infer_and_stops_on_sigint(ranker_repo: Path, ranker_data: Dataset) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_becomes_ready_answers_infer_and_stops_on_a_signal(ranker_repo: Path, ranker_data: Dataset,
+                                                                 stop_signal: int) -> None:
     proc, grpc, http = _serve(ranker_repo)
     try:
         deadline = time.monotonic() + 90
@@ -108,7 +112,7 @@ def test_serve_becomes_ready_answers_infer_and_stops_on_sigint(ranker_repo: Path
         np.testing.assert_allclose(parse_printed(done.stdout, "score"), want, rtol=1e-5, atol=1e-6)
 
         started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, (out, err)
         assert time.monotonic() - started < 20
@@ -121,7 +125,8 @@ def test_serve_becomes_ready_answers_infer_and_stops_on_sigint(ranker_repo: Path
 
 @pytest.mark.xfail(reason="BUG: Ctrl-C while tritonserver is still loading models leaves it running: "
                           "EmbeddedTriton.start() stops the child only on ServerError, not on KeyboardInterrupt "
-                          "(the child is in its own session, so it never sees the SIGINT)", strict=True)
+                          "(the child is in its own session, so it never sees the SIGINT)",
+                   raises=AssertionError, strict=True)
 def test_sigint_during_startup_does_not_leave_tritonserver_running(tmp_path: Path) -> None:
     (tmp_path / "slow" / "1").mkdir(parents=True)
     (tmp_path / "slow" / "config.pbtxt").write_text(SLOW_MODEL_CONFIG)
@@ -130,10 +135,12 @@ def test_sigint_during_startup_does_not_leave_tritonserver_running(tmp_path: Pat
     try:
         deadline = time.monotonic() + 30
         while not tritonserver_pids(grpc):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            if proc.poll() is not None or time.monotonic() > deadline:  # not the bug: fail, do not xfail
+                pytest.fail(f"recserve serve did not start tritonserver: {proc.communicate(timeout=30)}")
             time.sleep(0.1)
         time.sleep(1.0)  # tritonserver is loading 'slow' (8 s in initialize)
-        assert not http_ready(http)
+        if http_ready(http):
+            pytest.fail("tritonserver was ready already: the signal would not arrive during startup")
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
         time.sleep(0.5)
@@ -173,11 +180,43 @@ def test_broken_model_config_is_a_server_error_with_the_log_tail(broken_start) -
 
 @pytest.mark.xfail(reason="BUG: the ServerError's log tail (last 15 lines) is Triton's shutdown chatter and "
                           "settings table; the line naming the broken model and why it failed is cut off",
-                   strict=True)
+                   raises=AssertionError, strict=True)
 def test_broken_model_config_error_names_the_broken_model(broken_start) -> None:
     error, *_ = broken_start
     assert "broken" in str(error)
     assert "config.pbtxt" in str(error)
+
+
+@pytest.mark.xfail(reason="BUG: EmbeddedTriton.start() polls /v2/health/ready on its HTTP port without checking the "
+                          "port was free: another server answering there makes start() return 'ready' while its own "
+                          "tritonserver exits ('Socket ... already in use')",
+                   raises=AssertionError, strict=True)
+def test_start_refuses_an_http_port_another_server_answers_on(ranker_repo: Path) -> None:
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    s = settings(ranker_repo)
+    s.http_port = other.server_address[1]
+    server = EmbeddedTriton(s)
+    try:
+        try:
+            server.start()
+            started = True
+        except ServerError:
+            started = False
+        assert not started, "start() said ready: the ready answer came from the other server on the HTTP port"
+    finally:
+        server.stop()
+        other.shutdown()
+        other.server_close()
+        kill_tritonservers(s.grpc_port)
 
 
 def test_missing_repository_is_a_server_error(tmp_path: Path) -> None:

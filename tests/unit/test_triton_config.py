@@ -178,6 +178,14 @@ def test_graph_io_types_and_dims(ranker_graph) -> None:
     assert outputs == [TensorSpec("score", mc.TYPE_FP32, (-1, 1))]
 
 
+def test_graph_io_refuses_types_triton_configs_do_not_map() -> None:
+    text = helper.make_tensor_value_info("query", TensorProto.STRING, ["batch", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.STRING, ["batch", 1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["query"], ["y"])], "g", [text], [y]))
+    with pytest.raises(ModelError, match="'query'"):
+        graph_io(model)
+
+
 # --- pbtxt ----------------------------------------------------------------------------------------------------------
 
 
@@ -221,10 +229,17 @@ def test_profile_rejects_bad_values(bad: dict) -> None:
 
 
 @pytest.mark.xfail(reason="BUG: BuildProfile accepts warmup_batch_sizes above max_batch_size; Triton then refuses to "
-                          "load the model ('failed to load all models')", strict=True)
+                          "load the model ('failed to load all models')",
+                   raises=AssertionError, strict=True)
 def test_profile_warmup_batch_sizes_must_fit_max_batch_size() -> None:
-    with pytest.raises(ValidationError):
+    try:
         BuildProfile(max_batch_size=8, warmup_batch_sizes=[16])
+        accepted = True
+    except ValidationError as e:
+        accepted = False
+        assert "warmup_batch_sizes" in str(e)
+    assert not accepted, "a warmup batch of 16 with max_batch_size 8 was accepted"
+    assert BuildProfile(max_batch_size=0, warmup_batch_sizes=[16]).warmup_batch_sizes == [16]  # unbatched: ignored
 
 
 def test_load_profile_yaml_with_overrides(tmp_path: Path) -> None:

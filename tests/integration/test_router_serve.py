@@ -1,0 +1,317 @@
+"""The router end to end: real Ray Serve (gRPC proxy + HTTP) in front of the real embedded Triton.
+
+One Triton and one Ray/Serve start for the whole module (Ray alone takes ~8 s on 2 cores). Requests get a fresh
+user id each (``stack.request()``), so the router's result cache does not answer unless a test means it to.
+The test that stops Triton runs last and starts it again on the same ports.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import router_fixtures
+from google.protobuf import json_format
+from router_fixtures import CANDIDATES, RouterStack, policy, start_stack, stop_stack, wait_until
+
+from recserve.serving import app
+from recserve.serving.client import BUDGET_HEADER, RouterClient
+from recserve.serving.policy import write_policy
+from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
+from recserve.serving.router import Router
+from recserve.serving.scorers import CloudError
+
+pytestmark = pytest.mark.slow
+
+router_repo = router_fixtures.router_repo
+
+
+@pytest.fixture(scope="module")
+def stack(router_repo) -> RouterStack:
+    write_policy(policy({"1": 100, "2": 0}), router_repo.policy_file)
+    s = start_stack(router_repo)
+    yield s
+    stop_stack(s)
+
+
+@pytest.fixture(scope="module")
+def client(stack: RouterStack) -> RouterClient:
+    with RouterClient(stack.grpc_target) as c:
+        yield c
+
+
+def rank(client: RouterClient, req: RankRequest, timeout_s: float = 5.0) -> RankResponse:
+    return client.rank(req, timeout_s=timeout_s)
+
+
+def serving(client: RouterClient, stack: RouterStack, *, version: str | None = None, timeout: float = 15.0,
+            **req) -> RankResponse:
+    """Poll until a fresh request is served by the cloud (and by ``version``); returns that response."""
+    def ok():
+        r = rank(client, stack.request(**req))
+        return r if r.served_by == "cloud" and (version is None or r.version == version) else None
+
+    return wait_until(ok, timeout, 0.05, f"a cloud answer from version {version}")
+
+
+class FailingCloud:
+    async def score(self, *a, **k):
+        raise CloudError("unavailable", "offline reference")
+
+    async def close(self):
+        pass
+
+
+def local_edge_answer(stack: RouterStack, req: RankRequest) -> RankResponse:
+    """What the router core, in this process and without Triton, answers from the edge model (the ranker served as
+    version 1): the reference the cloud's version-1 answer must equal."""
+    import asyncio
+
+    cfg = stack.config.model_copy(update={"policy_file": None, "retriever": None, "cache_ttl_s": 0})
+    router = Router(cfg, cloud=FailingCloud())
+    out = asyncio.run(router.rank(req, None))
+    assert out.served_by == "edge"
+    return out
+
+
+def assert_same_ranking(got: RankResponse | dict, want: RankResponse) -> None:
+    items = list(got["items"] if isinstance(got, dict) else got.items)
+    scores = np.array(got["scores"] if isinstance(got, dict) else got.scores, dtype=np.float64)
+    assert items == list(want.items)
+    np.testing.assert_allclose(scores, np.array(want.scores), rtol=1e-4, atol=1e-6)
+
+
+# --- the happy path -------------------------------------------------------------------------------------------------
+
+
+def test_rank_is_served_by_the_cloud_and_http_agrees(stack: RouterStack, client: RouterClient) -> None:
+    serving(client, stack, version="1")
+    a = stack.request(top_k=5)
+    got = rank(client, a)
+    assert (got.served_by, got.model, got.version, got.request_id) == ("cloud", "ranker", "1", a.request_id)
+    assert len(got.items) == 5 and set(got.items) <= set(CANDIDATES)
+    assert list(got.scores) == sorted(got.scores, reverse=True)
+    # Triton's version 1 is the ranker the edge runs: the same items and scores
+    assert_same_ranking(got, local_edge_answer(stack, a))
+
+    # HTTP JSON, a fresh request: served by the cloud, the same as the local reference
+    b = stack.request(top_k=4)
+    status, body = stack.http("/v1/rank", json_format.MessageToJson(b).encode())
+    assert status == 200, body
+    doc = json.loads(body)
+    assert (doc["served_by"], doc["version"], doc["request_id"]) == ("cloud", "1", b.request_id)
+    assert_same_ranking(doc, local_edge_answer(stack, b))
+
+    # HTTP with the content of the gRPC request: the same items (from the router's cache)
+    a_http = RankRequest()
+    a_http.CopyFrom(a)
+    a_http.request_id = "over-http"
+    status, body = stack.http("/v1/rank", json_format.MessageToJson(a_http).encode())
+    assert status == 200, body
+    doc = json.loads(body)
+    assert doc["items"] == list(got.items)
+    assert (doc["served_by"], doc["request_id"]) == ("cache", "over-http")
+
+    text = stack.metrics()
+    assert "recserve_router_requests_total" in text
+    assert stack.metric("recserve_router_requests_total", model="ranker", route="cloud", version="1", code="OK") >= 2
+    assert stack.metric("recserve_router_cache_hits_total") >= 1
+    assert stack.http("/healthz") == (200, b"ok")
+
+
+def test_requests_without_candidates_use_the_retriever(stack: RouterStack, client: RouterClient) -> None:
+    from recserve.serving.router import Retriever
+
+    catalog = stack.repo.catalog_items()
+    reference = Retriever(stack.config.retriever)
+    for user in ("17", "250", "3"):
+        req = stack.request(candidates=[], top_k=0, user={"user_id": user})
+        got = rank(client, req)
+        assert got.served_by == "cloud"
+        assert len(got.items) == stack.config.retriever.candidates == len(set(got.items))
+        assert set(got.items) <= catalog
+        # exactly the candidates the retriever finds for this user (the Retriever deployment did the work)
+        assert set(got.items) == set(reference.candidates({"user_id": user}))
+        top = rank(client, stack.request(candidates=[], top_k=3, user={"user_id": user}))
+        assert len(top.items) == 3 and set(top.items) <= set(got.items)
+
+
+# --- routing policy: weights and shadow ------------------------------------------------------------------------------
+
+
+def test_weight_change_in_the_policy_file_reaches_the_traffic_split(stack: RouterStack, client: RouterClient) -> None:
+    write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
+    serving(client, stack, version="1")
+    for _ in range(5):
+        assert rank(client, stack.request()).version == "1"
+
+    write_policy(policy({"1": 0, "2": 100}), stack.repo.policy_file)
+    first = serving(client, stack, version="2")  # the router re-reads the file within ~1 s
+    assert first.served_by == "cloud"
+    v1, v2 = stack.triton_inferences("1"), stack.triton_inferences("2")
+    n = 10
+    for _ in range(n):
+        r = rank(client, stack.request())
+        assert (r.served_by, r.version) == ("cloud", "2")
+    # Triton's own statistics: version 2 ran them, version 1 nothing
+    wait_until(lambda: stack.triton_inferences("2") >= v2 + n, 10, what="version 2 counting the requests")
+    assert stack.triton_inferences("1") == v1
+    assert stack.metric("recserve_router_policy_reloads") >= 2
+    assert stack.metric("recserve_router_requests_total", route="cloud", version="2") >= n + 1
+
+
+def test_weight_change_through_user_config_reaches_the_traffic_split(stack: RouterStack,
+                                                                     client: RouterClient) -> None:
+    write_policy(policy({"1": 0, "2": 100}), stack.repo.policy_file)
+    serving(client, stack, version="2")
+    app.update_policy(policy({"1": 100, "2": 0}), stack.config)
+    serving(client, stack, version="1", timeout=30)
+    for _ in range(5):
+        assert rank(client, stack.request()).version == "1"
+    app.update_policy(policy({"1": 0, "2": 100}), stack.config)
+    serving(client, stack, version="2", timeout=30)
+    for _ in range(5):
+        assert rank(client, stack.request()).version == "2"
+
+
+def test_shadow_traffic_shows_in_the_metrics(stack: RouterStack, client: RouterClient) -> None:
+    write_policy(policy({"1": 100, "2": 0}, shadow_percent=100, shadow_version="2"), stack.repo.policy_file)
+    serving(client, stack, version="1")
+    v2 = stack.triton_inferences("2")
+
+    def overlap_count() -> float:
+        r = rank(client, stack.request())
+        assert (r.served_by, r.version) == ("cloud", "1"), "shadow traffic must not change what is served"
+        return stack.metric("recserve_router_shadow_overlap_count", model="ranker", version="2")
+
+    assert wait_until(overlap_count, 15, 0.1, "a shadow overlap sample") > 0
+    assert stack.metric("recserve_router_shadow_requests_total", model="ranker", version="2") > 0
+    assert stack.metric("recserve_router_shadow_score_drift_count", model="ranker", version="2") > 0
+    assert stack.metric("recserve_router_shadow_failures_total") == 0
+    assert stack.triton_inferences("2") > v2, "the shadow version was really asked"
+    write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_bad_input_gets_the_right_status_and_the_service_keeps_serving(stack: RouterStack,
+                                                                       client: RouterClient) -> None:
+    serving(client, stack)
+
+    def good() -> None:
+        r = rank(client, stack.request())
+        assert r.served_by in ("cloud", "edge") and len(r.items) == 5
+
+    too_many = [str(i) for i in range(stack.config.max_candidates + 1)]
+    grpc_cases = {
+        "unknown model": (lambda: rank(client, stack.request(model="nope")), grpc.StatusCode.NOT_FOUND),
+        "too many candidates": (lambda: rank(client, stack.request(candidates=too_many)),
+                                grpc.StatusCode.INVALID_ARGUMENT),
+        "negative top_k": (lambda: rank(client, stack.request(top_k=-1)), grpc.StatusCode.INVALID_ARGUMENT),
+        "budget -5": (lambda: client.stub.Rank(stack.request(), timeout=5, metadata=((BUDGET_HEADER, "-5"),)),
+                      grpc.StatusCode.DEADLINE_EXCEEDED),
+        "budget abc": (lambda: client.stub.Rank(stack.request(), timeout=5, metadata=((BUDGET_HEADER, "abc"),)),
+                       grpc.StatusCode.INVALID_ARGUMENT),
+    }
+    for name, (call, code) in grpc_cases.items():
+        assert _code(call) == code, name
+        good()
+
+    ok_body = json_format.MessageToJson(stack.request()).encode()
+    http_cases = {
+        "bad JSON": (b"{not json", {}, 400, "INVALID_ARGUMENT"),
+        "not a RankRequest": (b'{"no_such_field": 1}', {}, 400, "INVALID_ARGUMENT"),
+        "wrong type": (b'{"top_k": "many"}', {}, 400, "INVALID_ARGUMENT"),
+        "unknown model": (json_format.MessageToJson(stack.request(model="nope")).encode(), {}, 404, "NOT_FOUND"),
+        "budget abc": (ok_body, {BUDGET_HEADER: "abc"}, 400, "INVALID_ARGUMENT"),
+        "budget -5": (ok_body, {BUDGET_HEADER: "-5"}, 504, "DEADLINE_EXCEEDED"),
+    }
+    for name, (body, headers, status, code) in http_cases.items():
+        got_status, got_body = stack.http("/v1/rank", body, headers)
+        assert got_status == status, (name, got_body)
+        assert json.loads(got_body)["error"] == code, name
+        status, body = stack.http("/v1/rank", json_format.MessageToJson(stack.request()).encode())
+        assert status == 200 and len(json.loads(body)["items"]) == 5, name
+    assert stack.http("/v1/nothing-here")[0] == 404
+    assert stack.metric("recserve_router_requests_total", code="NOT_FOUND") >= 2
+    good()
+
+
+@pytest.mark.xfail(reason="BUG: app._budget accepts non-finite x-budget-ms ('nan', 'inf'): the request goes to the "
+                          "cloud with a NaN/inf timeout, the call fails at once and counts as a breaker failure, so a "
+                          "few such requests open the circuit for every client", strict=True)
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_budget_is_invalid_argument(stack: RouterStack, client: RouterClient, value: str) -> None:
+    serving(client, stack)
+    try:
+        code = _code(lambda: client.stub.Rank(stack.request(), timeout=5, metadata=((BUDGET_HEADER, value),)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        serving(client, stack)  # leave the breaker closed for the next tests
+
+
+# --- the cloud goes away (last: it stops Triton, then starts it again) ------------------------------------------
+
+
+def test_triton_stopped_mid_run_every_request_is_answered_in_time(stack: RouterStack, client: RouterClient) -> None:
+    from recserve.triton.server import EmbeddedTriton
+
+    serving(client, stack)
+    budget_s = 0.2
+    results: list[tuple[float, RankRequest, RankResponse | None, Exception | None]] = []
+    sent = [0]
+    done = threading.Event()
+
+    def loop() -> None:
+        with RouterClient(stack.grpc_target) as c:
+            while not done.is_set():
+                req = stack.request()
+                t0 = time.monotonic()
+                sent[0] += 1
+                try:
+                    results.append((t0, req, c.rank(req, timeout_s=budget_s), None))
+                except grpc.RpcError as e:  # DEADLINE_EXCEEDED if an answer came too late
+                    results.append((t0, req, None, e))
+
+    worker = threading.Thread(target=loop, daemon=True)
+    worker.start()
+    try:
+        wait_until(lambda: sum(1 for *_, r, e in results if r is not None and r.served_by == "cloud") >= 20, 30,
+                   what="20 cloud answers before the stop")
+        stack.triton.stop()  # returns once tritonserver has exited
+        stopped = time.monotonic()
+        wait_until(lambda: time.monotonic() - stopped > 2.5 and sum(1 for t0, *_ in results if t0 > stopped) >= 40,
+                   60, what="40 requests after the stop")
+    finally:
+        done.set()
+        worker.join(10)
+    assert not worker.is_alive()
+
+    errors = [(req.request_id, e.code(), e.details()) for _, req, _, e in results if e is not None]
+    assert errors == [], errors
+    assert len(results) == sent[0], "every request sent got an answer"
+    for _, req, r, _ in results:
+        assert r.request_id == req.request_id and len(r.items) == 5
+    after = [r for t0, _, r, _ in results if t0 > stopped]
+    assert {r.served_by for r in after} == {"edge"}
+    reasons = [r.reason for r in after]
+    assert set(reasons) <= {"cloud failed: answered from edge", "circuit open"}, set(reasons)
+    # the breaker kept the dead cloud out of the path: a few failures (then a probe per cooldown), the rest skipped
+    assert reasons.count("circuit open") > len(after) / 2, reasons
+    assert stack.metric("recserve_router_cloud_failures_total") >= stack.config.breaker_failures
+
+    # Triton comes back on the same ports: after a cooldown the probe succeeds and the cloud serves again
+    stack.triton = EmbeddedTriton(stack.triton.settings).start()
+    serving(client, stack, timeout=60)
+    assert stack.metric("recserve_router_circuit_open") == 0

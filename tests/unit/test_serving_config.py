@@ -1,0 +1,118 @@
+"""The router's YAML config: validation and paths relative to the config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recserve.errors import ConfigError
+from recserve.serving.config import RouterConfig, load_router_config
+
+
+def minimal(**over) -> dict:
+    cfg = {
+        "models": {"ranker": {"rankers": [{"triton_model": "ranker", "edge_model": "edge/model.onnx"}],
+                              "catalog": "catalog", "preprocessing": "ranker/preprocessing.json"}},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def write(tmp_path: Path, cfg, name: str = "conf/router.yaml") -> Path:
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    return p
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = minimal(
+        retriever={"user_tower": "../tower/model.onnx", "preprocessing": "tower/pre.json", "catalog": "index/1"},
+        policy_file="policy.json",
+    )
+    cfg["models"]["ranker"]["rankers"].append({"triton_model": "b", "edge_model": "/abs/b.onnx", "weight": 0.5})
+    path = write(tmp_path, cfg)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory must not matter
+    c = load_router_config(path)
+    base = (tmp_path / "conf").resolve()
+    m = c.models["ranker"]
+    assert m.catalog == base / "catalog"
+    assert m.preprocessing == base / "ranker" / "preprocessing.json"
+    assert m.rankers[0].edge_model == base / "edge" / "model.onnx"
+    assert m.rankers[1].edge_model == Path("/abs/b.onnx")  # absolute paths stay
+    assert c.retriever.user_tower == tmp_path.resolve() / "tower" / "model.onnx"
+    assert c.retriever.preprocessing == base / "tower" / "pre.json"
+    assert c.retriever.catalog == base / "index" / "1"
+    assert c.policy_file == base / "policy.json"
+    for p in (m.catalog, m.preprocessing, m.rankers[0].edge_model, c.retriever.user_tower, c.policy_file):
+        assert p.is_absolute()
+
+
+def test_relative_config_path_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, minimal())
+    monkeypatch.chdir(tmp_path)
+    c = load_router_config(Path("conf/router.yaml"))
+    assert c.models["ranker"].catalog == (tmp_path / "conf" / "catalog").resolve()
+
+
+def test_defaults() -> None:
+    c = RouterConfig.model_validate(minimal())
+    assert c.default_model == "ranker"
+    assert c.retriever is None and c.policy_file is None and c.default_budget_ms is None
+    assert c.models["ranker"].rankers[0].weight == 1.0
+
+
+def test_default_model_must_be_a_configured_model(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="default_model 'other' is not among models"):
+        load_router_config(write(tmp_path, minimal(default_model="other")))
+    c = load_router_config(write(tmp_path, minimal(default_model="ranker")))
+    assert c.default_model == "ranker"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("models: [", "not valid YAML"),
+    ("models:\n  ranker: {rankers: [}\n", "not valid YAML"),
+    ("key: value: other", "not valid YAML"),
+])
+def test_bad_yaml_is_a_config_error(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=needle) as info:
+        load_router_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda c: c.update(unknown_option=1), "unknown_option"),
+    (lambda c: c.update(max_candidates=0), "max_candidates"),
+    (lambda c: c.update(breaker_failures=0), "breaker_failures"),
+    (lambda c: c.update(default_budget_ms=0), "default_budget_ms"),
+    (lambda c: c.update(models={}), "models"),
+    (lambda c: c["models"]["ranker"].update(rankers=[]), "rankers"),
+    (lambda c: c["models"]["ranker"]["rankers"][0].update(weight=0), "weight"),
+    (lambda c: c["models"]["ranker"]["rankers"][0].pop("triton_model"), "triton_model"),
+    (lambda c: c["models"]["ranker"].pop("catalog"), "catalog"),
+    (lambda c: c["models"]["ranker"].update(extra=1), "extra"),
+    (lambda c: c.update(retriever={"user_tower": "t.onnx", "preprocessing": "p.json", "catalog": "c", "candidates": 0}),
+     "candidates"),
+    (lambda c: c.update(grpc_port="nine thousand"), "grpc_port"),
+])
+def test_bad_fields_are_config_errors(tmp_path: Path, mutate, needle: str) -> None:
+    cfg = minimal()
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=needle):
+        load_router_config(write(tmp_path, cfg))
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "just a string\n"])
+def test_empty_or_non_mapping_config_is_a_config_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError):
+        load_router_config(write(tmp_path, text))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read router config"):
+        load_router_config(tmp_path / "nope.yaml")

@@ -1,0 +1,717 @@
+"""The router's core (``recserve.serving.router.Router``) without Ray or Triton: fake cloud and edge scorers, a
+hand-moved clock and an injected random source, over a real tiny catalog and the preprocessing of a real tiny
+ranker (trained once per session, about a second)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from recserve.data.schema import load_preprocessing
+from recserve.serving.config import RouterConfig
+from recserve.serving.policy import RoutingPolicy, write_policy
+from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
+from recserve.serving.router import HTTP_STATUS, RankError, Router
+from recserve.serving.scorers import CloudError
+
+SPEC = "synthetic:6000,users=300,items=500"
+ITEM_COL, USER_COL, QUERY_COL = 1, 0, 2
+"""Columns of the synthetic ranker's sparse input: user_id, item_id, query_id, category, brand, price_bucket."""
+
+
+# --- fixtures: a real tiny ranker, its catalog, and (for the retriever test) a two-tower index ----------------------
+
+
+@dataclass(frozen=True)
+class Env:
+    ranker: Path
+    catalog: Path
+    preprocessing: Path
+    items: list[str]
+
+    def vocab(self, name: str):
+        return load_preprocessing(self.preprocessing)[0][name]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    from recserve.models.pipeline import train_model
+    from recserve.triton.retrieval import ItemIndex, build_catalog_dir
+
+    base = tmp_path_factory.mktemp("router-unit")
+    train_model(SPEC, "ranker", base / "ranker", epochs=1, embedding_dim=8, threads=1, seed=0)
+    build_catalog_dir(base / "ranker", None, base / "catalog")
+    items = [str(i) for i in ItemIndex(base / "catalog").item_ids]
+    return Env(base / "ranker", base / "catalog", base / "ranker" / "preprocessing.json", items)
+
+
+@pytest.fixture(scope="session")
+def retrieval_catalog(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with user_tower/1 and item_index/1 (a catalog with embeddings)."""
+    from recserve.models.pipeline import train_model
+    from recserve.triton.retrieval import build_retrieval
+
+    base = tmp_path_factory.mktemp("router-unit-retrieval")
+    train_model(SPEC, "two-tower", base / "tt", epochs=1, embedding_dim=8, threads=1, seed=0)
+    build_retrieval(base / "tt", env.ranker, None, base / "repo")
+    return base / "repo"
+
+
+def config(env: Env, *, rankers: list[dict] | None = None, **over) -> RouterConfig:
+    raw = {
+        "models": {"ranker": {
+            "rankers": rankers or [{"triton_model": "ranker", "edge_model": str(env.ranker / "model.onnx")}],
+            "catalog": str(env.catalog), "preprocessing": str(env.preprocessing)}},
+        "cache_ttl_s": 0, "breaker_failures": 3, "breaker_cooldown_s": 2.0,
+        "edge_latency_ms": 2.0, "margin_ms": 1.0,
+    }
+    raw.update(over)
+    return RouterConfig.model_validate(raw)
+
+
+# --- fakes -----------------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Rng:
+    def __init__(self, value: float = 0.5):
+        self.value = value
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.value
+
+
+@dataclass
+class Call:
+    model: str
+    version: str
+    sparse: np.ndarray
+    dense: np.ndarray
+    timeout_s: float
+
+
+def cloud_scores(model: str, version: str, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """Deterministic per model and version: 'ranker' v != 2 ranks by item id, v2 in reverse; others use price."""
+    item = sparse[:, ITEM_COL].astype(np.float32)
+    if model == "ranker":
+        return (item / 1000.0 if version != "2" else -item / 1000.0).astype(np.float32)
+    return (dense[:, 0] * 0.5 + item / 7.0).astype(np.float32)
+
+
+class FakeCloud:
+    """Matches CloudScorer: ``async score(model, version, sparse, dense, timeout_s)`` and ``async close()``."""
+
+    def __init__(self, clock: Clock | None = None, took_s: float = 0.0):
+        self.calls: list[Call] = []
+        self.fail: CloudError | None = None
+        self.fail_versions: set[str] = set()
+        self.clock, self.took_s = clock, took_s
+        self.gate: asyncio.Event | None = None
+        self.gate_versions: set[str] | None = None
+        """With a gate: the versions that wait for it (None: all)."""
+        self.closed = False
+
+    async def score(self, model, version, sparse, dense, timeout_s) -> np.ndarray:
+        self.calls.append(Call(model, version, sparse.copy(), dense.copy(), timeout_s))
+        if self.gate is not None and (self.gate_versions is None or version in self.gate_versions):
+            await self.gate.wait()
+        if self.clock is not None:
+            self.clock.t += self.took_s
+        if self.fail is not None or version in self.fail_versions:
+            raise self.fail or CloudError("error", f"version {version} failed")
+        return cloud_scores(model, version, sparse, dense)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def edge_scores(path: Path, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """The opposite order of the cloud's, so the ranking shows who answered."""
+    scale = 2.0 if "b" in Path(path).stem else 1.0
+    return (0.5 - scale * sparse[:, ITEM_COL].astype(np.float32) / 1000.0).astype(np.float32)
+
+
+class FakeEdge:
+    """Matches EdgeScorer: ``load(path)`` and ``score(path, sparse, dense)``."""
+
+    def __init__(self):
+        self.loaded: list[Path] = []
+        self.calls: list[tuple[Path, np.ndarray, np.ndarray]] = []
+
+    def load(self, path) -> None:
+        self.loaded.append(Path(path))
+
+    def score(self, path, sparse, dense) -> np.ndarray:
+        self.calls.append((Path(path), sparse.copy(), dense.copy()))
+        return edge_scores(path, sparse, dense)
+
+
+@dataclass
+class Rig:
+    router: Router
+    cloud: FakeCloud
+    edge: FakeEdge
+    clock: Clock
+    rng: Rng
+
+    def rank(self, request: RankRequest, budget_ms: float | None = None) -> RankResponse:
+        return asyncio.run(self.router.rank(request, budget_ms))
+
+    def metric(self, name: str, **labels) -> float | None:
+        return sample(self.router.metrics.exposition(), name, **labels)
+
+
+def rig(env: Env, *, cloud_took_s: float = 0.0, retrieve_fn=None, **over) -> Rig:
+    clock, rng = Clock(), Rng()
+    cloud, edge = FakeCloud(clock, cloud_took_s), FakeEdge()
+    router = Router(config(env, **over), cloud=cloud, edge=edge, clock=clock, rng=rng, retrieve_fn=retrieve_fn)
+    return Rig(router, cloud, edge, clock, rng)
+
+
+def sample(exposition: bytes, name: str, **labels) -> float | None:
+    for family in text_string_to_metric_families(exposition.decode()):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+CANDIDATES = ["151", "114", "49", "401", "69", "221"]
+
+
+def request(candidates=None, top_k: int = 3, **kw) -> RankRequest:
+    kw.setdefault("user", {"user_id": "17"})
+    kw.setdefault("query", "3")
+    return RankRequest(request_id=kw.pop("request_id", "r1"),
+                       candidate_item_ids=CANDIDATES if candidates is None else candidates, top_k=top_k, **kw)
+
+
+def expected_order(scores: np.ndarray, items: list[str], k: int) -> tuple[list[str], list[float]]:
+    order = np.argsort(-scores, kind="stable")[: (k or len(items))]
+    return [items[i] for i in order], [float(scores[i]) for i in order]
+
+
+# --- the cloud path ------------------------------------------------------------------------------------------------
+
+
+def test_cloud_answer_is_served_with_the_fakes_scores(env: Env) -> None:
+    r = rig(env)
+    resp = r.rank(request(request_id="abc"), budget_ms=100.0)
+    assert (resp.served_by, resp.model, resp.version, resp.reason) == ("cloud", "ranker", "", "within budget")
+    assert resp.request_id == "abc"
+    assert len(r.cloud.calls) == 1 and not r.edge.calls
+    call = r.cloud.calls[0]
+    assert call.model == "ranker"
+    assert call.timeout_s == pytest.approx((100.0 - 3.0) / 1e3)  # budget minus the edge reserve
+    fake = cloud_scores("ranker", "", call.sparse, call.dense)
+    items, scores = expected_order(fake, CANDIDATES, 3)
+    assert list(resp.items) == items
+    np.testing.assert_allclose(resp.scores, scores, rtol=1e-6)
+
+
+def test_rows_sent_to_the_scorer_are_the_catalog_rows_plus_the_request_context(env: Env) -> None:
+    r = rig(env)
+    r.rank(request(candidates=["151", "nope", "49"], user={"user_id": "17"}, query="3", top_k=0), budget_ms=None)
+    call = r.cloud.calls[0]
+    assert call.sparse.shape == (3, 6) and call.sparse.dtype == np.int64
+    assert call.dense.shape == (3, 3) and call.dense.dtype == np.float32
+    np.testing.assert_array_equal(call.sparse[:, ITEM_COL], env.vocab("item_id").lookup(["151", "nope", "49"]))
+    assert call.sparse[1, ITEM_COL] == 0  # unknown item: the OOV row
+    np.testing.assert_array_equal(call.sparse[1, [1, 3, 4, 5]], 0)
+    np.testing.assert_array_equal(call.sparse[:, USER_COL], env.vocab("user_id").lookup(["17"] * 3))
+    np.testing.assert_array_equal(call.sparse[:, QUERY_COL], env.vocab("query_id").lookup(["3"] * 3))
+    assert call.sparse[0, USER_COL] > 0 and call.sparse[0, QUERY_COL] > 0
+    # item-side columns of known items equal the catalog's
+    from recserve.triton.retrieval import ItemIndex
+
+    idx = ItemIndex(env.catalog)
+    rows = idx.rows_for(["151", "49"])
+    np.testing.assert_array_equal(call.sparse[[0, 2]][:, idx.layout.sparse_item], idx.item_sparse[rows])
+    np.testing.assert_allclose(call.dense[[0, 2]][:, idx.layout.dense_item], idx.item_dense[rows])
+
+
+def test_no_budget_goes_to_cloud(env: Env) -> None:
+    r = rig(env)
+    resp = r.rank(request(), budget_ms=None)
+    assert (resp.served_by, resp.reason) == ("cloud", "no deadline")
+
+
+def test_default_budget_applies_when_the_request_has_none(env: Env) -> None:
+    r = rig(env, default_budget_ms=5.0)  # below estimate (10) + reserve (3)
+    resp = r.rank(request(), budget_ms=None)
+    assert (resp.served_by, resp.reason) == ("edge", "deadline")
+    assert not r.cloud.calls
+
+
+# --- falling back to the edge ---------------------------------------------------------------------------------------
+
+
+def test_cloud_error_falls_back_to_edge_and_counts_a_failure(env: Env) -> None:
+    r = rig(env)
+    r.cloud.fail = CloudError("unavailable", "connection refused")
+    resp = r.rank(request(), budget_ms=100.0)
+    assert resp.served_by == "edge" and resp.version == "edge"
+    assert resp.reason == "cloud failed: answered from edge"
+    assert len(r.cloud.calls) == 1 and len(r.edge.calls) == 1
+    path, sparse, dense = r.edge.calls[0]
+    assert path == env.ranker / "model.onnx"
+    np.testing.assert_array_equal(sparse, r.cloud.calls[0].sparse)  # same rows as the cloud got
+    items, scores = expected_order(edge_scores(path, sparse, dense), CANDIDATES, 3)
+    assert list(resp.items) == items
+    np.testing.assert_allclose(resp.scores, scores, rtol=1e-6)
+    assert r.router.breaker.failures == 1
+    assert r.metric("recserve_router_cloud_failures_total", model="ranker", kind="unavailable") == 1.0
+    assert r.metric("recserve_router_requests_total", model="ranker", route="edge", version="edge", code="OK") == 1.0
+
+
+def test_breaker_opens_after_n_failures_and_skips_the_cloud(env: Env) -> None:
+    r = rig(env, breaker_failures=3, breaker_cooldown_s=2.0)
+    r.cloud.fail = CloudError("timeout", "slow")
+    for i in range(3):
+        resp = r.rank(request(request_id=f"f{i}"), budget_ms=100.0)
+        assert resp.served_by == "edge" and resp.reason.startswith("cloud failed")
+    assert len(r.cloud.calls) == 3
+    for i in range(5):
+        r.clock.t += 0.3
+        resp = r.rank(request(request_id=f"o{i}"), budget_ms=100.0)
+        assert (resp.served_by, resp.reason) == ("edge", "circuit open")
+    assert len(r.cloud.calls) == 3, "the cloud must not be called while the circuit is open"
+    assert r.metric("recserve_router_circuit_open") == 1.0
+
+    # after the cooldown one probe goes through; the cloud is back, so the circuit closes
+    r.cloud.fail = None
+    r.clock.t += 2.0
+    resp = r.rank(request(request_id="probe"), budget_ms=100.0)
+    assert resp.served_by == "cloud"
+    assert len(r.cloud.calls) == 4
+    resp = r.rank(request(request_id="after"), budget_ms=100.0)
+    assert resp.served_by == "cloud"
+    assert r.metric("recserve_router_circuit_open") == 0.0
+
+
+def test_failed_probe_keeps_the_circuit_open(env: Env) -> None:
+    r = rig(env, breaker_failures=1, breaker_cooldown_s=2.0)
+    r.cloud.fail = CloudError("unavailable", "down")
+    assert r.rank(request(), budget_ms=100.0).reason.startswith("cloud failed")
+    r.clock.t += 2.0
+    assert r.rank(request(), budget_ms=100.0).reason.startswith("cloud failed")  # the probe
+    assert r.rank(request(), budget_ms=100.0).reason == "circuit open"
+    assert len(r.cloud.calls) == 2
+
+
+@pytest.mark.xfail(reason="BUG: Router._rank calls breaker.allow() before decide() looks at the budget; in half-open "
+                          "allow() hands out the single probe even when the request then goes to the edge "
+                          "('deadline'/'cloud saturated'), so no probe result is ever recorded and the breaker stays "
+                          "half-open with _probing=True: every later request is 'circuit open' forever", strict=True)
+def test_half_open_probe_is_not_lost_to_a_request_that_goes_to_the_edge(env: Env) -> None:
+    r = rig(env, breaker_failures=1, breaker_cooldown_s=2.0)
+    r.cloud.fail = CloudError("unavailable", "down")
+    r.rank(request(), budget_ms=100.0)
+    r.cloud.fail = None  # the cloud recovers
+    r.clock.t += 2.0
+    tight = r.rank(request(request_id="tight"), budget_ms=5.0)  # too small for the cloud anyway
+    assert tight.served_by == "edge"
+    # a later request with room for the cloud must get to probe it (and close the breaker)
+    for i in range(3):
+        r.clock.t += 10.0
+        resp = r.rank(request(request_id=f"later{i}"), budget_ms=100.0)
+        if resp.served_by == "cloud":
+            break
+    assert resp.served_by == "cloud", f"stuck on the edge: {resp.reason!r}"
+
+
+def test_budget_too_small_for_the_cloud_goes_to_edge(env: Env) -> None:
+    r = rig(env)  # estimate starts at 10 ms, reserve 3 ms
+    resp = r.rank(request(), budget_ms=12.0)
+    assert (resp.served_by, resp.reason, resp.version) == ("edge", "deadline", "edge")
+    assert not r.cloud.calls
+    resp = r.rank(request(), budget_ms=13.5)
+    assert resp.served_by == "cloud"
+    assert r.cloud.calls[0].timeout_s == pytest.approx(10.5e-3)
+
+
+def test_time_already_spent_counts_against_the_budget(env: Env) -> None:
+    clock_holder: list[Clock] = []
+
+    async def slow_retrieve(user):
+        clock_holder[0].t += 0.010  # retrieval takes 10 ms of the budget
+        return CANDIDATES
+
+    r = rig(env, retrieve_fn=slow_retrieve)
+    clock_holder.append(r.clock)
+    resp = r.rank(request(candidates=[]), budget_ms=20.0)  # 10 left < 13 needed
+    assert (resp.served_by, resp.reason) == ("edge", "deadline")
+    resp = r.rank(request(candidates=[]), budget_ms=40.0)  # 30 left: cloud, with 30 - 3 ms to answer
+    assert resp.served_by == "cloud"
+    assert r.cloud.calls[-1].timeout_s == pytest.approx(27e-3)
+    with pytest.raises(RankError) as info:
+        r.rank(request(candidates=[]), budget_ms=8.0)  # passes during retrieval
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    assert "before ranking could start" in str(info.value)
+
+
+def test_latency_estimate_learns_from_cloud_calls(env: Env) -> None:
+    r = rig(env, cloud_took_s=0.040)  # every cloud call takes 40 ms (fake clock)
+    for i in range(40):
+        assert r.rank(request(request_id=str(i)), budget_ms=None).served_by == "cloud"
+    assert r.router.estimate.mean == pytest.approx(40.0, rel=0.05)
+    # a budget that the initial 10 ms estimate would have accepted now goes to the edge
+    resp = r.rank(request(), budget_ms=30.0)
+    assert (resp.served_by, resp.reason) == ("edge", "deadline")
+    assert r.metric("recserve_router_cloud_seconds_count", model="ranker", version="") == 40.0
+
+
+def test_saturated_cloud_sends_new_requests_to_the_edge(env: Env) -> None:
+    r = rig(env, max_inflight=1)
+
+    async def scenario():
+        r.cloud.gate = asyncio.Event()
+        first = asyncio.create_task(r.router.rank(request(request_id="slow"), None))
+        for _ in range(100):  # let the first request reach the cloud
+            if r.cloud.calls:
+                break
+            await asyncio.sleep(0)
+        assert r.router.inflight == 1
+        second = await r.router.rank(request(request_id="second"), None)
+        r.cloud.gate.set()
+        return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.served_by == "cloud"
+    assert (second.served_by, second.reason) == ("edge", "cloud saturated")
+    assert r.router.inflight == 0
+    assert len(r.cloud.calls) == 1
+
+
+def test_inflight_is_released_after_a_failure(env: Env) -> None:
+    r = rig(env, max_inflight=1)
+    r.cloud.fail = CloudError("error", "boom")
+    r.rank(request(), budget_ms=None)
+    assert r.router.inflight == 0
+    r.cloud.fail = None
+    assert r.rank(request(), budget_ms=None).served_by == "cloud"
+
+
+# --- refusals ------------------------------------------------------------------------------------------------------
+
+
+def refused(r: Rig, req: RankRequest, budget_ms: float | None = 100.0) -> RankError:
+    with pytest.raises(RankError) as info:
+        r.rank(req, budget_ms)
+    assert info.value.code in HTTP_STATUS
+    return info.value
+
+
+@pytest.mark.parametrize("budget", [0.0, -5.0])
+def test_passed_budget_is_deadline_exceeded(env: Env, budget: float) -> None:
+    r = rig(env)
+    e = refused(r, request(), budget)
+    assert e.code == "DEADLINE_EXCEEDED"
+    assert not r.cloud.calls and not r.edge.calls
+    assert r.metric("recserve_router_requests_total", model="ranker", code="DEADLINE_EXCEEDED") == 1.0
+
+
+def test_unknown_model_is_not_found(env: Env) -> None:
+    r = rig(env)
+    e = refused(r, request(model="nope"))
+    assert e.code == "NOT_FOUND" and "nope" in str(e) and "ranker" in str(e)
+    assert r.metric("recserve_router_requests_total", model="nope", code="NOT_FOUND") == 1.0
+
+
+def test_too_many_candidates_is_invalid_argument(env: Env) -> None:
+    r = rig(env, max_candidates=5)
+    e = refused(r, request(candidates=CANDIDATES[:6]))
+    assert e.code == "INVALID_ARGUMENT" and "6 candidates" in str(e)
+    assert not r.cloud.calls
+    assert r.rank(request(candidates=CANDIDATES[:5]), 100.0).served_by == "cloud"  # exactly the limit is fine
+
+
+def test_negative_top_k_is_invalid_argument(env: Env) -> None:
+    e = refused(rig(env), request(top_k=-1))
+    assert e.code == "INVALID_ARGUMENT" and "top_k" in str(e)
+
+
+def test_empty_candidates_without_a_retriever_is_invalid_argument(env: Env) -> None:
+    r = rig(env)
+    e = refused(r, request(candidates=[]))
+    assert e.code == "INVALID_ARGUMENT" and "retriever" in str(e)
+    assert not r.cloud.calls
+
+
+# --- candidates and top-k ------------------------------------------------------------------------------------------
+
+
+def test_retrieve_fn_supplies_candidates_when_none_are_given(env: Env) -> None:
+    seen: list[dict] = []
+    pool = env.items[:20]
+
+    async def retrieve(user):
+        seen.append(user)
+        return pool
+
+    r = rig(env, retrieve_fn=retrieve)
+    resp = r.rank(request(candidates=[], user={"user_id": "42"}, top_k=5), budget_ms=100.0)
+    assert seen == [{"user_id": "42"}]
+    assert resp.served_by == "cloud" and len(resp.items) == 5
+    assert set(resp.items) <= set(pool)
+    assert len(r.cloud.calls[0].sparse) == 20  # every retrieved item was scored
+    items, _ = expected_order(cloud_scores("ranker", "", r.cloud.calls[0].sparse, r.cloud.calls[0].dense), pool, 5)
+    assert list(resp.items) == items
+    # with candidates given the retriever is not asked
+    r.rank(request(), budget_ms=100.0)
+    assert len(seen) == 1
+
+
+def test_unknown_candidate_ids_are_still_ranked(env: Env) -> None:
+    r = rig(env)
+    resp = r.rank(request(candidates=["no-such-item", "151", "also-unknown"], top_k=0), budget_ms=100.0)
+    assert sorted(resp.items) == sorted(["no-such-item", "151", "also-unknown"])
+    assert len(resp.scores) == 3 and all(math.isfinite(s) for s in resp.scores)
+    resp = r.rank(request(candidates=["zzz"], top_k=1), budget_ms=100.0)
+    assert list(resp.items) == ["zzz"]
+
+
+@pytest.mark.parametrize("top_k, n", [(0, 6), (1, 1), (3, 3), (6, 6), (50, 6)])
+def test_top_k_returns_the_best_k_in_order(env: Env, top_k: int, n: int) -> None:
+    r = rig(env)
+    resp = r.rank(request(top_k=top_k), budget_ms=100.0)
+    assert len(resp.items) == n == len(resp.scores)
+    assert list(resp.scores) == sorted(resp.scores, reverse=True)
+    call = r.cloud.calls[0]
+    items, _ = expected_order(cloud_scores("ranker", "", call.sparse, call.dense), CANDIDATES, top_k)
+    assert list(resp.items) == items
+    assert len(set(resp.items)) == n
+
+
+# --- cache ---------------------------------------------------------------------------------------------------------
+
+
+def test_second_identical_request_is_a_cache_hit(env: Env) -> None:
+    r = rig(env, cache_ttl_s=5.0, cache_size=100)
+    first = r.rank(request(request_id="one"), budget_ms=100.0)
+    second = r.rank(request(request_id="two"), budget_ms=100.0)
+    assert first.served_by == "cloud"
+    assert (second.served_by, second.reason, second.request_id) == ("cache", "cache hit", "two")
+    assert list(second.items) == list(first.items) and list(second.scores) == list(first.scores)
+    assert first.request_id == "one" and first.served_by == "cloud"  # the first answer was not altered
+    assert len(r.cloud.calls) == 1
+    assert r.metric("recserve_router_cache_hits_total") == 1.0
+    # a different request (another top_k, user, query or candidate order) is not a hit
+    for other in (request(top_k=2), request(user={"user_id": "18"}), request(query="4"),
+                  request(candidates=list(reversed(CANDIDATES)))):
+        assert r.rank(other, budget_ms=100.0).served_by == "cloud"
+    # after the TTL it is asked again
+    r.clock.t += 5.0
+    assert r.rank(request(request_id="three"), budget_ms=100.0).served_by == "cloud"
+
+
+def test_edge_answers_are_not_cached(env: Env) -> None:
+    r = rig(env, cache_ttl_s=5.0, cache_size=100)
+    r.cloud.fail = CloudError("error", "x")
+    assert r.rank(request(), budget_ms=100.0).served_by == "edge"
+    r.cloud.fail = None
+    assert r.rank(request(), budget_ms=100.0).served_by == "cloud"
+
+
+# --- versions, shadow, blending ------------------------------------------------------------------------------------
+
+
+def test_version_is_chosen_by_the_policy_with_the_injected_rng(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate({"models": {"ranker": {"versions": {"1": 30, "2": 70}}}}))
+    for u, version in [(0.0, "1"), (0.29, "1"), (0.3, "2"), (0.99, "2")]:
+        r.rng.value = u
+        resp = r.rank(request(request_id=str(u)), budget_ms=100.0)
+        assert resp.served_by == "cloud" and resp.version == version
+        assert r.cloud.calls[-1].version == version
+        fake = cloud_scores("ranker", version, r.cloud.calls[-1].sparse, r.cloud.calls[-1].dense)
+        assert list(resp.items) == expected_order(fake, CANDIDATES, 3)[0]
+    assert r.metric("recserve_router_requests_total", model="ranker", route="cloud", version="2") == 2.0
+
+
+def test_policy_file_is_followed_after_it_changes(env: Env, tmp_path: Path) -> None:
+    f = tmp_path / "policy.json"
+    write_policy(RoutingPolicy.model_validate({"models": {"ranker": {"versions": {"1": 100, "2": 0}}}}), f)
+    r = rig(env, policy_file=str(f))
+    r.rng.value = 0.99
+    assert r.rank(request(), budget_ms=100.0).version == "1"
+    write_policy(RoutingPolicy.model_validate({"models": {"ranker": {"versions": {"1": 0, "2": 100}}}}), f)
+    r.rng.value = 0.0
+    assert r.rank(request(), budget_ms=100.0).version == "1"  # not re-read within the interval
+    r.clock.t += 1.0
+    assert r.rank(request(), budget_ms=100.0).version == "2"
+    assert r.metric("recserve_router_policy_reloads") == 2.0
+
+
+async def _drain(router: Router, until, steps: int = 200) -> None:
+    for _ in range(steps):
+        if until():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the shadow call did not finish")
+
+
+def test_shadow_traffic_is_mirrored_and_measured(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": 100}, "shadow_percent": 100, "shadow_version": "2"}}}))
+
+    async def one(top_k: int, shadows_done: float):
+        resp = await r.router.rank(request(top_k=top_k), 100.0)
+        await _drain(r.router, lambda: r.metric("recserve_router_shadow_overlap_count", model="ranker",
+                                                version="2") == shadows_done)
+        return resp
+
+    resp = asyncio.run(one(3, 1.0))
+    assert (resp.served_by, resp.version) == ("cloud", "1")
+    assert [c.version for c in r.cloud.calls] == ["1", "2"]
+    np.testing.assert_array_equal(r.cloud.calls[1].sparse, r.cloud.calls[0].sparse)  # the same rows mirrored
+    assert r.metric("recserve_router_shadow_requests_total", model="ranker", version="2") == 1.0
+    # v2 ranks in exactly the opposite order: top-3 of 6 candidates share nothing
+    assert r.metric("recserve_router_shadow_overlap_sum", model="ranker", version="2") == 0.0
+    served, shadow = (cloud_scores("ranker", v, r.cloud.calls[0].sparse, r.cloud.calls[0].dense) for v in ("1", "2"))
+    drift = float(np.mean(np.abs(shadow - served)))
+    assert r.metric("recserve_router_shadow_score_drift_sum", model="ranker", version="2") == pytest.approx(drift)
+    # the response is the served version's, not the shadow's
+    assert list(resp.items) == expected_order(served, CANDIDATES, 3)[0]
+
+    asyncio.run(one(0, 2.0))  # all candidates: full overlap
+    assert r.metric("recserve_router_shadow_overlap_sum", model="ranker", version="2") == 1.0
+
+
+def test_shadow_percent_zero_and_shadow_failures(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": 100}, "shadow_percent": 50, "shadow_version": "2"}}}))
+    r.rng.value = 0.7  # above 50 %: no shadow
+    asyncio.run(r.router.rank(request(), 100.0))
+    assert [c.version for c in r.cloud.calls] == ["1"]
+
+    r.rng.value = 0.1
+    r.cloud.fail_versions = {"2"}
+
+    async def go():
+        resp = await r.router.rank(request(), 100.0)
+        await _drain(r.router, lambda: r.metric("recserve_router_shadow_failures_total", model="ranker",
+                                                version="2") == 1.0)
+        return resp
+
+    resp = asyncio.run(go())
+    assert resp.served_by == "cloud"  # a failing shadow never affects the answer
+    assert [c.version for c in r.cloud.calls] == ["1", "1", "2"]
+    assert r.router.breaker.failures == 0, "shadow failures must not trip the breaker"
+    assert r.metric("recserve_router_shadow_overlap_count", model="ranker", version="2") in (None, 0.0)
+
+
+def test_edge_and_cache_answers_are_not_shadowed(env: Env) -> None:
+    r = rig(env, cache_ttl_s=5.0)
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": 100}, "shadow_percent": 100, "shadow_version": "2"}}}))
+    assert r.rank(request(), budget_ms=5.0).served_by == "edge"
+    assert not r.cloud.calls
+    r.cloud.fail = CloudError("error", "x")
+    assert r.rank(request(), budget_ms=100.0).served_by == "edge"
+    assert [c.version for c in r.cloud.calls] == ["1"]
+
+
+def test_two_rankers_are_blended_by_weight(env: Env) -> None:
+    edge_a, edge_b = env.ranker / "model.onnx", env.ranker.parent / "b_model.onnx"
+    rankers = [{"triton_model": "ranker", "edge_model": str(edge_a), "weight": 0.7},
+               {"triton_model": "ranker_b", "edge_model": str(edge_b), "weight": 0.3}]
+    r = rig(env, rankers=rankers)
+    assert set(r.edge.loaded) == {edge_a, edge_b}
+    r.router.policy.set(RoutingPolicy.model_validate({"models": {"ranker": {"versions": {"2": 1}}}}))
+    resp = r.rank(request(top_k=0), budget_ms=100.0)
+    assert resp.served_by == "cloud"
+    by_model = {c.model: c for c in r.cloud.calls}
+    assert set(by_model) == {"ranker", "ranker_b"}
+    assert by_model["ranker"].version == "2" and by_model["ranker_b"].version == ""  # the policy picks the primary's
+    sparse, dense = by_model["ranker"].sparse, by_model["ranker"].dense
+    blended = 0.7 * cloud_scores("ranker", "2", sparse, dense) + 0.3 * cloud_scores("ranker_b", "", sparse, dense)
+    items, scores = expected_order(blended, CANDIDATES, 0)
+    assert list(resp.items) == items
+    np.testing.assert_allclose(resp.scores, scores, rtol=1e-5)
+
+    # the edge blends its two models the same way
+    r.cloud.fail = CloudError("unavailable", "x")
+    resp = r.rank(request(top_k=0), budget_ms=100.0)
+    assert resp.served_by == "edge"
+    blended = 0.7 * edge_scores(edge_a, sparse, dense) + 0.3 * edge_scores(edge_b, sparse, dense)
+    items, scores = expected_order(blended, CANDIDATES, 0)
+    assert list(resp.items) == items
+    np.testing.assert_allclose(resp.scores, scores, rtol=1e-5)
+
+
+# --- with the real edge scorer and the real retriever ------------------------------------------------------------------
+
+
+def test_real_edge_scorer_gives_the_onnx_models_scores(env: Env) -> None:
+    import onnxruntime as ort
+
+    clock = Clock()
+    cloud = FakeCloud()
+    cloud.fail = CloudError("unavailable", "down")
+    router = Router(config(env), cloud=cloud, clock=clock, rng=Rng())
+    resp = asyncio.run(router.rank(request(top_k=0), 100.0))
+    assert resp.served_by == "edge"
+    sess = ort.InferenceSession(str(env.ranker / "model.onnx"), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"sparse": cloud.calls[0].sparse, "dense": cloud.calls[0].dense})[0].ravel()
+    items, scores = expected_order(want, CANDIDATES, 0)
+    assert list(resp.items) == items
+    np.testing.assert_allclose(resp.scores, scores, rtol=1e-5, atol=1e-6)
+
+
+def test_configured_retriever_returns_catalog_items(env: Env, retrieval_catalog: Path) -> None:
+    repo = retrieval_catalog
+    retriever = {"user_tower": str(repo / "user_tower" / "1" / "model.onnx"),
+                 "preprocessing": str(repo / "user_tower" / "1" / "preprocessing.json"),
+                 "catalog": str(repo / "item_index" / "1"), "candidates": 25}
+    r = rig(env, retriever=retriever)
+    assert r.router.retriever is not None
+    resp = r.rank(request(candidates=[], user={"user_id": "17"}, top_k=0), budget_ms=100.0)
+    catalog_items = set(r.router.retriever.index.item_ids.tolist())
+    assert resp.served_by == "cloud"
+    assert len(resp.items) == 25 and len(set(resp.items)) == 25
+    assert set(resp.items) <= catalog_items
+    # the same user retrieves the same candidates; another user other ones
+    again = r.rank(request(candidates=[], user={"user_id": "17"}, top_k=0, request_id="b"), budget_ms=100.0)
+    assert set(again.items) == set(resp.items)
+    other = r.rank(request(candidates=[], user={"user_id": "250"}, top_k=0, request_id="c"), budget_ms=100.0)
+    assert set(other.items) <= catalog_items and set(other.items) != set(resp.items)
+
+
+def test_close_cancels_pending_shadow_calls_and_closes_the_cloud(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": 100}, "shadow_percent": 100, "shadow_version": "2"}}}))
+
+    async def scenario():
+        r.cloud.gate, r.cloud.gate_versions = asyncio.Event(), {"2"}  # the shadow version never answers
+        resp = await r.router.rank(request(), None)
+        await _drain(r.router, lambda: len(r.cloud.calls) == 2)
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert len(pending) == 1 and not pending[0].done()
+        await r.router.close()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        return resp, pending[0]
+
+    resp, shadow = asyncio.run(scenario())
+    assert resp.served_by == "cloud"
+    assert shadow.cancelled()
+    assert r.cloud.closed
