@@ -108,10 +108,13 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
 
     import ray
 
-    # Ray Serve's latency knobs: user code on the replica's own loop, buffered access logs, and
-    # gRPC between proxy and replicas. Read by the Serve processes that ray.init starts.
-    for key in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_USE_GRPC"):
-        os.environ.setdefault(key, "1")
+    # Ray Serve's latency knobs: user code and the request router on the replica's own event loop,
+    # buffered access logs, and gRPC between proxy and replicas. The Serve processes that ray.init
+    # starts read them. (RAY_SERVE_THROUGHPUT_OPTIMIZED would set most of these too, but it also
+    # silences stderr logging, with which serve.shutdown() hangs for 30 s here.)
+    for key, value in (("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0"), ("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0"),
+                       ("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1000"), ("RAY_SERVE_PROXY_USE_GRPC", "1")):
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": config.http_port},
