@@ -4,7 +4,10 @@
 2. compresses it with ``recipes/ranker-8x.yaml`` and prints the report;
 3. builds the compressed ranker into a Triton model repository with the ensembles, starts the
    real embedded tritonserver and sends gRPC requests: the ranker directly, and the ``recommend``
-   ensemble with raw features. Later stages of the project (router, load test) extend this script.
+   ensemble with raw features;
+4. starts the Ray Serve router in front of it (cloud: Triton; edge: the compressed model in
+   process), sends Rank calls over gRPC, then stops Triton and shows the edge answering.
+Later stages of the project (operator, load test) extend this script.
 """
 
 from __future__ import annotations
@@ -92,8 +95,47 @@ def serve_demo(console: Console, workdir: Path, data_spec: str) -> None:
                                              "top_k": np.array([5], np.int32)})
             best = ", ".join(f"{i.decode()} {s:.4f}" for i, s in zip(out["items"], out["scores"]))
             console.print(f"recommend ensemble (50 raw candidates -> top 5): {best}")
+        router_demo(console, workdir, data_spec, server, test, encoder)
     finally:
         server.stop()
+
+
+def router_demo(console: Console, workdir: Path, data_spec: str, triton, test, encoder) -> None:
+    from recserve.serving import app as serve_app
+    from recserve.serving.client import RouterClient
+    from recserve.serving.config import RouterConfig
+    from recserve.serving.protos.recommender_pb2 import RankRequest
+    from recserve.triton.retrieval import build_catalog_dir
+    from recserve.triton.server import free_port
+
+    console.rule("4. route: Ray Serve in front of Triton, with the edge model in process")
+    compressed = workdir / "compressed"
+    catalog = build_catalog_dir(compressed, data_spec, workdir / "catalog")
+    cfg = RouterConfig.model_validate({
+        "triton_url": triton.grpc_url, "grpc_port": free_port(), "http_port": free_port(),
+        "models": {"ranker": {"rankers": [{"triton_model": "ranker", "edge_model": str(compressed / "model.onnx")}],
+                              "catalog": str(catalog), "preprocessing": str(compressed / "preprocessing.json")}}})
+    with console.status("starting Ray Serve"):
+        serve_app.start(cfg)
+    try:
+        console.print(f"router ready: gRPC 127.0.0.1:{cfg.grpc_port}, HTTP http://127.0.0.1:{cfg.http_port}/v1/rank")
+        raw_sparse, _ = encoder.decode(test.sparse[:20], test.dense[:20])
+        names = encoder.sparse_names
+        user = {"user_id": raw_sparse[0, names.index("user_id")]}
+        query = raw_sparse[0, names.index("query_id")] if "query_id" in names else ""
+        items = [str(v) for v in raw_sparse[:, names.index("item_id")]]
+        with RouterClient(f"127.0.0.1:{cfg.grpc_port}") as client:
+            for i, (label, budget) in enumerate((("50 ms budget", 0.05), ("same again (cache)", 0.05),
+                                                 ("2 ms budget", 0.002))):
+                r = client.rank(RankRequest(request_id=f"demo-{i}", user=user, query=query,
+                                            candidate_item_ids=items, top_k=3), timeout_s=budget)
+                console.print(f"Rank, {label}: {list(r.items)} served_by={r.served_by} ({r.reason})")
+            triton.stop()
+            r = client.rank(RankRequest(request_id="demo-down", user=user, query=query, candidate_item_ids=items[::-1],
+                                        top_k=3), timeout_s=0.05)
+            console.print(f"Rank after Triton stopped: {list(r.items)} served_by={r.served_by} ({r.reason})")
+    finally:
+        serve_app.stop()
 
 
 if __name__ == "__main__":
