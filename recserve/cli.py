@@ -213,7 +213,7 @@ def infer(
 def catalog(
     ranker: Annotated[Path, typer.Argument(help="a ranker (train or compress output)")],
     out: Annotated[Path, typer.Option(help="output directory of the item catalog")],
-    data: Annotated[Optional[str], typer.Option(help="dataset spec (default: the ranker's)")] = None,
+    data: Annotated[str | None, typer.Option(help="dataset spec (default: the ranker's)")] = None,
 ) -> None:
     """Write the item catalog the router needs for Rank: each item's ranker features."""
     from recserve.triton.retrieval import build_catalog_dir
@@ -224,7 +224,7 @@ def catalog(
 @app.command()
 def route(
     config: Annotated[Path, typer.Option(help="router config (YAML); see README 'Route'")],
-    policy: Annotated[Optional[Path], typer.Option(help="initial routing policy (YAML/JSON)")] = None,
+    policy: Annotated[Path | None, typer.Option(help="initial routing policy (YAML/JSON)")] = None,
 ) -> None:
     """Start the Ray Serve router (gRPC Rank + HTTP JSON) locally until Ctrl-C."""
     import signal

@@ -54,6 +54,8 @@ class BuildProfile(BaseModel):
             raise ValueError("version_policy 'specific' needs 'versions'")
         if any(b > self.max_batch_size for b in self.preferred_batch_sizes) and self.max_batch_size:
             raise ValueError("preferred_batch_sizes must not exceed max_batch_size")
+        if any(b > self.max_batch_size for b in self.warmup_batch_sizes) and self.max_batch_size:
+            raise ValueError("warmup_batch_sizes must not exceed max_batch_size (Triton refuses to load the model)")
         return self
 
 

@@ -33,9 +33,15 @@ class TritonClient:
             return fn(*args, **kwargs)
         except InferenceServerException as e:
             status = e.status() or ""
-            if "UNAVAILABLE" in status:
+            if "UNAVAILABLE" in status and not self._live():
                 raise ServerError(f"Triton at {self.url} is unreachable ({e.message()}); is `recserve serve` running?") from e
             raise InferenceError(f"{what}: {e.message()}") from e
+
+    def _live(self) -> bool:
+        try:
+            return bool(self._client.is_server_live(client_timeout=2.0))
+        except InferenceServerException:
+            return False
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], *, version: str = "",
               outputs: list[str] | None = None, timeout: float | None = None) -> dict[str, np.ndarray]:

@@ -12,7 +12,8 @@ from recserve.data import load_dataset
 from recserve.errors import ConfigError
 
 _TRITON_TO_NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64, "TYPE_INT64": np.int64,
-                    "TYPE_INT32": np.int32, "TYPE_INT8": np.int8, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_}
+                    "TYPE_INT32": np.int32, "TYPE_INT8": np.int8, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_,
+                    "TYPE_STRING": np.object_}
 
 
 def inputs_from_json(text: str, config: dict) -> dict[str, np.ndarray]:

@@ -94,6 +94,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class EmbeddedTriton:
     """The real tritonserver as a child process; a context manager that waits for readiness."""
 
@@ -140,6 +149,9 @@ class EmbeddedTriton:
         if not repo.is_dir():
             raise ServerError(f"model repository {repo} does not exist; create one with `recserve build`")
         install = find_tritonserver()
+        for port in (self.settings.grpc_port, self.settings.http_port, self.settings.metrics_port):
+            if not port_free(port):
+                raise ServerError(f"port {port} is in use; choose other --grpc-port/--http-port/--metrics-port")
         self._tmp = tempfile.TemporaryDirectory(prefix="recserve-triton-")
         backend_dir = prepare_backends(Path(self._tmp.name) / "backends", install)
         self.log_path = self.settings.log_file or Path(self._tmp.name) / "triton.log"
@@ -149,7 +161,7 @@ class EmbeddedTriton:
         log.close()
         try:
             self.wait_ready(self.settings.startup_timeout)
-        except ServerError:
+        except BaseException:  # ServerError, and Ctrl-C while waiting: never leave tritonserver behind
             self.stop()
             raise
         return self
@@ -157,7 +169,10 @@ class EmbeddedTriton:
     def log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():
             return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        text = self.log_path.read_text(errors="replace").splitlines()
+        errors = [line for line in text if line.startswith("E") or "error" in line.lower()]
+        tail = [line for line in text[-lines:] if line not in errors]
+        return "\n".join(errors[-lines:] + tail)
 
     def is_ready(self) -> bool:
         try:

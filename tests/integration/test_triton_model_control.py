@@ -98,9 +98,6 @@ def test_add_a_version_load_both_by_config_override_then_unload(client: TritonCl
         client.infer("ranker", feed)
 
 
-@pytest.mark.xfail(reason="BUG: TritonClient maps every gRPC UNAVAILABLE to ServerError('Triton ... is unreachable'), "
-                          "but Triton answers UNAVAILABLE for a model version that is not ready (unloaded or loading)",
-                   raises=ServerError, strict=True)
 def test_a_request_for_an_unloaded_version_is_an_inference_error(client: TritonClient, repo: Path,
                                                                  triton_models: TrainedModels, feed) -> None:
     if not (repo / "ranker" / "2").exists():

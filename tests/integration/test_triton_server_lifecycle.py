@@ -123,10 +123,6 @@ def test_serve_becomes_ready_answers_infer_and_stops_on_a_signal(ranker_repo: Pa
         _stop(proc, grpc)
 
 
-@pytest.mark.xfail(reason="BUG: Ctrl-C while tritonserver is still loading models leaves it running: "
-                          "EmbeddedTriton.start() stops the child only on ServerError, not on KeyboardInterrupt "
-                          "(the child is in its own session, so it never sees the SIGINT)",
-                   raises=AssertionError, strict=True)
 def test_sigint_during_startup_does_not_leave_tritonserver_running(tmp_path: Path) -> None:
     (tmp_path / "slow" / "1").mkdir(parents=True)
     (tmp_path / "slow" / "config.pbtxt").write_text(SLOW_MODEL_CONFIG)
@@ -178,19 +174,12 @@ def test_broken_model_config_is_a_server_error_with_the_log_tail(broken_start) -
     assert tritonserver_pids(grpc) == []
 
 
-@pytest.mark.xfail(reason="BUG: the ServerError's log tail (last 15 lines) is Triton's shutdown chatter and "
-                          "settings table; the line naming the broken model and why it failed is cut off",
-                   raises=AssertionError, strict=True)
 def test_broken_model_config_error_names_the_broken_model(broken_start) -> None:
     error, *_ = broken_start
     assert "broken" in str(error)
     assert "config.pbtxt" in str(error)
 
 
-@pytest.mark.xfail(reason="BUG: EmbeddedTriton.start() polls /v2/health/ready on its HTTP port without checking the "
-                          "port was free: another server answering there makes start() return 'ready' while its own "
-                          "tritonserver exits ('Socket ... already in use')",
-                   raises=AssertionError, strict=True)
 def test_start_refuses_an_http_port_another_server_answers_on(ranker_repo: Path) -> None:
     class Ready(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802

@@ -322,10 +322,6 @@ def test_infer_cli_sends_numeric_json_to_the_ranker(server, repo: Path, rows) ->
     np.testing.assert_allclose(parse_printed(proc.stdout, "score"), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(reason="BUG: recserve infer --json maps TYPE_STRING inputs to float32 "
-                          "(recserve/triton/inputs.py _TRITON_TO_NUMPY has no TYPE_STRING), so the "
-                          "recommend/retrieve ensembles cannot be called from the CLI",
-                   raises=AssertionError, strict=True)
 def test_infer_cli_sends_string_json_to_the_recommend_ensemble(server, rows, triton_models: TrainedModels) -> None:
     raw_sparse, raw_dense = raw_ranker_rows(triton_models.ranker / "preprocessing.json", rows[0][:2], rows[1][:2])
     feed = {"sparse_raw": raw_sparse.tolist(), "dense_raw": raw_dense.tolist(), "item_ids": ["shoe", "hat"],

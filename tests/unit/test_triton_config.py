@@ -228,9 +228,6 @@ def test_profile_rejects_bad_values(bad: dict) -> None:
         BuildProfile(**bad)
 
 
-@pytest.mark.xfail(reason="BUG: BuildProfile accepts warmup_batch_sizes above max_batch_size; Triton then refuses to "
-                          "load the model ('failed to load all models')",
-                   raises=AssertionError, strict=True)
 def test_profile_warmup_batch_sizes_must_fit_max_batch_size() -> None:
     try:
         BuildProfile(max_batch_size=8, warmup_batch_sizes=[16])

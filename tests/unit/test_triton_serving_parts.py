@@ -272,9 +272,6 @@ def test_inputs_from_json_errors_are_config_errors(text: str, needle: str) -> No
         inputs_from_json(text, RANKER_CONFIG)
 
 
-@pytest.mark.xfail(reason="BUG: inputs_from_json has no TYPE_STRING mapping: string inputs of the ensembles "
-                          "become float32 (or fail to convert)",
-                   raises=ConfigError, strict=True)
 def test_inputs_from_json_keeps_string_inputs_as_strings() -> None:
     config = {"input": [{"name": "item_ids", "data_type": "TYPE_STRING", "dims": ["-1"]},
                         {"name": "top_k", "data_type": "TYPE_INT32", "dims": ["1"]}]}
