@@ -20,7 +20,7 @@ import onnx.utils
 
 from recserve.converters.evaluate import session
 from recserve.data.schema import Dataset
-from recserve.errors import DataError, InferenceError, ModelError
+from recserve.errors import ConfigError, DataError, InferenceError, ModelError
 
 
 def extract_user_tower(two_tower: onnx.ModelProto) -> onnx.ModelProto:
@@ -208,6 +208,14 @@ def build_retrieval(retriever: Path, ranker: Path, data_spec: str | None, reposi
     from recserve.data import load_dataset
     from recserve.triton.ensembles import MODELS, item_index_config
 
+    ranker_cfg = Path(repository) / "ranker" / "config.pbtxt"
+    if ranker_cfg.exists():
+        from recserve.converters.triton_config import from_pbtxt
+
+        limit = from_pbtxt(ranker_cfg.read_text()).max_batch_size
+        if limit and candidates > limit:
+            raise ConfigError(f"--candidates {candidates} is more than the ranker's max_batch_size {limit}: "
+                              "the ranker could not score them in one request; lower --candidates")
     retr, rank = load_model(retriever), load_model(ranker)
     if retr.state.kind != "two-tower" or rank.state.kind != "ranker":
         raise ModelError("recserve index takes a two-tower retriever and a ranker (in that order)")
