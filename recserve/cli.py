@@ -156,6 +156,7 @@ def serve(
     model_control: Annotated[str, typer.Option(help="none, poll or explicit")] = "none",
     load_model: Annotated[list[str] | None, typer.Option(help="with explicit: model to load at start")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's verbose log level (0: off)")] = 0,
+    cache_mb: Annotated[int, typer.Option(help="response cache size for models built with response_cache")] = 0,
 ) -> None:
     """Start the embedded Triton (the real tritonserver binary, CPU) until Ctrl-C."""
     import signal
@@ -166,7 +167,7 @@ def serve(
     if model_control not in ("none", "poll", "explicit"):
         raise ConfigError(f"--model-control {model_control!r}: use none, poll or explicit")
     settings = ServerSettings(repository, grpc_port, http_port, metrics_port, model_control, load_model or [],
-                              log_verbose=log_verbose)
+                              log_verbose=log_verbose, cache_mb=cache_mb)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with console.status("starting tritonserver"):

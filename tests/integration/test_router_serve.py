@@ -166,16 +166,38 @@ def test_weight_change_in_the_policy_file_reaches_the_traffic_split(stack: Route
 
 def test_weight_change_through_user_config_reaches_the_traffic_split(stack: RouterStack,
                                                                      client: RouterClient) -> None:
+    write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
+    serving(client, stack, version="1")
+    stack.repo.policy_file.unlink()  # the router keeps its last policy while the file is gone
+    for _ in range(3):
+        assert rank(client, stack.request()).version == "1"
+    try:
+        app.update_policy(policy({"1": 0, "2": 100}), stack.config)
+        serving(client, stack, version="2")
+        for _ in range(5):
+            r = rank(client, stack.request())
+            assert (r.served_by, r.version) == ("cloud", "2")
+    finally:
+        write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
+
+
+@pytest.mark.xfail(reason="BUG: app.update_policy calls serve.run again, which deploys a new code version: every "
+                          "replica restarts (breaker, latency estimate, cache and metrics are lost), and the new "
+                          "replica's PolicyWatcher reads policy_file on its first request, replacing the policy from "
+                          "user_config; with a policy file configured update_policy has no effect", strict=True)
+def test_update_policy_wins_over_an_unchanged_policy_file_without_a_restart(stack: RouterStack,
+                                                                           client: RouterClient) -> None:
     write_policy(policy({"1": 0, "2": 100}), stack.repo.policy_file)
     serving(client, stack, version="2")
+    served = stack.metric("recserve_router_requests_total")
+    assert served >= 1
     app.update_policy(policy({"1": 100, "2": 0}), stack.config)
-    serving(client, stack, version="1", timeout=30)
-    for _ in range(5):
-        assert rank(client, stack.request()).version == "1"
-    app.update_policy(policy({"1": 0, "2": 100}), stack.config)
-    serving(client, stack, version="2", timeout=30)
-    for _ in range(5):
-        assert rank(client, stack.request()).version == "2"
+    try:
+        serving(client, stack, version="1", timeout=8)
+        # the same replica kept serving: its counters carry on
+        assert stack.metric("recserve_router_requests_total") > served
+    finally:
+        write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
 
 
 def test_shadow_traffic_shows_in_the_metrics(stack: RouterStack, client: RouterClient) -> None:
