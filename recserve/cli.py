@@ -254,6 +254,37 @@ def route(
         serve_app.stop()
 
 
+operator_app = typer.Typer(help="The canary rollout operator (kopf) and its CRD.", no_args_is_help=True)
+app.add_typer(operator_app, name="operator")
+
+
+@operator_app.command("run")
+def operator_run(
+    namespace: Annotated[list[str] | None, typer.Option(help="namespaces to watch (repeatable)")] = None,
+    all_namespaces: Annotated[bool, typer.Option(help="watch every namespace")] = False,
+    tick_seconds: Annotated[float, typer.Option(help="how often each rollout is looked at")] = 2.0,
+) -> None:
+    """Run the operator against the cluster of the current kubeconfig (or in-cluster config)."""
+    import os
+
+    os.environ["RECSERVE_OPERATOR_TICK_SECONDS"] = str(tick_seconds)
+    import kopf
+
+    import recserve.operator.handlers  # noqa: F401  (registers the handlers)
+
+    if not namespace and not all_namespaces:
+        raise ConfigError("choose what to watch: --namespace NS (repeatable) or --all-namespaces")
+    kopf.run(clusterwide=all_namespaces, namespaces=namespace or [], standalone=True)
+
+
+@operator_app.command("crd")
+def operator_crd() -> None:
+    """Print the ModelRollout CRD (generated from the operator's pydantic spec)."""
+    from recserve.operator.crd import crd_yaml
+
+    print(crd_yaml(), end="")
+
+
 def main() -> None:
     try:
         app()

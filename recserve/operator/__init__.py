@@ -1,0 +1,1 @@
+"""The canary rollout operator: the ModelRollout resource, a pure state machine, and kopf handlers."""

@@ -1,0 +1,97 @@
+"""kopf handlers: gather observations, run the state machine, carry out its actions, record status.
+
+Actions run before the status is written; if one fails, the status stays as it was and kopf retries
+later with backoff, so the (idempotent) actions are redone rather than a step skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import kopf
+from pydantic import ValidationError
+
+from recserve.errors import RecserveError
+from recserve.operator import act
+from recserve.operator.machine import Emit, LoadVersions, SetWeights, Status, reconcile
+from recserve.operator.observe import observe
+from recserve.operator.spec import GROUP, PLURAL, VERSION, ModelRolloutSpec
+
+TICK_SECONDS = float(os.environ.get("RECSERVE_OPERATOR_TICK_SECONDS", "2"))
+"""How often every rollout is looked at; analyses and steps keep their own intervals."""
+
+
+def _core_api():
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CoreV1Api()
+
+
+def parse_spec(spec: dict) -> ModelRolloutSpec:
+    try:
+        return ModelRolloutSpec.model_validate(dict(spec))
+    except ValidationError as e:
+        problems = "; ".join(f"spec.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise kopf.PermanentError(problems) from e
+
+
+def carry_out(spec: ModelRolloutSpec, actions, body, namespace: str) -> None:
+    for a in actions:
+        if isinstance(a, LoadVersions):
+            act.load_versions(spec, a)
+        elif isinstance(a, SetWeights):
+            if spec.router.policy_file:
+                act.set_weights_file(Path(spec.router.policy_file), a)
+            if spec.router.config_map:
+                act.set_weights_configmap(_core_api(), namespace, spec.router.config_map, a)
+        elif isinstance(a, Emit):
+            kopf.event(body, type=a.type, reason=a.reason, message=a.message)
+
+
+def step(body, spec, status, patch, namespace, retry, logger) -> None:
+    try:
+        rollout = parse_spec(spec)
+    except kopf.PermanentError as e:
+        patch.status.update({"phase": "Rejected", "message": str(e), "weight": 0})
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(e))
+        raise
+    current = Status.from_dict(dict(status or {}))
+    result = reconcile(rollout, current, observe(rollout), time.time())
+    try:
+        carry_out(rollout, result.actions, body, namespace)
+    except (RecserveError, OSError, Exception) as e:  # Triton or the API server failed: retry with backoff
+        delay = min(60.0, 2.0 ** min(retry, 5))
+        logger.warning("actions failed (%s), retrying in %.0fs", e, delay)
+        raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=delay) from e
+    if result.status != current:
+        patch.status.update(result.status.to_dict())
+
+
+# One timer drives every rollout (creation, spec changes, pause/abort, analyses, steps): kopf runs
+# it serially per object with the latest status, so no two decisions race on a stale status.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, initial_delay=0.5)
+def on_tick(body, spec, status, patch, namespace, retry, logger, **_) -> None:
+    if (status or {}).get("phase") in ("Promoted", "RolledBack", "Aborted", "Rejected"):
+        return
+    step(body, spec, status, patch, namespace, retry, logger)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=2)
+def on_delete(body, spec, status, namespace, logger, **_) -> None:
+    """Finalizer: a rollout deleted before promotion leaves the stable version serving alone."""
+    if (status or {}).get("phase") in ("Promoted", "RolledBack", "Aborted", "Rejected"):
+        return
+    try:
+        rollout = ModelRolloutSpec.model_validate(dict(spec))
+    except ValidationError:
+        return
+    from recserve.operator.machine import weights
+
+    carry_out(rollout, [weights(rollout, 0), LoadVersions(rollout.model, (rollout.stable_version,))], body, namespace)
+    logger.info("deleted before promotion: version %s serves all traffic", rollout.stable_version)

@@ -1,0 +1,280 @@
+"""The rollout state machine: ``reconcile(spec, status, observations, now) -> (actions, new status)``.
+
+Every decision lives here; kopf handlers only gather observations and carry out the actions.
+The status is the source of truth: it holds the step, the weight, when the step started, the
+counters the last analysis started from and the failures so far, so a restarted operator picks
+up exactly where the last one stopped.
+
+Phases: Pending (candidate loading) -> Progressing (steps) <-> Paused -> Promoted, or RolledBack
+(analysis failed), Aborted (spec.abort), Rejected (quality gate or invalid spec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from recserve.operator.spec import ModelRolloutSpec
+
+TERMINAL = ("Promoted", "RolledBack", "Aborted", "Rejected")
+
+
+# -- observations -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VersionCounters:
+    """Cumulative Triton counters of one version (since it was loaded)."""
+
+    success: float = 0.0
+    failure: float = 0.0
+    p99_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Observations:
+    triton_reachable: bool = True
+    loaded_versions: frozenset[str] = frozenset()
+    candidate: VersionCounters | None = None
+    shadow_agreement: float | None = None
+    """Mean overlap@k of the candidate's shadow answers with the served ones (router metrics), if known."""
+
+
+# -- actions ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadVersions:
+    """Serve exactly these versions of the model (Triton model control, config override)."""
+
+    model: str
+    versions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SetWeights:
+    """Write the routing policy: version -> weight, and the shadow share."""
+
+    model: str
+    weights: tuple[tuple[str, int], ...]
+    shadow_version: str | None = None
+    shadow_percent: float = 0.0
+
+
+@dataclass(frozen=True)
+class Emit:
+    """A Kubernetes Event on the ModelRollout."""
+
+    type: str
+    reason: str
+    message: str
+
+
+Action = LoadVersions | SetWeights | Emit
+
+
+# -- status -----------------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    at: float
+    requests: float
+    error_rate: float | None
+    p99_ms: float | None
+    shadow_agreement: float | None
+    verdict: str
+    """``passed``, ``failed`` or ``inconclusive`` (too few requests)."""
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Status:
+    phase: str = "Pending"
+    stable_version: str = ""
+    candidate_version: str = ""
+    step: int = 0
+    weight: int = 0
+    step_started_at: float | None = None
+    last_analysis_at: float | None = None
+    baseline_success: float = 0.0
+    baseline_failure: float = 0.0
+    failures: int = 0
+    passed_in_step: int = 0
+    last_analysis: Analysis | None = None
+    message: str = ""
+    conditions: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {_camel(k): v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Status:
+        if not d:
+            return cls()
+        names = {f for f in cls.__dataclass_fields__}
+        kw = {_snake(k): v for k, v in d.items() if _snake(k) in names}
+        if isinstance(kw.get("last_analysis"), dict):
+            kw["last_analysis"] = Analysis(**{_snake(k): v for k, v in kw["last_analysis"].items()})
+        return cls(**kw)
+
+
+def _camel(s: str) -> str:
+    head, *rest = s.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def _snake(s: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in s)
+
+
+@dataclass(frozen=True)
+class Result:
+    actions: list[Action]
+    status: Status
+    requeue_after: float | None = None
+    """Seconds until the operator should look again (the timer also runs every interval)."""
+
+
+def _condition(status: Status, type_: str, ok: bool, reason: str, message: str, now: float) -> None:
+    value = "True" if ok else "False"
+    for c in status.conditions:
+        if c["type"] == type_:
+            if c["status"] != value:
+                c["lastTransitionTime"] = _iso(now)
+            c.update(status=value, reason=reason, message=message)
+            return
+    status.conditions.append({"type": type_, "status": value, "reason": reason, "message": message,
+                              "lastTransitionTime": _iso(now)})
+
+
+def _iso(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def weights(spec: ModelRolloutSpec, candidate_weight: int) -> SetWeights:
+    return SetWeights(spec.model, ((spec.stable_version, 100 - candidate_weight), (spec.candidate_version, candidate_weight)),
+                      spec.candidate_version if spec.router.shadow_percent > 0 and candidate_weight < 100 else None,
+                      spec.router.shadow_percent if candidate_weight < 100 else 0.0)
+
+
+def gate_failure(report: dict[str, Any] | None) -> str | None:
+    """Why the candidate's compression report refuses it, or None."""
+    if not report:
+        return None
+    gate = report.get("gate")
+    if not isinstance(gate, dict) or "passed" not in gate:
+        return "compressionReport has no gate result: attach the report.json of `recserve compress`"
+    if not gate["passed"]:
+        return "the candidate failed its compression quality gate: " + "; ".join(gate.get("reasons") or ["(no reasons)"])
+    return None
+
+
+def analyse(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Analysis:
+    c = obs.candidate or VersionCounters()
+    ok = max(0.0, c.success - status.baseline_success)
+    bad = max(0.0, c.failure - status.baseline_failure)
+    total = ok + bad
+    t = spec.analysis.thresholds
+    if total < max(1, spec.analysis.min_requests):
+        return Analysis(now, total, None, c.p99_ms, obs.shadow_agreement, "inconclusive",
+                        [f"{total:.0f} candidate requests < minRequests {spec.analysis.min_requests}"])
+    rate = bad / total
+    reasons = []
+    if rate > t.max_error_rate:
+        reasons.append(f"error rate {rate:.4f} > maxErrorRate {t.max_error_rate}")
+    if t.max_p99_latency_ms is not None and c.p99_ms is not None and c.p99_ms > t.max_p99_latency_ms:
+        reasons.append(f"p99 {c.p99_ms:.2f} ms > maxP99LatencyMs {t.max_p99_latency_ms}")
+    if t.min_shadow_agreement is not None and obs.shadow_agreement is not None \
+            and obs.shadow_agreement < t.min_shadow_agreement:
+        reasons.append(f"shadow agreement {obs.shadow_agreement:.3f} < minShadowAgreement {t.min_shadow_agreement}")
+    return Analysis(now, total, rate, c.p99_ms, obs.shadow_agreement, "failed" if reasons else "passed", reasons)
+
+
+def _rollback(spec: ModelRolloutSpec, st: Status, phase: str, reason: str, message: str, now: float) -> Result:
+    st.phase, st.weight, st.message = phase, 0, message
+    _condition(st, "Progressing", False, reason, message, now)
+    return Result([weights(spec, 0), LoadVersions(spec.model, (spec.stable_version,)),
+                   Emit("Warning", reason, message)], st)
+
+
+def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Result:
+    """The next actions and status. Pure: the same inputs always give the same result."""
+    st = replace(status, conditions=[dict(c) for c in status.conditions])
+    interval = spec.analysis.interval_seconds
+    new_target = (st.stable_version, st.candidate_version) != (spec.stable_version, spec.candidate_version)
+    if new_target:  # a new rollout (or a new candidate after the last one ended): start over
+        st = Status(stable_version=spec.stable_version, candidate_version=spec.candidate_version,
+                    conditions=st.conditions)
+    if st.phase in TERMINAL:
+        return Result([], st)
+    if spec.abort:
+        return _rollback(spec, st, "Aborted", "Aborted", "spec.abort is set: all traffic back on the stable version", now)
+    refusal = gate_failure(spec.compression_report)
+    if refusal:
+        st.phase, st.weight, st.message = "Rejected", 0, refusal
+        _condition(st, "QualityGate", False, "GateFailed", refusal, now)
+        return Result([weights(spec, 0), Emit("Warning", "QualityGateFailed", refusal)], st)
+    _condition(st, "QualityGate", True, "GatePassed" if spec.compression_report else "NoReport",
+               "compression report gate passed" if spec.compression_report else "no compression report attached", now)
+    if not obs.triton_reachable:
+        st.message = "Triton is unreachable; retrying"
+        _condition(st, "TritonReachable", False, "Unreachable", st.message, now)
+        return Result([], st, requeue_after=min(interval, 10.0))
+    _condition(st, "TritonReachable", True, "Reachable", "Triton answers", now)
+
+    if st.phase == "Pending":
+        if spec.candidate_version not in obs.loaded_versions or spec.stable_version not in obs.loaded_versions:
+            st.message = f"loading versions {spec.stable_version} and {spec.candidate_version}"
+            return Result([LoadVersions(spec.model, (spec.stable_version, spec.candidate_version)),
+                           weights(spec, 0)], st, requeue_after=1.0)
+        c = obs.candidate or VersionCounters()  # analyses count from here
+        st.baseline_success, st.baseline_failure, st.last_analysis_at = c.success, c.failure, now
+        return _enter_step(spec, st, obs, 0, now, [Emit("Normal", "Started", f"canary of version "
+                                                         f"{spec.candidate_version} started")])
+
+    if spec.candidate_version not in obs.loaded_versions:
+        return _rollback(spec, st, "RolledBack", "CandidateUnloaded",
+                         f"version {spec.candidate_version} is no longer loaded in Triton", now)
+
+    actions: list[Action] = []
+    if st.last_analysis_at is None or now - st.last_analysis_at >= interval:
+        a = analyse(spec, st, obs, now)
+        st.last_analysis, st.last_analysis_at = a, now
+        c = obs.candidate or VersionCounters()
+        st.baseline_success, st.baseline_failure = c.success, c.failure
+        if a.verdict == "failed":
+            st.failures += 1
+            actions.append(Emit("Warning", "AnalysisFailed", "; ".join(a.reasons)))
+            if st.failures >= spec.analysis.failure_limit:
+                return _rollback(spec, st, "RolledBack", "AnalysisFailed",
+                                 f"{st.failures} failed analyses (limit {spec.analysis.failure_limit}): "
+                                 + "; ".join(a.reasons), now)
+        elif a.verdict == "passed":
+            st.passed_in_step += 1
+        _condition(st, "AnalysisPassing", a.verdict != "failed", a.verdict.title(), "; ".join(a.reasons) or "ok", now)
+
+    if spec.paused:
+        st.phase, st.message = "Paused", f"paused at step {st.step + 1} ({st.weight}%)"
+        return Result(actions, st, requeue_after=interval)
+    st.phase = "Progressing"
+    step = spec.steps[st.step]
+    if now - (st.step_started_at or now) >= step.pause_seconds and st.passed_in_step > 0:
+        if st.step + 1 < len(spec.steps):
+            return _enter_step(spec, st, obs, st.step + 1, now, actions)
+        st.phase, st.weight = "Promoted", 100
+        st.message = f"version {spec.candidate_version} serves all traffic"
+        _condition(st, "Progressing", True, "Promoted", st.message, now)
+        return Result(actions + [weights(spec, 100), LoadVersions(spec.model, (spec.candidate_version,)),
+                                 Emit("Normal", "Promoted", st.message)], st)
+    st.message = f"step {st.step + 1}/{len(spec.steps)} at {st.weight}%"
+    if st.passed_in_step == 0:
+        st.message += " (waiting for a passing analysis)"
+    return Result(actions, st, requeue_after=min(interval, step.pause_seconds) or interval)
+
+
+def _enter_step(spec: ModelRolloutSpec, st: Status, obs: Observations, index: int, now: float,
+                actions: list[Action]) -> Result:
+    st.phase, st.step, st.weight = "Progressing", index, spec.steps[index].weight
+    st.step_started_at, st.passed_in_step = now, 0
+    st.message = f"step {index + 1}/{len(spec.steps)} at {st.weight}%"
+    _condition(st, "Progressing", True, "StepStarted", st.message, now)
+    return Result(actions + [weights(spec, st.weight), Emit("Normal", "Step", st.message)], st,
+                  requeue_after=spec.analysis.interval_seconds)

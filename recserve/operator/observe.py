@@ -1,0 +1,65 @@
+"""Observations for the state machine: Triton's loaded versions and per-version counters, the router's
+shadow agreement. Read-only I/O; every failure becomes ``triton_reachable=False`` or a missing value."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from recserve.errors import RecserveError
+from recserve.operator.machine import Observations, VersionCounters
+from recserve.operator.spec import ModelRolloutSpec
+from recserve.triton.client import TritonClient
+
+
+def scrape(url: str, timeout: float = 3.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus text -> sample name -> [(labels, value)]."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _sum(samples, **labels) -> float:
+    return sum(v for lab, v in samples if all(lab.get(k) == val for k, val in labels.items()))
+
+
+def version_counters(metrics: dict, model: str, version: str) -> VersionCounters:
+    """Success/failure counts and p99 (Triton's summary latencies, when enabled) of one version."""
+    success = _sum(metrics.get("nv_inference_request_success", []), model=model, version=version)
+    failure = _sum(metrics.get("nv_inference_request_failure", []), model=model, version=version)
+    p99 = None
+    for labels, value in metrics.get("nv_inference_request_summary_us", []):
+        if labels.get("model") == model and labels.get("version") == version and labels.get("quantile") == "0.99":
+            p99 = value / 1e3 if value == value else None  # NaN before the first request
+    return VersionCounters(success, failure, p99)
+
+
+def shadow_agreement(metrics: dict, model: str, version: str) -> float | None:
+    total = _sum(metrics.get("recserve_router_shadow_overlap_sum", []), version=version)
+    count = _sum(metrics.get("recserve_router_shadow_overlap_count", []), version=version)
+    return total / count if count else None
+
+
+def observe(spec: ModelRolloutSpec) -> Observations:
+    try:
+        with TritonClient(spec.triton.grpc_url, timeout=5.0) as client:
+            if not client.server_ready():
+                return Observations(triton_reachable=False)
+            index = client.repository_index()
+        metrics = scrape(spec.triton.metrics_url)
+    except (RecserveError, urllib.error.URLError, OSError, ValueError):
+        return Observations(triton_reachable=False)
+    loaded = frozenset(str(m.get("version")) for m in index if m.get("name") == spec.model and m.get("state") == "READY")
+    agreement = None
+    if spec.router.metrics_url:
+        try:
+            agreement = shadow_agreement(scrape(spec.router.metrics_url), spec.model, spec.candidate_version)
+        except (urllib.error.URLError, OSError, ValueError):
+            agreement = None
+    return Observations(True, loaded, version_counters(metrics, spec.model, spec.candidate_version), agreement)

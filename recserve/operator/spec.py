@@ -1,0 +1,83 @@
+"""The ``ModelRollout`` custom resource (``recserve.io/v1alpha1``) as pydantic models.
+
+The CRD's OpenAPI schema is generated from these models (``recserve.operator.crd``), so the API
+server rejects what the operator would reject, where a schema can say it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP, VERSION, PLURAL, KIND = "recserve.io", "v1alpha1", "modelrollouts", "ModelRollout"
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Step(_Camel):
+    """One canary step: send ``weight`` percent of traffic to the candidate, then wait ``pause_seconds``."""
+
+    weight: int = Field(ge=1, le=100, description="percent of traffic on the candidate during this step")
+    pause_seconds: float = Field(60.0, ge=0, description="how long the step lasts (analysis runs meanwhile)")
+
+
+class Thresholds(_Camel):
+    """Limits one analysis of the candidate must meet."""
+
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="failed / all candidate requests in the interval")
+    max_p99_latency_ms: float | None = Field(None, gt=0, description="Triton's p99 request latency of the candidate")
+    min_shadow_agreement: float | None = Field(None, ge=0, le=1, description="router's mean overlap@k with stable")
+
+
+class Analysis(_Camel):
+    interval_seconds: float = Field(30.0, gt=0, description="time between analyses")
+    failure_limit: int = Field(2, ge=1, description="failed analyses that roll the candidate back")
+    min_requests: int = Field(20, ge=0, description="candidate requests an analysis needs to judge (fewer: inconclusive)")
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+
+
+class TritonEndpoint(_Camel):
+    grpc_url: str = Field(description="Triton gRPC address, e.g. triton.recserve:8001")
+    metrics_url: str = Field(description="Triton metrics, e.g. http://triton.recserve:8002/metrics")
+
+
+class RouterTarget(_Camel):
+    """Where the routing policy goes and where the router's metrics are."""
+
+    config_map: str | None = Field(None, description="ConfigMap (in the rollout's namespace) the router mounts")
+    policy_file: str | None = Field(None, description="or a policy file the router reads (local runs)")
+    metrics_url: str | None = Field(None, description="router /metrics, for shadow agreement")
+    shadow_percent: float = Field(0.0, ge=0, le=100, description="share of cloud traffic mirrored to the candidate")
+
+    @model_validator(mode="after")
+    def _target(self) -> RouterTarget:
+        if not self.config_map and not self.policy_file:
+            raise ValueError("router needs configMap or policyFile: where the routing policy is written")
+        return self
+
+
+class ModelRolloutSpec(_Camel):
+    model: str = Field(min_length=1, description="Triton model name")
+    stable_version: str = Field(min_length=1, pattern=r"^[0-9]+$")
+    candidate_version: str = Field(min_length=1, pattern=r"^[0-9]+$")
+    steps: list[Step] = Field(min_length=1)
+    analysis: Analysis = Field(default_factory=Analysis)
+    triton: TritonEndpoint
+    router: RouterTarget
+    compression_report: dict[str, Any] | None = Field(
+        None, description="the candidate's `recserve compress` report (its gate must have passed)")
+    paused: bool = Field(False, description="hold the current step (analysis goes on)")
+    abort: bool = Field(False, description="roll back to the stable version now")
+
+    @model_validator(mode="after")
+    def _versions(self) -> ModelRolloutSpec:
+        if self.stable_version == self.candidate_version:
+            raise ValueError("candidateVersion must differ from stableVersion")
+        weights = [s.weight for s in self.steps]
+        if weights != sorted(weights):
+            raise ValueError("step weights must not decrease")
+        return self
