@@ -21,7 +21,9 @@ def scrape(url: str, timeout: float = 3.0) -> dict[str, list[tuple[dict[str, str
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
+            # the parser names counter samples "<name>_total"; key them by the name Triton wrote too
+            name = s.name[:-len("_total")] if family.type == "counter" and s.name.endswith("_total") else s.name
+            out.setdefault(name, []).append((s.labels, s.value))
     return out
 
 

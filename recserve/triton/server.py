@@ -46,6 +46,8 @@ class ServerSettings:
     """Seconds to wait for ``/v2/health/ready``."""
     log_file: Path | None = None
     """Where Triton's own log goes (a temporary file when None)."""
+    summary_latencies: bool = True
+    """Export per-version latency quantiles (``nv_inference_request_summary_us``): the operator's p99."""
     cache_mb: int = 0
     """Size of Triton's local response cache (used by models built with ``response_cache: true``); 0: none."""
 
@@ -133,6 +135,8 @@ class EmbeddedTriton:
                f"--metrics-port={s.metrics_port}", f"--model-control-mode={s.model_control}",
                f"--log-verbose={s.log_verbose}", "--allow-metrics=true", "--allow-gpu-metrics=false",
                "--strict-readiness=true", "--exit-timeout-secs=10"]
+        if s.summary_latencies:
+            cmd.append("--metrics-config=summary_latencies=true")
         if s.cache_mb > 0:
             cache_dir = Path(install.binary).parent.parent / "caches"
             cmd += [f"--cache-directory={cache_dir}", f"--cache-config=local,size={s.cache_mb << 20}"]
