@@ -42,6 +42,17 @@ def version_counters(metrics: dict, model: str, version: str) -> VersionCounters
     return VersionCounters(success, failure, p99)
 
 
+def router_counters(metrics: dict, version: str, p99_ms: float | None) -> VersionCounters:
+    """The router's view of one Triton version: successful cloud calls and failed ones (timeouts, errors).
+
+    Preferred when the router's metrics are known: it is what users got, and it also counts errors
+    that the python-based CPU backend reports to Triton's statistics as successes.
+    """
+    success = _sum(metrics.get("recserve_router_cloud_seconds_count", []), version=version)
+    failure = _sum(metrics.get("recserve_router_cloud_failures", []), version=version)
+    return VersionCounters(success, failure, p99_ms)
+
+
 def shadow_agreement(metrics: dict, model: str, version: str) -> float | None:
     total = _sum(metrics.get("recserve_router_shadow_overlap_sum", []), version=version)
     count = _sum(metrics.get("recserve_router_shadow_overlap_count", []), version=version)
@@ -58,10 +69,13 @@ def observe(spec: ModelRolloutSpec) -> Observations:
     except (RecserveError, urllib.error.URLError, OSError, ValueError):
         return Observations(triton_reachable=False)
     loaded = frozenset(str(m.get("version")) for m in index if m.get("name") == spec.model and m.get("state") == "READY")
+    counters = version_counters(metrics, spec.model, spec.candidate_version)
     agreement = None
     if spec.router.metrics_url:
         try:
-            agreement = shadow_agreement(scrape(spec.router.metrics_url), spec.model, spec.candidate_version)
+            router = scrape(spec.router.metrics_url)
         except (urllib.error.URLError, OSError, ValueError):
-            agreement = None
-    return Observations(True, loaded, version_counters(metrics, spec.model, spec.candidate_version), agreement)
+            return Observations(True, loaded, None, None)  # no judgement without the router's numbers
+        agreement = shadow_agreement(router, spec.model, spec.candidate_version)
+        counters = router_counters(router, spec.candidate_version, counters.p99_ms)
+    return Observations(True, loaded, counters, agreement)
