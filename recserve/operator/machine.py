@@ -235,7 +235,7 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
                          f"version {spec.candidate_version} is no longer loaded in Triton", now)
 
     actions: list[Action] = []
-    if st.last_analysis_at is None or now - st.last_analysis_at >= interval:
+    if obs.candidate is not None and (st.last_analysis_at is None or now - st.last_analysis_at >= interval):
         a = analyse(spec, st, obs, now)
         st.last_analysis, st.last_analysis_at = a, now
         c = obs.candidate or VersionCounters()
