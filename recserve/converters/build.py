@@ -5,15 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
-
 from recserve.converters.pipeline import load_model
 from recserve.converters.repository import add_version
 from recserve.converters.tensorrt import build_engine
 from recserve.converters.triton_config import TARGETS, BuildProfile, graph_io, model_config, to_pbtxt
 from recserve.converters.trt_check import Finding, check
 from recserve.errors import ConfigError, ModelError
+from recserve.specs import read_mapping, read_text, validate
 
 
 @dataclass
@@ -27,20 +25,9 @@ def load_profile(path: Path | None, overrides: dict) -> BuildProfile:
     """A YAML profile with flag overrides on top (flags given as None are left out)."""
     raw: dict = {}
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read profile {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a build profile is a YAML mapping of options")
+        raw = read_mapping(read_text(path, "profile"), str(path), "a build profile is a YAML mapping of options")
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return BuildProfile.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'profile'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"build profile: {problems}") from e
+    return validate(BuildProfile, raw, "build profile")
 
 
 def build(model_path: Path, name: str, target: str, repository: Path, profile: BuildProfile,

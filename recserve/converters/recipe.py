@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from recserve.converters.distill import DistillStage
 from recserve.converters.embeddings import EmbeddingStage
@@ -14,6 +13,7 @@ from recserve.converters.lowrank import LowRankStage
 from recserve.converters.prune import PruneStage
 from recserve.converters.quantize import QuantizeStage
 from recserve.errors import ConfigError
+from recserve.specs import read_mapping, read_text, validate
 
 Stage = Annotated[
     PruneStage | LowRankStage | DistillStage | QuantizeStage | EmbeddingStage,
@@ -45,34 +45,19 @@ class Recipe(BaseModel):
     gate: Gate = Field(default_factory=Gate)
 
 
-def _where(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "recipe"
-
-
 def parse_recipe(text: str, source: str = "recipe") -> Recipe:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a recipe is a YAML mapping with 'stages' (and optionally 'gate', 'data')")
+    what = "a recipe is a YAML mapping with 'stages' (and optionally 'gate', 'data')"
+    raw = read_mapping(text, source, what)
+    if not raw:
+        raise ConfigError(f"{source}: {what}")
     stages = raw.get("stages")
     for i, stage in enumerate(stages if isinstance(stages, list) else []):
         kind = stage.get("type") if isinstance(stage, dict) else None
         if kind not in STAGE_TYPES:
             raise ConfigError(f"{source}: stages.{i}: unknown stage type {kind!r}; use one of {', '.join(STAGE_TYPES)}")
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{_where(err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{source}: {problems}") from e
+    return validate(Recipe, raw, source)
 
 
 def load_recipe(path: Path) -> Recipe:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read recipe {path}: {e.strerror}; see recipes/ for ready ones") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not a YAML text file; pass a recipe such as recipes/ranker-8x.yaml") from e
+    text = read_text(path, "recipe", "pass a recipe such as recipes/ranker-8x.yaml")
     return parse_recipe(text, str(path))

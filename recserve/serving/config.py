@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from recserve.errors import ConfigError
+from recserve.specs import read_mapping, read_text, validate
 
 
 class RankerRef(BaseModel):
@@ -67,17 +66,8 @@ class RouterConfig(BaseModel):
 
 
 def load_router_config(path: Path) -> RouterConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read router config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    try:
-        cfg = RouterConfig.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{path}: {problems}") from e
+    raw = read_mapping(read_text(path, "router config"), str(path), "a router config is a YAML mapping")
+    cfg = validate(RouterConfig, raw, str(path))
     base = Path(path).resolve().parent
     return resolve_paths(cfg, base)
 

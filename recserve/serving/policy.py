@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from recserve.errors import ConfigError
+from recserve.specs import read_mapping, validate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,17 @@ class ModelPolicy(BaseModel):
     versions: dict[str, float] = Field(description="Triton version -> weight (relative, >= 0)")
     shadow_percent: float = Field(0.0, ge=0.0, le=100.0, description="share of requests also sent to the shadow version")
     shadow_version: str | None = Field(None, description="version that receives shadow traffic (not returned)")
+
+    @field_validator("versions", mode="before")
+    @classmethod
+    def _version_keys(cls, v: Any) -> Any:
+        """YAML reads `1: 90` with an int key; versions are names: make them strings."""
+        return {str(k): w for k, w in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("shadow_version", mode="before")
+    @classmethod
+    def _version_name(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v
 
     @model_validator(mode="after")
     def _weights(self) -> ModelPolicy:
@@ -68,14 +81,7 @@ def shadow_version(policy: RoutingPolicy, model: str, served: str, u: float) -> 
 
 
 def parse_policy(text: str, source: str = "policy") -> RoutingPolicy:
-    try:
-        raw = yaml.safe_load(text) or {}
-        return RoutingPolicy.model_validate(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML/JSON ({str(e).splitlines()[0]})") from e
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{source}: {problems}") from e
+    return validate(RoutingPolicy, read_mapping(text, source, "a routing policy is a mapping with 'models'"), source)
 
 
 def write_policy(policy: RoutingPolicy, path: Path) -> None:

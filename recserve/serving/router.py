@@ -23,7 +23,7 @@ from recserve.serving.config import ModelRoute, RetrieverRoute, RouterConfig
 from recserve.serving.metrics import RouterMetrics
 from recserve.serving.policy import PolicyWatcher, choose_version, shadow_version
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
-from recserve.serving.routing import CircuitBreaker, LatencyEstimate, RouteSettings, decide
+from recserve.serving.routing import CircuitBreaker, Decision, LatencyEstimate, RouteSettings, decide
 from recserve.serving.scorers import CloudError, CloudScorer, EdgeScorer
 from recserve.triton.features import FeatureEncoder, read_columns, top_k
 from recserve.triton.retrieval import ItemIndex, context_encoder
@@ -132,7 +132,9 @@ class Router:
         items = list(req.candidate_item_ids) or await self._retrieve(req)
         sparse, dense = self._rows(model, req, items)
         remaining = None if budget_ms is None else budget_ms - (self.clock() - start) * 1e3
-        decision = decide(remaining, self.estimate.estimate_ms, self.breaker.allow(), self.inflight, self.settings)
+        decision = decide(remaining, self.estimate.estimate_ms, self.breaker.available(), self.inflight, self.settings)
+        if decision.route == "cloud" and not self.breaker.allow():  # the half-open probe went to another request
+            decision = Decision("edge", "circuit half-open")
         self.metrics.circuit_open.set(1 if self.breaker.state == CircuitBreaker.OPEN else 0)
         if decision.route == "reject":
             raise RankError("DEADLINE_EXCEEDED", "the deadline passed before ranking could start")

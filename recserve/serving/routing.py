@@ -79,6 +79,12 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self._probing = False
 
+    def available(self) -> bool:
+        """Whether :meth:`allow` would let a call through now, without taking the half-open probe."""
+        if self.state == self.OPEN:
+            return self.clock() - self.opened_at >= self.cooldown_s
+        return self.state == self.CLOSED or not self._probing
+
     def allow(self) -> bool:
         if self.state == self.OPEN and self.clock() - self.opened_at >= self.cooldown_s:
             self.state, self._probing = self.HALF_OPEN, False
