@@ -13,7 +13,6 @@ ranker features of every item) -> ``ranker`` -> ``recommend_topk``.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -22,6 +21,12 @@ from recserve.converters.triton_config import to_pbtxt
 
 MODELS = Path(__file__).resolve().parent / "models"
 STRING, FP32, INT64, INT32 = mc.TYPE_STRING, mc.TYPE_FP32, mc.TYPE_INT64, mc.TYPE_INT32
+
+
+def python_model_shim(name: str) -> str:
+    """The ``model.py`` Triton loads: it imports the model's code from the installed recserve package."""
+    return (f'"""Triton python model `{name}`: its code is recserve/triton/models/{name}.py."""\n\n'
+            f"from recserve.triton.models.{name} import TritonPythonModel  # noqa: F401\n")
 
 
 def _python_model(name: str, inputs: list[tuple], outputs: list[tuple], parameters: dict[str, str] | None = None,
@@ -102,9 +107,8 @@ def write_ensembles(repository: Path, ranker: str = "ranker") -> list[Path]:
         d = Path(repository) / cfg.name
         (d / "1").mkdir(parents=True, exist_ok=True)
         (d / "config.pbtxt").write_text(to_pbtxt(cfg))
-        src = MODELS / f"{cfg.name}.py"
-        if src.exists():
-            shutil.copyfile(src, d / "1" / "model.py")
+        if (MODELS / f"{cfg.name}.py").exists():
+            (d / "1" / "model.py").write_text(python_model_shim(cfg.name))
         else:
             (d / "1" / ".keep").touch()
         written.append(d)

@@ -206,7 +206,7 @@ def build_retrieval(retriever: Path, ranker: Path, data_spec: str | None, reposi
     from recserve.converters.repository import add_version
     from recserve.converters.triton_config import BuildProfile, model_config
     from recserve.data import load_dataset
-    from recserve.triton.ensembles import MODELS, item_index_config
+    from recserve.triton.ensembles import item_index_config, python_model_shim
 
     ranker_cfg = Path(repository) / "ranker" / "config.pbtxt"
     if ranker_cfg.exists():
@@ -231,6 +231,6 @@ def build_retrieval(retriever: Path, ranker: Path, data_spec: str | None, reposi
     tower_dir = add_version(repository, model_config(user_tower, tower, "onnxruntime", BuildProfile()), files)
     arrays = build_index(retr.state.graph, retr_data, rank_data)
     index_dir = add_version(repository, item_index_config(index, candidates),
-                            {"model.py": (MODELS / "item_index.py").read_bytes()})
+                            {"model.py": python_model_shim("item_index").encode()})
     save_index(arrays, index_dir)
     return [tower_dir, index_dir]

@@ -1,36 +1,3 @@
-"""Triton python model: raw user and context features -> user-tower ids and ranker context columns."""
+"""Triton python model `retrieve_preprocess`: its code is recserve/triton/models/retrieve_preprocess.py."""
 
-import json
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-from recserve.triton.features import FeatureEncoder, read_columns, sibling_file
-from recserve.triton.retrieval import Layout, context_encoder
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        here = args["model_repository"]
-        tower = sibling_file(here, params["user_tower_model"], "preprocessing.json")
-        self.user = FeatureEncoder.load(tower, read_columns(tower)["user_sparse"], dense=False)
-        ranker = sibling_file(here, params["ranker_model"], "preprocessing.json")
-        layout = Layout(**json.loads(sibling_file(here, params["index_model"], "layout.json").read_text()))
-        self.context = context_encoder(ranker, layout)
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            get = lambda n: pb_utils.get_input_tensor_by_name(request, n).as_numpy()  # noqa: E731
-            try:
-                user_raw = get("user_raw")
-                user, _ = self.user.encode(user_raw, np.zeros((len(user_raw), 0)))
-                sparse, dense = self.context.encode(get("context_raw"), get("context_dense_raw"))
-            except Exception as e:  # a bad request gets its own error; the model keeps serving
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
-                continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("user_sparse", user), pb_utils.Tensor("context_sparse", sparse),
-                pb_utils.Tensor("context_dense", dense)]))
-        return responses
+from recserve.triton.models.retrieve_preprocess import TritonPythonModel  # noqa: F401
