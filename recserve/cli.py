@@ -254,6 +254,54 @@ def route(
         serve_app.stop()
 
 
+@app.command()
+def loadtest(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (see loadtest/)")],
+    rate: Annotated[float | None, typer.Option(help="override the arrival rate (requests/s)")] = None,
+    duration: Annotated[float | None, typer.Option(help="override the measured duration (s)")] = None,
+    sweep: Annotated[str | None, typer.Option(help="comma-separated rates: find the highest meeting the SLO")] = None,
+    url: Annotated[str | None, typer.Option(help="override the target address")] = None,
+    out: Annotated[Path | None, typer.Option(help="write report.json (and report.png for a sweep) here")] = None,
+) -> None:
+    """Open-loop (or closed-loop) load test against Triton or the router, with HDR histograms."""
+    import json
+
+    from rich.progress import Progress
+
+    from recserve.loadtest import generator
+    from recserve.loadtest.report import plot_sweep, runs_table
+    from recserve.loadtest.scenario import load_scenario
+
+    s = load_scenario(scenario)
+    arrivals = s.arrivals.model_copy(update={k: v for k, v in (("rate", rate), ("duration_s", duration)) if v})
+    s = s.model_copy(update={"arrivals": arrivals} | ({"url": url} if url else {}))
+    try:
+        rates = [float(r) for r in sweep.split(",")] if sweep else []
+    except ValueError as e:
+        raise ConfigError(f"--sweep takes numbers separated by commas, got {sweep!r}") from e
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"{s.name}: {len(rates) or 1} run(s) of {arrivals.warmup_s + arrivals.duration_s:.0f}s",
+                                 total=len(rates) or 1)
+        if rates:
+            result = {"sweep": generator.sweep(s, rates)}
+            runs = result["sweep"]["runs"]
+        else:
+            runs = [generator.run(s).report()]
+            result = {"run": runs[0]}
+        progress.update(task, completed=len(rates) or 1)
+    console.print(runs_table(runs, f"{s.name}: {s.target} {s.url}"))
+    if rates:
+        console.print(f"highest rate with p99 <= {s.slo_p99_ms} ms: {result['sweep']['max_rate_meeting_slo']}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(result, indent=2))
+        if rates:
+            plot_sweep({s.target: result["sweep"]}, out / "report.png")
+        console.print(f"report: {out}/report.json")
+    if any(not r["valid"] for r in runs):
+        console.print("[yellow]some runs are invalid: the generator fell behind its schedule[/yellow]")
+
+
 operator_app = typer.Typer(help="The canary rollout operator (kopf) and its CRD.", no_args_is_help=True)
 app.add_typer(operator_app, name="operator")
 

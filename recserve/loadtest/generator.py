@@ -1,0 +1,197 @@
+"""The load generator: open loop (requests leave at their scheduled times whatever the answers do,
+latency counted from the *intended* send time, so queueing at the server is never hidden: no
+coordinated omission) and closed loop (a fixed number in flight, for perf_analyzer-style numbers).
+
+It checks itself: every request's scheduling lag (actual minus intended send time) goes into its
+own histogram, and a run whose p99 lag exceeds the scenario's limit is reported as invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+from recserve.loadtest.payloads import build_payloads, make_call
+from recserve.loadtest.scenario import Scenario
+from recserve.loadtest.schedule import schedule
+
+MAX_US = 60_000_000
+SPIN_S = 0.0015
+"""Within this much of a send time the dispatcher yields instead of sleeping (epoll sleeps round up to 1 ms)."""
+
+
+def histogram() -> HdrHistogram:
+    return HdrHistogram(1, MAX_US, 3)
+
+
+@dataclass
+class WorkerResult:
+    latency: bytes
+    lag: bytes
+    errors: dict[str, int] = field(default_factory=dict)
+    sent: int = 0
+    recorded: int = 0
+    seconds: float = 0.0
+
+
+async def _open_loop(s: Scenario, times: np.ndarray, payloads: list) -> WorkerResult:
+    lat, lag, errors = histogram(), histogram(), Counter()
+    timeout = s.timeout_ms / 1e3
+    warmup = s.arrivals.warmup_s
+    recorded = 0
+    async with grpc.aio.insecure_channel(s.url) as channel:
+        call = make_call(s, channel)
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task] = set()
+
+        async def one(i: int, intended: float) -> None:
+            nonlocal recorded
+            sent = loop.time()
+            code = "OK"
+            try:
+                await call(payloads[i % len(payloads)], timeout)
+            except grpc.aio.AioRpcError as e:
+                code = e.code().name
+            done = loop.time()
+            if intended - start >= warmup:
+                lag.record_value(max(1, int((sent - intended) * 1e6)))
+                if code == "OK":
+                    lat.record_value(min(MAX_US, max(1, int((done - intended) * 1e6))))
+                    recorded += 1
+                else:
+                    errors[code] += 1
+
+        start = loop.time() + 0.05
+        for i, offset in enumerate(times):
+            intended = start + offset
+            while True:
+                delta = intended - loop.time()
+                if delta <= 0:
+                    break
+                await asyncio.sleep(delta - SPIN_S if delta > 2 * SPIN_S else 0)
+            task = loop.create_task(one(i, intended))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending, timeout=timeout + 1.0)
+        seconds = s.arrivals.duration_s
+    return WorkerResult(lat.encode(), lag.encode(), dict(errors), len(times), recorded, seconds)
+
+
+async def _closed_loop(s: Scenario, payloads: list) -> WorkerResult:
+    lat, lag, errors = histogram(), histogram(), Counter()
+    timeout = s.timeout_ms / 1e3
+    recorded = 0
+    async with grpc.aio.insecure_channel(s.url) as channel:
+        call = make_call(s, channel)
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        measure_from = begin + s.arrivals.warmup_s
+        end = measure_from + s.arrivals.duration_s
+        counter = iter(range(1 << 62))
+
+        async def worker() -> None:
+            nonlocal recorded
+            while loop.time() < end:
+                i = next(counter)
+                t0 = loop.time()
+                code = "OK"
+                try:
+                    await call(payloads[i % len(payloads)], timeout)
+                except grpc.aio.AioRpcError as e:
+                    code = e.code().name
+                if t0 >= measure_from:
+                    if code == "OK":
+                        lat.record_value(min(MAX_US, max(1, int((loop.time() - t0) * 1e6))))
+                        recorded += 1
+                    else:
+                        errors[code] += 1
+
+        await asyncio.gather(*(worker() for _ in range(s.concurrency)))
+    lag.record_value(1)
+    return WorkerResult(lat.encode(), lag.encode(), dict(errors), recorded + sum(errors.values()), recorded,
+                        s.arrivals.duration_s)
+
+
+def _worker(s: Scenario, times: np.ndarray, payloads: list) -> WorkerResult:
+    if s.mode == "closed":
+        return asyncio.run(_closed_loop(s, payloads))
+    return asyncio.run(_open_loop(s, times, payloads))
+
+
+def _worker_entry(args) -> WorkerResult:
+    s, times, payloads = args
+    return _worker(s, times, payloads)
+
+
+@dataclass
+class RunResult:
+    scenario: Scenario
+    latency: HdrHistogram
+    lag: HdrHistogram
+    errors: dict[str, int]
+    sent: int
+    recorded: int
+    seconds: float
+
+    def report(self) -> dict:
+        s = self.scenario
+        ms = lambda h, q: h.get_value_at_percentile(q) / 1e3 if h.get_total_count() else None  # noqa: E731
+        lag_p99 = ms(self.lag, 99) if s.mode == "open" else None
+        valid = lag_p99 is None or lag_p99 <= s.max_lag_p99_ms
+        measured = self.recorded + sum(self.errors.values())
+        return {
+            "scenario": s.name, "target": s.target, "model": s.model, "mode": s.mode,
+            "rate": s.arrivals.rate if s.mode == "open" else None,
+            "concurrency": s.concurrency if s.mode == "closed" else None,
+            "achieved_rps": measured / self.seconds if self.seconds else 0.0,
+            "requests": measured, "ok": self.recorded, "errors": self.errors,
+            "latency_ms": {f"p{q}".replace(".", "_"): ms(self.latency, q) for q in (50, 90, 99, 99.9)}
+            | {"max": self.latency.get_max_value() / 1e3 if self.recorded else None},
+            "lag_ms": {"p50": ms(self.lag, 50), "p99": lag_p99, "max": self.lag.get_max_value() / 1e3}
+            if s.mode == "open" else None,
+            "valid": valid,
+            "invalid_reason": None if valid else
+            f"p99 scheduling lag {lag_p99:.2f} ms > max_lag_p99_ms {s.max_lag_p99_ms}: the generator could not keep "
+            "the schedule (add workers or lower the rate)",
+        }
+
+
+def run(s: Scenario) -> RunResult:
+    """One run of the scenario (its rate and duration), across ``workers`` processes."""
+    payloads = build_payloads(s)
+    times = schedule(s.arrivals, s.seed)
+    if s.workers == 1:
+        results = [_worker(s, times, payloads)]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(s.workers) as pool:
+            args = [(s.model_copy(update={"concurrency": max(1, s.concurrency // s.workers)}), times[w::s.workers],
+                     payloads) for w in range(s.workers)]
+            results = pool.map(_worker_entry, args)
+    lat, lag = histogram(), histogram()
+    errors: Counter = Counter()
+    for r in results:
+        lat.decode_and_add(r.latency)
+        lag.decode_and_add(r.lag)
+        errors.update(r.errors)
+    return RunResult(s, lat, lag, dict(errors), sum(r.sent for r in results), sum(r.recorded for r in results),
+                     s.arrivals.duration_s)
+
+
+def sweep(s: Scenario, rates: list[float]) -> dict:
+    """Runs at each rate; the highest rate whose p99 meets the SLO in a valid run."""
+    reports = []
+    for rate in rates:
+        r = run(s.model_copy(update={"arrivals": s.arrivals.model_copy(update={"rate": rate})}))
+        reports.append(r.report())
+    ok = [x for x in reports if x["valid"] and not x["errors"] and x["latency_ms"]["p99"] is not None
+          and x["latency_ms"]["p99"] <= s.slo_p99_ms]
+    return {"slo_p99_ms": s.slo_p99_ms, "runs": reports,
+            "max_rate_meeting_slo": max((x["rate"] for x in ok), default=None)}
