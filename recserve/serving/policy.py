@@ -107,7 +107,16 @@ class PolicyWatcher:
         self.reloads = 0
 
     def set(self, policy: RoutingPolicy) -> None:
+        """Use ``policy`` until the file changes again (an unchanged file does not override it)."""
         self.policy = policy
+        self.reloads += 1
+        if self.path is not None:
+            try:
+                st = self.path.stat()
+                self._stamp = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                pass
+            self._checked = self.clock()
 
     def current(self) -> RoutingPolicy:
         if self.path is None or self.clock() - self._checked < self.interval_s:

@@ -94,6 +94,7 @@ class Router:
         self.retrieve_fn = retrieve_fn
         self.retriever = Retriever(config.retriever, config.edge_threads) if config.retriever and not retrieve_fn else None
         self._shadow_tasks: set[asyncio.Task] = set()
+        self._policy_epoch = 0
 
     # -- the request path -------------------------------------------------------------------------
     async def rank(self, request: RankRequest, budget_ms: float | None = None) -> RankResponse:
@@ -102,8 +103,8 @@ class Router:
         name = request.model or self.config.default_model
         try:
             response = await self._rank(request, name, start, budget_ms)
-        except RankError as e:
-            self.metrics.requests.labels(name, "none", "", e.code).inc()
+        except RankError as e:  # unknown names are not metric labels (unbounded)
+            self.metrics.requests.labels(name if name in self.models else "unknown", "none", "", e.code).inc()
             raise
         self.metrics.requests.labels(name, response.served_by, response.version, "OK").inc()
         self.metrics.latency.labels(name, response.served_by, response.version).observe(self.clock() - start)
@@ -122,6 +123,10 @@ class Router:
             raise RankError("DEADLINE_EXCEEDED", "the request's deadline had already passed when it arrived")
         key = (name, tuple(sorted(req.user.items())), req.query, tuple(req.candidate_item_ids), req.top_k,
                tuple(sorted(req.numeric.items())))
+        self.policy.current()
+        if self.policy.reloads != self._policy_epoch:  # a new split: cached answers may be the old version's
+            self._policy_epoch = self.policy.reloads
+            self.cache.clear()
         cached = self.cache.get(key)
         if cached is not None:
             self.metrics.cache_hits.inc()

@@ -100,6 +100,7 @@ def free_port() -> int:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from a stopped server is no conflict
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -167,6 +167,36 @@ def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def leave_server_side_time_wait(port: int) -> None:
+    """Leave a TIME_WAIT connection whose local end is ``port``, as a server that closed a client's connection
+    does (the server closes first). Needs ``port`` free of listeners."""
+    import socket
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(1)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = server.accept()
+            conn.close()  # the server side closes first: TIME_WAIT stays on 127.0.0.1:port
+            client.recv(1)  # read the FIN, then close the client side
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the client's close completes the handshake asynchronously
+        if _time_wait_on(port):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no TIME_WAIT on port {port}")
+
+
+def _time_wait_on(port: int) -> bool:
+    local = f"{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(":" + local) and fields[3] == "06":  # 06: TIME_WAIT
+            return True
+    return False
+
+
 _REPOS: dict[str, RouterRepo] = {}
 
 

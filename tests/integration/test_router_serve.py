@@ -2,7 +2,7 @@
 
 One Triton and one Ray/Serve start for the whole module (Ray alone takes ~8 s on 2 cores). Requests get a fresh
 user id each (``stack.request()``), so the router's result cache does not answer unless a test means it to.
-The test that stops Triton runs last and starts it again on the same ports.
+The tests that stop Triton run last (the last one starts it again on the same ports).
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import router_fixtures
 from google.protobuf import json_format
-from router_fixtures import CANDIDATES, RouterStack, policy, start_stack, stop_stack, wait_until
+from router_fixtures import (
+    CANDIDATES,
+    RouterStack,
+    leave_server_side_time_wait,
+    policy,
+    start_stack,
+    stop_stack,
+    wait_until,
+)
 
 from recserve.serving import app
 from recserve.serving.client import BUDGET_HEADER, RouterClient
@@ -181,10 +189,6 @@ def test_weight_change_through_user_config_reaches_the_traffic_split(stack: Rout
         write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
 
 
-@pytest.mark.xfail(reason="BUG: app.update_policy calls serve.run again, which deploys a new code version: every "
-                          "replica restarts (breaker, latency estimate, cache and metrics are lost), and the new "
-                          "replica's PolicyWatcher reads policy_file on its first request, replacing the policy from "
-                          "user_config; with a policy file configured update_policy has no effect", strict=True)
 def test_update_policy_wins_over_an_unchanged_policy_file_without_a_restart(stack: RouterStack,
                                                                            client: RouterClient) -> None:
     write_policy(policy({"1": 0, "2": 100}), stack.repo.policy_file)
@@ -270,9 +274,6 @@ def test_bad_input_gets_the_right_status_and_the_service_keeps_serving(stack: Ro
     good()
 
 
-@pytest.mark.xfail(reason="BUG: app._budget accepts non-finite x-budget-ms ('nan', 'inf'): the request goes to the "
-                          "cloud with a NaN/inf timeout, the call fails at once and counts as a breaker failure, so a "
-                          "few such requests open the circuit for every client", strict=True)
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_budget_is_invalid_argument(stack: RouterStack, client: RouterClient, value: str) -> None:
     serving(client, stack)
@@ -331,25 +332,26 @@ def test_triton_stopped_mid_run_every_request_is_answered_in_time(stack: RouterS
     assert {r.served_by for r in after} == {"edge"}
     assert {r.version for r in after} == {"edge"}
     reasons = [r.reason for r in after]
-    assert set(reasons) <= {"cloud failed: answered from edge", "circuit open"}, set(reasons)
+    assert set(reasons) <= {"cloud failed: answered from edge", "circuit open", "circuit half-open"}, set(reasons)
     # the breaker kept the dead cloud out of the path: a few failures (then one probe per cooldown), the rest skipped
-    assert reasons.count("circuit open") > len(after) / 2, reasons
+    assert sum(reason.startswith("circuit") for reason in reasons) > len(after) / 2, reasons
     assert stack.metric("recserve_router_cloud_failures_total") >= stack.config.breaker_failures
-    assert stack.metric("recserve_router_circuit_open") == 1
+    # the gauge follows the breaker (set per request; a request that takes the half-open probe reads 0)
+    wait_until(lambda: rank(client, stack.request()).served_by == "edge"
+               and stack.metric("recserve_router_circuit_open") == 1, 10, what="recserve_router_circuit_open 1")
 
 
-@pytest.mark.xfail(reason="BUG: EmbeddedTriton.start's port_free() binds without SO_REUSEADDR, so the server-side "
-                          "TIME_WAIT connections a stopped Triton leaves behind (its clients, here the router, were "
-                          "connected) make it refuse the same ports for ~60 s ('port ... is in use'), although "
-                          "tritonserver itself could bind them", strict=True)
 def test_router_goes_back_to_the_cloud_when_triton_restarts_on_the_same_ports(stack: RouterStack,
                                                                                client: RouterClient) -> None:
     from recserve.triton.server import EmbeddedTriton
 
-    if stack.triton.process is not None:  # still running (the test above did not run): stop it under traffic
+    if stack.triton.process is not None:  # still running (the test above did not run)
         serving(client, stack)
         stack.triton.stop()
     wait_until(lambda: rank(client, stack.request()).served_by == "edge", 15, what="the router answering from edge")
+    # whether the stop left TIME_WAIT on Triton's own ports depends on who closed each connection first; make sure
+    # it did, as it does when Triton stops with requests in flight
+    leave_server_side_time_wait(stack.triton.settings.grpc_port)
     stack.triton = EmbeddedTriton(stack.triton.settings).start()
     # after a cooldown the breaker's probe succeeds and the cloud serves again
     serving(client, stack, timeout=60)

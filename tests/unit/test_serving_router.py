@@ -314,11 +314,9 @@ def test_failed_probe_keeps_the_circuit_open(env: Env) -> None:
     assert len(r.cloud.calls) == 2
 
 
-@pytest.mark.xfail(reason="BUG: Router._rank calls breaker.allow() before decide() looks at the budget; in half-open "
-                          "allow() hands out the single probe even when the request then goes to the edge "
-                          "('deadline'/'cloud saturated'), so no probe result is ever recorded and the breaker stays "
-                          "half-open with _probing=True: every later request is 'circuit open' forever", strict=True)
 def test_half_open_probe_is_not_lost_to_a_request_that_goes_to_the_edge(env: Env) -> None:
+    """Regression: the half-open probe was taken by breaker.allow() before decide() looked at the budget, so a
+    request sent to the edge for its deadline used it up and the breaker stayed half-open ('circuit open') forever."""
     r = rig(env, breaker_failures=1, breaker_cooldown_s=2.0)
     r.cloud.fail = CloudError("unavailable", "down")
     r.rank(request(), budget_ms=100.0)
@@ -333,6 +331,29 @@ def test_half_open_probe_is_not_lost_to_a_request_that_goes_to_the_edge(env: Env
         if resp.served_by == "cloud":
             break
     assert resp.served_by == "cloud", f"stuck on the edge: {resp.reason!r}"
+    assert r.router.breaker.state == r.router.breaker.CLOSED
+
+
+def test_only_one_request_probes_a_half_open_breaker(env: Env) -> None:
+    r = rig(env, breaker_failures=1, breaker_cooldown_s=2.0)
+    r.cloud.fail = CloudError("unavailable", "down")
+    r.rank(request(), budget_ms=100.0)
+    r.cloud.fail = None
+    r.clock.t += 2.0
+
+    async def scenario():
+        r.cloud.gate = asyncio.Event()  # the probe hangs until released
+        probe = asyncio.create_task(r.router.rank(request(request_id="probe"), 100.0))
+        await _drain(r.router, lambda: len(r.cloud.calls) == 2)
+        others = [await r.router.rank(request(request_id=f"o{i}"), 100.0) for i in range(3)]
+        r.cloud.gate.set()
+        return await probe, others
+
+    probe, others = asyncio.run(scenario())
+    assert probe.served_by == "cloud"
+    assert all(o.served_by == "edge" and o.reason.startswith("circuit") for o in others), [o.reason for o in others]
+    assert len(r.cloud.calls) == 2  # the failure and the one probe
+    assert r.rank(request(request_id="after"), budget_ms=100.0).served_by == "cloud"
 
 
 def test_budget_too_small_for_the_cloud_goes_to_edge(env: Env) -> None:
@@ -430,7 +451,9 @@ def test_unknown_model_is_not_found(env: Env) -> None:
     r = rig(env)
     e = refused(r, request(model="nope"))
     assert e.code == "NOT_FOUND" and "nope" in str(e) and "ranker" in str(e)
-    assert r.metric("recserve_router_requests_total", model="nope", code="NOT_FOUND") == 1.0
+    # the client's name is not a metric label (it would be unbounded): unknown models count as "unknown"
+    assert r.metric("recserve_router_requests_total", model="unknown", code="NOT_FOUND") == 1.0
+    assert r.metric("recserve_router_requests_total", model="nope", code="NOT_FOUND") is None
 
 
 def test_too_many_candidates_is_invalid_argument(env: Env) -> None:

@@ -1,0 +1,96 @@
+"""The load tester against real gRPC servers: the trivial server, a deliberately slow one, Triton."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from recserve.loadtest import generator
+from recserve.loadtest.scenario import Scenario
+from recserve.triton.server import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def trivial_server():
+    def start(service_ms: float = 0.0) -> str:
+        port = free_port()
+        p = subprocess.Popen([sys.executable, "-m", "recserve.loadtest.trivial", "--port", str(port),
+                              "--service-ms", str(service_ms)], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().startswith("ready")
+        return f"127.0.0.1:{port}"
+
+    procs: list[subprocess.Popen] = []
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def _scenario(url: str, **kw) -> Scenario:
+    base = {"target": "trivial", "url": url, "arrivals": {"process": "poisson", "rate": 200, "duration_s": 2,
+                                                          "warmup_s": 0.5},
+            "requests": {"candidates_min": 2, "candidates_max": 4}, "max_lag_p99_ms": 50}
+    return Scenario.model_validate(base | kw)
+
+
+def test_report_has_the_requested_rate_and_sane_percentiles(trivial_server):
+    r = generator.run(_scenario(trivial_server())).report()
+    assert r["rate"] == 200 and r["errors"] == {}
+    assert r["achieved_rps"] == pytest.approx(200, rel=0.2)
+    lat = r["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
+    assert r["lag_ms"]["p99"] is not None and r["valid"]
+
+
+def test_open_loop_shows_the_queueing_a_closed_loop_hides(trivial_server):
+    """A server taking 10 ms per request, one at a time, can do 100/s. Offered 150/s, the queue grows
+    for the whole run: open-loop latency (from the intended send time) climbs far past the service
+    time, while a closed loop with one request in flight sees just the service time."""
+    url = trivial_server(service_ms=10)
+    arrivals = {"process": "constant", "rate": 150, "duration_s": 2, "warmup_s": 0}
+    open_loop = generator.run(_scenario(url, arrivals=arrivals, timeout_ms=5000)).report()
+    closed = generator.run(_scenario(url, mode="closed", concurrency=1, arrivals=arrivals)).report()
+    assert closed["latency_ms"]["p99"] < 30
+    assert open_loop["latency_ms"]["p99"] > 300  # ~50 requests queued by the end: ~0.5 s behind
+    assert open_loop["latency_ms"]["p99"] > 10 * closed["latency_ms"]["p99"]
+
+
+def test_timeouts_are_counted_by_status(trivial_server):
+    url = trivial_server(service_ms=50)
+    r = generator.run(_scenario(url, timeout_ms=20)).report()
+    assert r["errors"].get("DEADLINE_EXCEEDED", 0) > 0
+    assert r["ok"] + sum(r["errors"].values()) == r["requests"]
+
+
+def test_unreachable_target_is_counted_not_raised():
+    r = generator.run(_scenario(f"127.0.0.1:{free_port()}", timeout_ms=200)).report()
+    assert r["ok"] == 0 and r["errors"].get("UNAVAILABLE", 0) == r["requests"] > 0
+
+
+def test_two_worker_processes_share_the_schedule(trivial_server):
+    url = trivial_server()
+    r = generator.run(_scenario(url, workers=2)).report()
+    assert r["requests"] == pytest.approx(400, rel=0.2) and r["errors"] == {}
+
+
+def test_sweep_finds_the_highest_rate_meeting_the_slo(trivial_server):
+    url = trivial_server(service_ms=10)  # capacity 100/s
+    s = _scenario(url, slo_p99_ms=40, timeout_ms=5000,
+                  arrivals={"process": "constant", "rate": 1, "duration_s": 1.5, "warmup_s": 0})
+    result = generator.sweep(s, [40, 300])
+    assert [x["rate"] for x in result["runs"]] == [40, 300]
+    assert result["max_rate_meeting_slo"] == 40
+
+
+def test_cli_rejects_a_bad_scenario_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arrivals: {rate: fast}\n")
+    p = subprocess.run([sys.executable, "-c", "from recserve.cli import main; main()", "loadtest", str(bad)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "error:" in p.stderr and "arrivals.rate" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,616 @@
+"""The rollout state machine (``recserve.operator.machine.reconcile``) walked through with a fake clock.
+
+``reconcile`` is pure: every test builds observations by hand (a fake Triton that obeys LoadVersions),
+moves a number that stands for time, and looks at the actions and the status it returns. No I/O, no sleeps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from recserve.operator.machine import (
+    TERMINAL,
+    Analysis,
+    Emit,
+    LoadVersions,
+    Observations,
+    SetWeights,
+    Status,
+    VersionCounters,
+    reconcile,
+)
+from recserve.operator.spec import ModelRolloutSpec
+
+T0 = 1_700_000_000.0
+"""The fake clock's start (an epoch time, like ``time.time()`` in the operator)."""
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+BASE: dict[str, Any] = {
+    "model": "ranker", "stableVersion": "1", "candidateVersion": "2",
+    "steps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 60}],
+    "analysis": {"intervalSeconds": 30, "failureLimit": 2, "minRequests": 20},
+    "triton": {"grpcUrl": "triton:8001", "metricsUrl": "http://triton:8002/metrics"},
+    "router": {"policyFile": "/tmp/policy.json"},
+}
+
+
+def make_spec(**over: Any) -> ModelRolloutSpec:
+    return ModelRolloutSpec.model_validate(merge(BASE, over))
+
+
+def candidate_weight(a: SetWeights, spec: ModelRolloutSpec) -> int:
+    return dict(a.weights)[spec.candidate_version]
+
+
+def set_weights(actions) -> list[SetWeights]:
+    return [a for a in actions if isinstance(a, SetWeights)]
+
+
+def emits(actions) -> list[Emit]:
+    return [a for a in actions if isinstance(a, Emit)]
+
+
+class Rollout:
+    """A fake world around ``reconcile``: a clock, the candidate's cumulative Triton counters, and a Triton
+    that serves exactly the versions of the last LoadVersions."""
+
+    def __init__(self, spec: ModelRolloutSpec, loaded: tuple[str, ...] = ("1",), now: float = T0):
+        self.spec = spec
+        self.status = Status()
+        self.now = now
+        self.success = 0.0
+        self.failure = 0.0
+        self.p99: float | None = 2.0
+        self.agreement: float | None = None
+        self.reachable = True
+        self.loaded = set(loaded)
+        self.history: list = []
+        """Every action in order."""
+
+    def observations(self) -> Observations:
+        if not self.reachable:
+            return Observations(triton_reachable=False)
+        candidate = VersionCounters(self.success, self.failure, self.p99) if self.spec.candidate_version in self.loaded \
+            else None
+        return Observations(True, frozenset(self.loaded), candidate, self.agreement)
+
+    def tick(self, dt: float = 0.0, ok: float = 0, bad: float = 0):
+        self.now += dt
+        self.success += ok
+        self.failure += bad
+        result = reconcile(self.spec, self.status, self.observations(), self.now)
+        for a in result.actions:
+            if isinstance(a, LoadVersions):
+                self.loaded = set(a.versions)
+        self.history.extend(result.actions)
+        self.status = result.status
+        return result
+
+    def start(self):
+        """Pending (loads both versions) -> Progressing at step 1."""
+        self.tick()
+        result = self.tick()
+        assert result.status.phase == "Progressing", result.status
+        return result
+
+
+# --- Pending ---------------------------------------------------------------------------------------------------------
+
+
+def test_pending_loads_both_versions_and_keeps_the_stable_version_at_100_until_both_are_loaded() -> None:
+    spec = make_spec()
+    world = Rollout(spec, loaded=("1",))
+    triton_never_loads = []
+    for _ in range(3):  # Triton has not loaded the candidate yet: the same request, again
+        result = reconcile(spec, world.status, world.observations(), world.now)
+        triton_never_loads.append(result)
+        assert result.status.phase == "Pending"
+        assert result.actions == [LoadVersions("ranker", ("1", "2")),
+                                  SetWeights("ranker", (("1", 100), ("2", 0)))]
+        assert result.requeue_after == 1.0
+        assert result.status.stable_version == "1" and result.status.candidate_version == "2"
+        world.now += 5
+
+    world.loaded = {"1", "2"}
+    world.success = 7.0  # requests the candidate served before the rollout: not counted by analyses
+    result = world.tick()
+    assert result.status.phase == "Progressing"
+    assert (result.status.step, result.status.weight) == (0, 10)
+    assert set_weights(result.actions) == [SetWeights("ranker", (("1", 90), ("2", 10)))]
+    assert [(e.type, e.reason) for e in emits(result.actions)] == [("Normal", "Started"), ("Normal", "Step")]
+    assert result.status.baseline_success == 7.0 and result.status.last_analysis_at == world.now
+    assert result.status.step_started_at == world.now
+
+
+def test_pending_with_only_the_candidate_loaded_still_asks_for_both() -> None:
+    world = Rollout(make_spec(), loaded=("2",))
+    result = world.tick()
+    assert result.status.phase == "Pending"
+    assert LoadVersions("ranker", ("1", "2")) in result.actions
+
+
+# --- steps -----------------------------------------------------------------------------------------------------------
+
+
+def test_a_step_advances_only_after_its_pause_and_at_least_one_passing_analysis() -> None:
+    spec = make_spec()
+    world = Rollout(spec)
+    world.start()
+
+    r = world.tick(30, ok=25)  # first analysis passes, but the step's 60 s are not over
+    assert r.status.last_analysis.verdict == "passed" and r.status.passed_in_step == 1
+    assert (r.status.step, r.status.weight) == (0, 10)
+    assert set_weights(r.actions) == []
+
+    r = world.tick(29, ok=25)  # 59 s: still step 1, and no analysis (the interval is 30 s)
+    assert r.status.step == 0 and r.status.last_analysis_at == T0 + 30
+    assert set_weights(r.actions) == []
+
+    r = world.tick(1, ok=0)  # 60 s and a passing analysis in the step: step 2
+    assert (r.status.step, r.status.weight) == (1, 50)
+    assert set_weights(r.actions) == [SetWeights("ranker", (("1", 50), ("2", 50)))]
+    assert [e.reason for e in emits(r.actions)] == ["Step"]
+    assert r.status.passed_in_step == 0 and r.status.step_started_at == world.now
+
+
+def test_the_pause_alone_does_not_advance_a_step_without_a_passing_analysis() -> None:
+    spec = make_spec()
+    world = Rollout(spec)
+    world.start()
+    for _ in range(6):  # 3 minutes of too little traffic: every analysis is inconclusive
+        r = world.tick(30, ok=3)
+        assert r.status.step == 0 and r.status.weight == 10
+        assert r.status.last_analysis.verdict == "inconclusive"
+    assert "waiting for a passing analysis" in r.status.message
+    r = world.tick(30, ok=30)  # the pause is long over; the first passing analysis advances at once
+    assert r.status.step == 1
+
+
+def test_after_the_last_step_the_candidate_is_promoted_then_the_stable_version_unloaded() -> None:
+    spec = make_spec()
+    world = Rollout(spec)
+    world.start()
+    world.tick(30, ok=30)
+    world.tick(30, ok=30)  # step 2
+    world.tick(30, ok=30)
+    r = world.tick(30, ok=30)
+    assert r.status.phase == "Promoted" and r.status.weight == 100
+    weights_i = r.actions.index(SetWeights("ranker", (("1", 0), ("2", 100))))
+    load_i = r.actions.index(LoadVersions("ranker", ("2",)))
+    assert weights_i < load_i, "traffic must leave the stable version before it is unloaded"
+    assert ("Normal", "Promoted") in [(e.type, e.reason) for e in emits(r.actions)]
+    assert world.loaded == {"2"}
+    promoted = [c for c in r.status.conditions if c["type"] == "Progressing"]
+    assert promoted and promoted[0]["status"] == "True" and promoted[0]["reason"] == "Promoted"
+    # the candidate weights ever written: 0 (pending), the steps, 100
+    assert [candidate_weight(a, spec) for a in set_weights(world.history)] == [0, 10, 50, 100]
+
+
+def test_a_single_step_rollout_with_no_pause_promotes_on_its_first_passing_analysis() -> None:
+    spec = make_spec(steps=[{"weight": 25, "pauseSeconds": 0}])
+    world = Rollout(spec)
+    world.start()
+    r = world.tick(10, ok=100)  # before the analysis interval: nothing judged yet
+    assert r.status.phase == "Progressing"
+    r = world.tick(20, ok=100)
+    assert r.status.phase == "Promoted"
+
+
+# --- analyses --------------------------------------------------------------------------------------------------------
+
+
+def test_inconclusive_analyses_never_advance_nor_fail() -> None:
+    spec = make_spec(analysis={"failureLimit": 1, "thresholds": {"maxErrorRate": 0.0}})
+    world = Rollout(spec)
+    world.start()
+    for _ in range(40):  # 20 minutes, every request failing, but never minRequests of them in an interval
+        r = world.tick(30, bad=19)
+        assert r.status.phase == "Progressing" and r.status.step == 0 and r.status.failures == 0
+        assert r.status.last_analysis.verdict == "inconclusive"
+        assert r.status.last_analysis.error_rate is None
+        assert set_weights(r.actions) == []
+        assert not [e for e in emits(r.actions) if e.type == "Warning"]
+    assert "minRequests 20" in r.status.last_analysis.reasons[0]
+
+
+def test_failed_analyses_count_and_reaching_failure_limit_rolls_back() -> None:
+    spec = make_spec(analysis={"failureLimit": 2, "thresholds": {"maxErrorRate": 0.05}})
+    world = Rollout(spec)
+    world.start()
+    world.tick(30, ok=30)
+    world.tick(30, ok=30)  # step 2 at 50%
+
+    r = world.tick(30, ok=90, bad=10)  # 10% errors
+    assert r.status.phase == "Progressing" and r.status.failures == 1
+    assert r.status.last_analysis.verdict == "failed"
+    assert r.status.last_analysis.error_rate == pytest.approx(0.1)
+    assert [(e.type, e.reason) for e in emits(r.actions)] == [("Warning", "AnalysisFailed")]
+    assert "error rate 0.1000 > maxErrorRate 0.05" in emits(r.actions)[0].message
+    assert set_weights(r.actions) == []
+    passing = [c for c in r.status.conditions if c["type"] == "AnalysisPassing"][0]
+    assert passing["status"] == "False"
+
+    r = world.tick(30, ok=40, bad=10)
+    assert r.status.phase == "RolledBack" and r.status.weight == 0 and r.status.failures == 2
+    assert r.actions[0] == SetWeights("ranker", (("1", 100), ("2", 0)))
+    assert r.actions[1] == LoadVersions("ranker", ("1",))
+    assert [(e.type, e.reason) for e in emits(r.actions)] == [("Warning", "AnalysisFailed")]
+    assert "2 failed analyses (limit 2)" in r.status.message
+    progressing = [c for c in r.status.conditions if c["type"] == "Progressing"][0]
+    assert progressing["status"] == "False" and progressing["reason"] == "AnalysisFailed"
+    assert world.loaded == {"1"}
+
+
+def test_failures_need_not_be_consecutive_and_a_passing_analysis_does_not_reset_them() -> None:
+    spec = make_spec(steps=[{"weight": 10, "pauseSeconds": 600}], analysis={"failureLimit": 2})
+    world = Rollout(spec)
+    world.start()
+    assert world.tick(30, ok=50, bad=50).status.failures == 1
+    assert world.tick(30, ok=100).status.failures == 1
+    assert world.tick(30, ok=100).status.phase == "Progressing"
+    assert world.tick(30, ok=50, bad=50).status.phase == "RolledBack"
+
+
+def test_each_analysis_judges_only_the_requests_since_the_previous_one() -> None:
+    spec = make_spec(steps=[{"weight": 10, "pauseSeconds": 600}], analysis={"failureLimit": 3})
+    world = Rollout(spec)
+    world.success, world.failure = 1000.0, 500.0  # history from before the rollout
+    world.start()
+    r = world.tick(30, ok=99, bad=1)
+    assert r.status.last_analysis.requests == 100
+    assert r.status.last_analysis.error_rate == pytest.approx(0.01)
+    assert r.status.last_analysis.verdict == "passed"  # 0.01 is not > the default maxErrorRate 0.01
+    assert (r.status.baseline_success, r.status.baseline_failure) == (1099.0, 501.0)
+
+
+@pytest.mark.parametrize("p99,verdict", [(5.0, "failed"), (4.0, "passed"), (None, "passed")])
+def test_the_p99_latency_threshold(p99, verdict) -> None:
+    spec = make_spec(analysis={"thresholds": {"maxP99LatencyMs": 4.0}})
+    world = Rollout(spec)
+    world.start()
+    world.p99 = p99
+    r = world.tick(30, ok=100)
+    assert r.status.last_analysis.verdict == verdict
+    assert r.status.last_analysis.p99_ms == p99
+    if verdict == "failed":
+        assert r.status.last_analysis.reasons == ["p99 5.00 ms > maxP99LatencyMs 4.0"]
+
+
+@pytest.mark.parametrize("agreement,verdict", [(0.5, "failed"), (0.8, "passed"), (None, "passed")])
+def test_the_shadow_agreement_threshold(agreement, verdict) -> None:
+    spec = make_spec(analysis={"thresholds": {"minShadowAgreement": 0.8}})
+    world = Rollout(spec)
+    world.start()
+    world.agreement = agreement
+    r = world.tick(30, ok=100)
+    assert r.status.last_analysis.verdict == verdict
+    assert r.status.last_analysis.shadow_agreement == agreement
+    if verdict == "failed":
+        assert "shadow agreement 0.500 < minShadowAgreement 0.8" in r.status.last_analysis.reasons
+
+
+def test_every_failed_threshold_is_reported() -> None:
+    spec = make_spec(analysis={"failureLimit": 5, "thresholds": {
+        "maxErrorRate": 0.0, "maxP99LatencyMs": 1.0, "minShadowAgreement": 0.9}})
+    world = Rollout(spec)
+    world.start()
+    world.p99, world.agreement = 3.0, 0.1
+    r = world.tick(30, ok=90, bad=10)
+    assert len(r.status.last_analysis.reasons) == 3
+    assert emits(r.actions)[0].message.count(";") == 2
+
+
+# --- pause, abort, gate ----------------------------------------------------------------------------------------------
+
+
+def test_paused_holds_the_weight_while_analyses_go_on_then_resumes() -> None:
+    spec = make_spec()
+    world = Rollout(spec)
+    world.start()
+    world.spec = spec.model_copy(update={"paused": True})
+    for _ in range(10):  # 5 minutes of passing analyses: far past the step's pause
+        r = world.tick(30, ok=100)
+        assert r.status.phase == "Paused" and r.status.weight == 10 and r.status.step == 0
+        assert set_weights(r.actions) == []
+        assert r.status.last_analysis.at == world.now
+    assert r.status.message == "paused at step 1 (10%)"
+    assert r.requeue_after == 30
+    world.spec = spec  # resumed: the step's time and its passing analyses count
+    r = world.tick(1)
+    assert r.status.phase == "Progressing" and r.status.step == 1 and r.status.weight == 50
+
+
+def test_a_paused_rollout_still_rolls_back_on_failed_analyses() -> None:
+    spec = make_spec(paused=True, analysis={"failureLimit": 1})
+    world = Rollout(spec)
+    world.start()
+    r = world.tick(30, ok=10, bad=90)
+    assert r.status.phase == "RolledBack"
+    assert r.actions[0] == SetWeights("ranker", (("1", 100), ("2", 0)))
+
+
+def test_abort_rolls_back_to_weight_0_then_nothing_more_happens() -> None:
+    spec = make_spec()
+    world = Rollout(spec)
+    world.start()
+    world.tick(30, ok=30)
+    world.tick(30, ok=30)  # 50%
+    world.spec = spec.model_copy(update={"abort": True})
+    r = world.tick(1)
+    assert r.status.phase == "Aborted" and r.status.weight == 0
+    assert r.actions == [SetWeights("ranker", (("1", 100), ("2", 0))), LoadVersions("ranker", ("1",)),
+                         Emit("Warning", "Aborted", "spec.abort is set: all traffic back on the stable version")]
+    for _ in range(5):
+        later = world.tick(30, ok=100, bad=100)
+        assert later.actions == [] and later.status == r.status
+
+
+def test_abort_while_pending_never_sends_traffic_to_the_candidate() -> None:
+    spec = make_spec(abort=True)
+    world = Rollout(spec)
+    r = world.tick()
+    assert r.status.phase == "Aborted"
+    assert [candidate_weight(a, spec) for a in set_weights(world.history)] == [0]
+
+
+GATE_FAILED = {"gate": {"passed": False, "reasons": ["ndcg@10 dropped 4.1% > 1%"]}}
+
+
+@pytest.mark.parametrize("report,why", [
+    (GATE_FAILED, "failed its compression quality gate: ndcg@10 dropped 4.1% > 1%"),
+    ({"gate": {"passed": False}}, "(no reasons)"),
+    ({"stages": []}, "compressionReport has no gate result"),
+    ({"gate": "passed"}, "compressionReport has no gate result"),
+])
+def test_a_failed_compression_gate_is_rejected_before_any_traffic_moves(report, why) -> None:
+    spec = make_spec(compressionReport=report)
+    world = Rollout(spec, loaded=("1", "2"))
+    r = world.tick()
+    assert r.status.phase == "Rejected" and r.status.weight == 0
+    assert why in r.status.message
+    assert ("Warning", "QualityGateFailed") in [(e.type, e.reason) for e in emits(r.actions)]
+    gate = [c for c in r.status.conditions if c["type"] == "QualityGate"][0]
+    assert gate["status"] == "False" and gate["reason"] == "GateFailed"
+    for _ in range(10):
+        world.tick(30, ok=100)
+    assert all(candidate_weight(a, spec) == 0 for a in set_weights(world.history))
+    assert not [a for a in world.history if isinstance(a, LoadVersions) and "2" in a.versions]
+
+
+def test_a_passed_compression_gate_lets_the_rollout_proceed() -> None:
+    spec = make_spec(compressionReport={"gate": {"passed": True, "reasons": []}})
+    world = Rollout(spec)
+    r = world.start()
+    gate = [c for c in r.status.conditions if c["type"] == "QualityGate"][0]
+    assert gate["status"] == "True" and gate["reason"] == "GatePassed"
+    no_report = Rollout(make_spec()).start()
+    assert [c for c in no_report.status.conditions if c["type"] == "QualityGate"][0]["reason"] == "NoReport"
+
+
+# --- Triton ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_an_unreachable_triton_means_no_actions_a_false_condition_and_a_requeue(started) -> None:
+    spec = make_spec()
+    world = Rollout(spec)
+    if started:
+        world.start()
+    before = world.status
+    world.reachable = False
+    r = world.tick(30, ok=100)
+    assert r.actions == []
+    assert r.requeue_after == 10.0  # min(interval 30, 10)
+    cond = [c for c in r.status.conditions if c["type"] == "TritonReachable"][0]
+    assert cond["status"] == "False" and cond["reason"] == "Unreachable"
+    assert "unreachable" in r.status.message
+    assert (r.status.phase, r.status.step, r.status.weight, r.status.failures) == \
+        (before.phase if started else "Pending", before.step, before.weight, 0)
+    world.reachable = True
+    r = world.tick(1)
+    assert [c for c in r.status.conditions if c["type"] == "TritonReachable"][0]["status"] == "True"
+
+
+def test_the_unreachable_requeue_is_at_most_the_analysis_interval() -> None:
+    r = reconcile(make_spec(analysis={"intervalSeconds": 2}), Status(), Observations(False), T0)
+    assert r.requeue_after == 2
+
+
+def test_a_candidate_unloaded_mid_rollout_rolls_back() -> None:
+    spec = make_spec()
+    world = Rollout(spec)
+    world.start()
+    world.loaded = {"1"}  # someone unloaded it (or Triton restarted without it)
+    r = world.tick(5)
+    assert r.status.phase == "RolledBack" and r.status.weight == 0
+    assert r.actions[0] == SetWeights("ranker", (("1", 100), ("2", 0)))
+    assert ("Warning", "CandidateUnloaded") in [(e.type, e.reason) for e in emits(r.actions)]
+
+
+# --- a new candidate, terminal phases --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", TERMINAL)
+def test_a_terminal_phase_is_final_for_its_versions(phase) -> None:
+    spec = make_spec()
+    done = Status(phase=phase, stable_version="1", candidate_version="2", weight=100 if phase == "Promoted" else 0)
+    for obs in (Observations(), Observations(False), Observations(True, frozenset({"1"}))):
+        r = reconcile(spec, done, obs, T0)
+        assert r.actions == [] and r.status == done
+    aborted = reconcile(spec.model_copy(update={"abort": True}), done, Observations(), T0)
+    assert aborted.actions == []
+
+
+@pytest.mark.parametrize("phase", TERMINAL)
+def test_a_new_candidate_version_after_a_terminal_phase_starts_over(phase) -> None:
+    old = Status(phase=phase, stable_version="1", candidate_version="2", step=1, weight=100, failures=2,
+                 conditions=[{"type": "Progressing", "status": "True", "reason": "Promoted", "message": "",
+                              "lastTransitionTime": "x"}])
+    spec = make_spec(stableVersion="2", candidateVersion="3")
+    r = reconcile(spec, old, Observations(True, frozenset({"2"})), T0)
+    assert r.status.phase == "Pending"
+    assert (r.status.stable_version, r.status.candidate_version) == ("2", "3")
+    assert (r.status.step, r.status.failures) == (0, 0)
+    assert r.actions == [LoadVersions("ranker", ("2", "3")), SetWeights("ranker", (("2", 100), ("3", 0)))]
+    assert [c["type"] for c in r.status.conditions][0] == "Progressing"  # conditions are kept
+
+
+# --- status ----------------------------------------------------------------------------------------------------------
+
+
+def a_status() -> Status:
+    return Status(phase="Progressing", stable_version="1", candidate_version="2", step=1, weight=50,
+                  step_started_at=T0, last_analysis_at=T0 + 30, baseline_success=120.0, baseline_failure=3.0,
+                  failures=1, passed_in_step=2,
+                  last_analysis=Analysis(T0 + 30, 80.0, 0.0125, 3.5, 0.9, "failed", ["error rate 0.0125 > 0.01"]),
+                  message="step 2/2 at 50%",
+                  conditions=[{"type": "TritonReachable", "status": "True", "reason": "Reachable", "message": "ok",
+                               "lastTransitionTime": "2023-11-14T22:13:20Z"}])
+
+
+def test_status_to_dict_has_camel_case_keys_and_round_trips() -> None:
+    st = a_status()
+    d = st.to_dict()
+    assert set(d) == {"phase", "stableVersion", "candidateVersion", "step", "weight", "stepStartedAt",
+                      "lastAnalysisAt", "baselineSuccess", "baselineFailure", "failures", "passedInStep",
+                      "lastAnalysis", "message", "conditions"}
+    assert Status.from_dict(d) == st
+    assert Status.from_dict(json.loads(json.dumps(d))) == st  # what the API server stores and gives back
+    assert Status.from_dict(Status().to_dict()) == Status()
+
+
+def test_status_from_dict_ignores_unknown_keys_and_takes_an_empty_status() -> None:
+    assert Status.from_dict(None) == Status()
+    assert Status.from_dict({}) == Status()
+    d = a_status().to_dict() | {"kopf": {"progress": {}}, "observedGeneration": 3}
+    assert Status.from_dict(d) == a_status()
+    # what the handler writes for an invalid spec
+    assert Status.from_dict({"phase": "Rejected", "message": "spec.x: bad", "weight": 0}).phase == "Rejected"
+
+
+@pytest.mark.xfail(reason="BUG: Status.to_dict camel-cases only the top level: status.lastAnalysis keeps snake_case "
+                          "keys (error_rate, p99_ms, shadow_agreement) in a camelCase Kubernetes status",
+                   strict=True)
+def test_status_keys_are_camel_case_at_every_level() -> None:
+    def keys(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+
+    assert [k for k in keys(a_status().to_dict()) if "_" in k] == []
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the Kubernetes API server applies kopf's status patches: null deletes."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+@pytest.mark.xfail(reason="BUG: the status the API server stores cannot be read back: kopf writes Status.to_dict() as a "
+                          "JSON merge patch, where null deletes a key, so lastAnalysis loses errorRate/p99/shadow "
+                          "agreement when they are None (an inconclusive analysis, no router metrics, no p99) and "
+                          "Status.from_dict then raises TypeError (Analysis() missing arguments): the timer fails on "
+                          "every tick and the rollout is stuck", strict=True)
+def test_status_survives_a_merge_patch_round_trip_through_the_api_server() -> None:
+    st = replace(a_status(), last_analysis=Analysis(T0, 3.0, None, None, None, "inconclusive", ["3 < 20"]),
+                 step_started_at=None)
+    stored = merge_patch({}, json.loads(json.dumps(st.to_dict())))
+    assert Status.from_dict(stored) == st
+
+
+def test_reconcile_is_deterministic_and_does_not_mutate_its_input() -> None:
+    spec = make_spec(analysis={"failureLimit": 3})
+    st = a_status()
+    frozen = copy.deepcopy(st)
+    obs = Observations(True, frozenset({"1", "2"}), VersionCounters(300.0, 30.0, 3.0), 0.95)
+    first = reconcile(spec, st, obs, T0 + 120)
+    second = reconcile(spec, st, obs, T0 + 120)
+    assert first == second
+    assert st == frozen, "reconcile changed the status it was given"
+    assert first.status is not st and first.status.conditions is not st.conditions
+    assert first.status.failures == 2  # it did decide something: 10% errors failed the analysis
+
+
+# --- defects found while writing these tests (strict xfail: they pass once fixed) -----------------------------------
+
+
+@pytest.mark.xfail(reason="BUG: spec.paused is ignored while Pending: a rollout created (or set) paused moves the "
+                          "candidate from 0% to the first step's weight as soon as both versions are loaded",
+                   strict=True)
+def test_a_rollout_paused_before_it_starts_keeps_the_candidate_at_0() -> None:
+    spec = make_spec(paused=True)
+    world = Rollout(spec)
+    for _ in range(5):
+        world.tick(30, ok=100)
+    assert [candidate_weight(a, spec) for a in set_weights(world.history)] == [0] * len(set_weights(world.history))
+
+
+@pytest.mark.xfail(reason="BUG: weights(spec, 0) keeps mirroring shadowPercent of the traffic to the candidate after "
+                          "RolledBack/Aborted/Rejected (and in the finalizer), although the candidate is unloaded "
+                          "(or refused): the router keeps shadow-calling a version Triton no longer serves",
+                   strict=True)
+@pytest.mark.parametrize("how", ["analysis", "abort", "gate"])
+def test_a_rolled_back_candidate_gets_no_shadow_traffic(how) -> None:
+    spec = make_spec(router={"shadowPercent": 20}, analysis={"failureLimit": 1},
+                     **({"compressionReport": GATE_FAILED} if how == "gate" else {}))
+    world = Rollout(spec)
+    if how != "gate":
+        world.start()
+        assert set_weights(world.history)[-1].shadow_version == "2"  # shadowing during the rollout: fine
+    if how == "abort":
+        world.spec = spec.model_copy(update={"abort": True})
+    r = world.tick(30, ok=10, bad=90)
+    assert r.status.phase in ("RolledBack", "Aborted", "Rejected")
+    last = set_weights(r.actions)[-1]
+    assert (last.shadow_version, last.shadow_percent) == (None, 0.0)
+
+
+@pytest.mark.xfail(reason="BUG: reconcile indexes spec.steps[status.step] without a bound: removing steps from a "
+                          "running rollout raises IndexError on every tick (the operator retries forever)",
+                   strict=True)
+def test_removing_steps_from_a_running_rollout_does_not_crash() -> None:
+    spec = make_spec(steps=[{"weight": 10, "pauseSeconds": 0}, {"weight": 30, "pauseSeconds": 0},
+                            {"weight": 60, "pauseSeconds": 600}])
+    world = Rollout(spec)
+    world.start()
+    world.tick(30, ok=100)
+    world.tick(30, ok=100)
+    assert world.status.step == 2
+    world.spec = make_spec(steps=[{"weight": 10, "pauseSeconds": 0}])  # the user shortens the canary
+    r = world.tick(30, ok=100)
+    assert r.status.phase in ("Progressing", "Promoted")
+
+
+@pytest.mark.xfail(reason="BUG: `now - (st.step_started_at or now)` treats a step that started at time 0.0 as not "
+                          "started: with a clock starting at 0 no step ever ends", strict=True)
+def test_a_step_started_at_time_zero_still_ends() -> None:
+    spec = make_spec(steps=[{"weight": 10, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 60}])
+    world = Rollout(spec, now=0.0)
+    world.start()
+    assert world.status.step_started_at == 0.0
+    world.tick(30, ok=100)
+    r = world.tick(30, ok=100)
+    assert r.status.step == 1

@@ -1,0 +1,179 @@
+"""Property tests of the rollout state machine: random canary plans driven by random worlds.
+
+A world is a sequence of ticks: time moves by a random amount, the candidate's Triton counters grow by random
+success/failure increments, p99 and shadow agreement wander, the user toggles pause/abort, Triton goes away
+and comes back, and now and then someone unloads the candidate. Triton obeys every LoadVersions. Whatever
+happens, the weights the operator writes must follow the plan, a failed rollout must end with all traffic on
+the stable version, and a terminal rollout must stay put.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from recserve.operator.machine import (
+    TERMINAL,
+    LoadVersions,
+    Observations,
+    SetWeights,
+    Status,
+    VersionCounters,
+    reconcile,
+)
+from recserve.operator.spec import ModelRolloutSpec
+
+T0 = 1_700_000_000.0
+
+
+@st.composite
+def specs(draw) -> ModelRolloutSpec:
+    weights = sorted(draw(st.lists(st.integers(1, 100), min_size=1, max_size=5)))
+    steps = [{"weight": w, "pauseSeconds": draw(st.sampled_from([0, 0.5, 1, 5, 30]))} for w in weights]
+    thresholds = {"maxErrorRate": draw(st.sampled_from([0.0, 0.01, 0.1, 0.5]))}
+    if draw(st.booleans()):
+        thresholds["maxP99LatencyMs"] = draw(st.sampled_from([1.0, 5.0, 50.0]))
+    if draw(st.booleans()):
+        thresholds["minShadowAgreement"] = draw(st.sampled_from([0.5, 0.9]))
+    return ModelRolloutSpec.model_validate({
+        "model": "ranker", "stableVersion": "1", "candidateVersion": "2", "steps": steps,
+        "analysis": {"intervalSeconds": draw(st.sampled_from([0.5, 1, 5, 30])),
+                     "failureLimit": draw(st.integers(1, 3)), "minRequests": draw(st.sampled_from([0, 1, 10, 50])),
+                     "thresholds": thresholds},
+        "triton": {"grpcUrl": "t:8001", "metricsUrl": "http://t:8002/metrics"},
+        "router": {"policyFile": "/tmp/p.json", "shadowPercent": draw(st.sampled_from([0, 10]))},
+    })
+
+
+tick = st.fixed_dictionaries({
+    "dt": st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0, 5.0, 30.0, 60.0]),
+    "ok": st.integers(0, 60),
+    "bad": st.integers(0, 60) | st.just(0),
+    "p99": st.none() | st.sampled_from([0.5, 3.0, 20.0, 80.0]),
+    "agreement": st.none() | st.sampled_from([0.3, 0.7, 1.0]),
+    "paused": st.booleans(),
+    "abort": st.sampled_from([False] * 30 + [True]),
+    "reachable": st.sampled_from([True] * 9 + [False]),
+    "unload_candidate": st.sampled_from([False] * 30 + [True]),
+})
+
+
+def run(spec: ModelRolloutSpec, ticks: list[dict]):
+    """Yields (before, spec used, result) for every tick of a world that obeys the operator."""
+    status, now, ok, bad, loaded = Status(), T0, 0.0, 0.0, {"1"}
+    for t in ticks:
+        now, ok, bad = now + t["dt"], ok + t["ok"], bad + t["bad"]
+        if t["unload_candidate"]:
+            loaded.discard("2")
+        s = spec.model_copy(update={"paused": t["paused"], "abort": t["abort"]})
+        obs = Observations(False) if not t["reachable"] else \
+            Observations(True, frozenset(loaded), VersionCounters(ok, bad, t["p99"]) if "2" in loaded else None,
+                         t["agreement"])
+        result = reconcile(s, status, obs, now)
+        for a in result.actions:
+            if isinstance(a, LoadVersions):
+                loaded = set(a.versions)
+        yield status, s, result
+        status = result.status
+
+
+def candidate(a: SetWeights) -> int:
+    w = dict(a.weights)
+    assert w["1"] + w["2"] == 100 and set(w) == {"1", "2"}, a
+    return w["2"]
+
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(specs(), st.lists(tick, min_size=1, max_size=60))
+def test_weights_only_move_as_the_steps_allow(spec, ticks) -> None:
+    allowed = {0, 100} | {s.weight for s in spec.steps}
+    highest = 0
+    for before, _, result in run(spec, ticks):
+        after = result.status
+        for a in (a for a in result.actions if isinstance(a, SetWeights)):
+            w = candidate(a)
+            assert w in allowed
+            if after.phase in ("RolledBack", "Aborted", "Rejected", "Pending"):
+                assert w == 0
+            elif after.phase == "Promoted":
+                assert w == 100
+                assert before.phase in ("Progressing", "Paused") and before.step == len(spec.steps) - 1
+            else:  # entering a step: the next one, never further
+                assert after.phase == "Progressing"
+                expected_step = 0 if before.phase == "Pending" else before.step + 1
+                assert after.step == expected_step, (before, after)
+                assert w == spec.steps[after.step].weight
+                assert w >= highest, "the candidate's weight went down during the rollout"
+                highest = w
+        if after.phase not in TERMINAL:
+            assert after.weight == (0 if after.phase == "Pending" else spec.steps[after.step].weight)
+            assert 0 <= after.step < len(spec.steps)
+            assert after.step >= before.step
+
+
+@SETTINGS
+@given(specs(), st.lists(tick, min_size=1, max_size=60))
+def test_every_failed_rollout_ends_with_all_traffic_on_the_stable_version(spec, ticks) -> None:
+    for before, _, result in run(spec, ticks):
+        if result.status.phase in ("RolledBack", "Aborted", "Rejected") and before.phase not in TERMINAL:
+            writes = [a for a in result.actions if isinstance(a, SetWeights)]
+            assert writes, "a rollback must write the routing policy"
+            assert dict(writes[-1].weights) == {"1": 100, "2": 0}
+            assert result.status.weight == 0
+            if result.status.phase != "Rejected":
+                assert LoadVersions("ranker", ("1",)) in result.actions
+                load_i = result.actions.index(LoadVersions("ranker", ("1",)))
+                assert result.actions.index(writes[-1]) < load_i, "unloaded before the traffic moved away"
+
+
+@SETTINGS
+@given(specs(), st.lists(tick, min_size=1, max_size=60))
+def test_once_terminal_nothing_more_happens(spec, ticks) -> None:
+    terminal = None
+    for before, _, result in run(spec, ticks):
+        if terminal is not None:
+            assert result.actions == []
+            assert result.status == terminal
+        elif result.status.phase in TERMINAL:
+            terminal = result.status
+
+
+@SETTINGS
+@given(specs(), st.lists(tick, min_size=1, max_size=40))
+def test_a_paused_rollout_never_moves_traffic_forward(spec, ticks) -> None:
+    for before, used, result in run(spec, ticks):
+        if used.paused and before.phase in ("Progressing", "Paused"):
+            for a in (a for a in result.actions if isinstance(a, SetWeights)):
+                assert candidate(a) == 0 and result.status.phase in ("RolledBack", "Aborted", "Rejected")
+
+
+@SETTINGS
+@given(specs(), st.lists(tick, min_size=1, max_size=40))
+def test_reconcile_is_pure_along_any_path(spec, ticks) -> None:
+    for before, used, result in run(spec, ticks):
+        snapshot = copy.deepcopy(before)
+        obs = Observations(True, frozenset({"1", "2"}), VersionCounters(1e6, 10.0, 1.0), 0.9)
+        assert reconcile(used, before, obs, T0 + 1e5) == reconcile(used, before, obs, T0 + 1e5)
+        assert before == snapshot
+        assert Status.from_dict(result.status.to_dict()) == result.status
+
+
+@SETTINGS
+@given(specs(), st.lists(tick, min_size=1, max_size=60))
+def test_the_analysis_counts_and_failure_limit_are_respected(spec, ticks) -> None:
+    for before, _, result in run(spec, ticks):
+        after = result.status
+        if after.phase in TERMINAL and before.phase in TERMINAL:
+            continue
+        assert after.failures <= spec.analysis.failure_limit
+        if after.phase == "RolledBack" and after.failures >= spec.analysis.failure_limit:
+            assert after.last_analysis is not None and after.last_analysis.verdict == "failed"
+        if after.failures > before.failures:
+            assert after.failures == before.failures + 1
+            assert after.last_analysis.verdict == "failed"
+            assert after.last_analysis.requests >= max(1, spec.analysis.min_requests)
