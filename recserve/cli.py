@@ -311,6 +311,7 @@ def operator_run(
     namespace: Annotated[list[str] | None, typer.Option(help="namespaces to watch (repeatable)")] = None,
     all_namespaces: Annotated[bool, typer.Option(help="watch every namespace")] = False,
     tick_seconds: Annotated[float, typer.Option(help="how often each rollout is looked at")] = 2.0,
+    liveness_port: Annotated[int, typer.Option(help="serve kopf's liveness probe on http://0.0.0.0:PORT/healthz (0: off)")] = 0,
 ) -> None:
     """Run the operator against the cluster of the current kubeconfig (or in-cluster config)."""
     import os
@@ -322,7 +323,8 @@ def operator_run(
 
     if not namespace and not all_namespaces:
         raise ConfigError("choose what to watch: --namespace NS (repeatable) or --all-namespaces")
-    kopf.run(clusterwide=all_namespaces, namespaces=namespace or [], standalone=True)
+    kopf.run(clusterwide=all_namespaces, namespaces=namespace or [], standalone=True,
+             liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None)
 
 
 @operator_app.command("crd")

@@ -106,6 +106,16 @@ def build_app(config: RouterConfig, policy: RoutingPolicy | None = None):
         config.model_dump(mode="json", exclude={"retriever"}), retriever)
 
 
+def app(args: dict):
+    """Ray Serve application builder (``import_path: recserve.serving.app:app``, e.g. in a KubeRay
+    RayService): ``args`` holds ``config``, the path of the router's YAML config."""
+    from pathlib import Path
+
+    from recserve.serving.config import load_router_config
+
+    return build_app(load_router_config(Path(args.get("config", "/etc/recserve/router.yaml"))))
+
+
 def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus: int = 2) -> None:
     """Start Ray (locally, if not connected), Serve's HTTP and gRPC proxies, and the application."""
     import os
@@ -121,7 +131,7 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": config.http_port},
+    serve.start(http_options={"host": config.http_host, "port": config.http_port},
                 grpc_options={"port": config.grpc_port, "grpc_servicer_functions": [SERVICER]})
     serve.run(build_app(config, policy), name="recserve", route_prefix="/", blocking=False)
 

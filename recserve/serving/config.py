@@ -56,6 +56,7 @@ class RouterConfig(BaseModel):
     edge_threads: int = Field(1, ge=1)
     grpc_port: int = 9000
     http_port: int = 8010
+    http_host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in a pod)")
     num_replicas: int = Field(1, ge=1)
 
     @model_validator(mode="after")

@@ -193,6 +193,7 @@ The router's config file (router.yaml), from router.config plus what the chart k
 {{- $_ := set $cfg "policy_file" "/etc/recserve/policy/policy.json" }}
 {{- $_ := set $cfg "grpc_port" (int .Values.router.ports.grpc) }}
 {{- $_ := set $cfg "http_port" (int .Values.router.ports.http) }}
+{{- $_ := set $cfg "http_host" "0.0.0.0" }}
 {{- if not $cfg.retriever }}
 {{- $_ := unset $cfg "retriever" }}
 {{- end }}
@@ -277,12 +278,6 @@ The router's volumes and mounts (Deployment and RayService pods alike).
   mountPath: /etc/recserve/router.yaml
   subPath: router.yaml
   readOnly: true
-{{- if .Values.router.rayService.enabled }}
-- name: config
-  mountPath: /etc/recserve/app/recserve_rayservice.py
-  subPath: recserve_rayservice.py
-  readOnly: true
-{{- end }}
 # the routing policy: a directory mount (not subPath), so ConfigMap updates reach the running router
 - name: policy
   mountPath: /etc/recserve/policy
@@ -327,8 +322,6 @@ latency settings (`recserve route` sets the same ones itself).
   value: /tmp
 - name: PYTHONDONTWRITEBYTECODE
   value: "1"
-- name: PYTHONPATH
-  value: /etc/recserve/app
 - name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
   value: "0"
 - name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
