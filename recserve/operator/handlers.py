@@ -54,14 +54,28 @@ def carry_out(spec: ModelRolloutSpec, actions, body, namespace: str) -> None:
             kopf.event(body, type=a.type, reason=a.reason, message=a.message)
 
 
+TERMINAL = ("Promoted", "RolledBack", "Aborted", "Rejected")
+
+
+def _generation(body) -> int | None:
+    try:
+        return body["metadata"].get("generation")
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
 def step(body, spec, status, patch, namespace, retry, logger) -> None:
+    generation = _generation(body)
+    status = dict(status or {})
     try:
         rollout = parse_spec(spec)
     except kopf.PermanentError as e:
-        patch.status.update({"phase": "Rejected", "message": str(e), "weight": 0})
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(e))
-        raise
-    current = Status.from_dict(dict(status or {}))
+        if status.get("phase") != "Rejected" or status.get("message") != str(e):
+            patch.status.update({"phase": "Rejected", "message": str(e), "weight": 0, "observedGeneration": generation})
+            kopf.event(body, type="Warning", reason="InvalidSpec", message=str(e))
+        return  # nothing to retry until the spec changes
+    fresh = status.get("phase") == "Rejected" and status.get("observedGeneration") != generation
+    current = Status() if fresh else Status.from_dict(status)  # a fixed spec or report: start over
     result = reconcile(rollout, current, observe(rollout), time.time())
     try:
         carry_out(rollout, result.actions, body, namespace)
@@ -69,15 +83,18 @@ def step(body, spec, status, patch, namespace, retry, logger) -> None:
         delay = min(60.0, 2.0 ** min(retry, 5))
         logger.warning("actions failed (%s), retrying in %.0fs", e, delay)
         raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=delay) from e
-    if result.status != current:
-        patch.status.update(result.status.to_dict())
+    if result.status != current or status.get("observedGeneration") != generation:
+        patch.status.update(result.status.to_dict() | {"observedGeneration": generation})
 
 
 # One timer drives every rollout (creation, spec changes, pause/abort, analyses, steps): kopf runs
 # it serially per object with the latest status, so no two decisions race on a stale status.
 @kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, initial_delay=0.5)
 def on_tick(body, spec, status, patch, namespace, retry, logger, **_) -> None:
-    if (status or {}).get("phase") in ("Promoted", "RolledBack", "Aborted", "Rejected"):
+    status = status or {}
+    # a finished rollout rests until its spec changes (a new candidate, a fixed spec or report)
+    if status.get("phase") in TERMINAL and status.get("observedGeneration") is not None \
+            and status.get("observedGeneration") == _generation(body):
         return
     step(body, spec, status, patch, namespace, retry, logger)
 
@@ -85,7 +102,7 @@ def on_tick(body, spec, status, patch, namespace, retry, logger, **_) -> None:
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=2)
 def on_delete(body, spec, status, namespace, logger, **_) -> None:
     """Finalizer: a rollout deleted before promotion leaves the stable version serving alone."""
-    if (status or {}).get("phase") in ("Promoted", "RolledBack", "Aborted", "Rejected"):
+    if (status or {}).get("phase") in TERMINAL:
         return
     try:
         rollout = ModelRolloutSpec.model_validate(dict(spec))

@@ -72,12 +72,12 @@ Action = LoadVersions | SetWeights | Emit
 # -- status -----------------------------------------------------------------------------------------
 @dataclass
 class Analysis:
-    at: float
-    requests: float
-    error_rate: float | None
-    p99_ms: float | None
-    shadow_agreement: float | None
-    verdict: str
+    at: float = 0.0
+    requests: float = 0.0
+    error_rate: float | None = None
+    p99_ms: float | None = None
+    shadow_agreement: float | None = None
+    verdict: str = "inconclusive"
     """``passed``, ``failed`` or ``inconclusive`` (too few requests)."""
     reasons: list[str] = field(default_factory=list)
 
@@ -100,17 +100,21 @@ class Status:
     conditions: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {_camel(k): v for k, v in d.items()}
+        """camelCase at every level, as Kubernetes statuses are. A None is written as null, which the
+        API server's merge patch turns into a missing key: :meth:`from_dict` reads both as None."""
+        d = {_camel(k): v for k, v in asdict(self).items()}
+        if d["lastAnalysis"] is not None:
+            d["lastAnalysis"] = {_camel(k): v for k, v in d["lastAnalysis"].items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Status:
         if not d:
             return cls()
-        names = {f for f in cls.__dataclass_fields__}
-        kw = {_snake(k): v for k, v in d.items() if _snake(k) in names}
+        kw = {_snake(k): v for k, v in d.items() if _snake(k) in cls.__dataclass_fields__}
         if isinstance(kw.get("last_analysis"), dict):
-            kw["last_analysis"] = Analysis(**{_snake(k): v for k, v in kw["last_analysis"].items()})
+            kw["last_analysis"] = Analysis(**{_snake(k): v for k, v in kw["last_analysis"].items()
+                                              if _snake(k) in Analysis.__dataclass_fields__})
         return cls(**kw)
 
 
@@ -149,10 +153,11 @@ def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def weights(spec: ModelRolloutSpec, candidate_weight: int) -> SetWeights:
+def weights(spec: ModelRolloutSpec, candidate_weight: int, shadow: bool = False) -> SetWeights:
+    """The policy action; ``shadow`` mirrors traffic to the candidate (only while it is being rolled out)."""
+    mirror = shadow and spec.router.shadow_percent > 0 and candidate_weight < 100
     return SetWeights(spec.model, ((spec.stable_version, 100 - candidate_weight), (spec.candidate_version, candidate_weight)),
-                      spec.candidate_version if spec.router.shadow_percent > 0 and candidate_weight < 100 else None,
-                      spec.router.shadow_percent if candidate_weight < 100 else 0.0)
+                      spec.candidate_version if mirror else None, spec.router.shadow_percent if mirror else 0.0)
 
 
 def gate_failure(report: dict[str, Any] | None) -> str | None:
@@ -225,6 +230,9 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
             st.message = f"loading versions {spec.stable_version} and {spec.candidate_version}"
             return Result([LoadVersions(spec.model, (spec.stable_version, spec.candidate_version)),
                            weights(spec, 0)], st, requeue_after=1.0)
+        if spec.paused:
+            st.message = "paused before the first step: the candidate gets no traffic"
+            return Result([weights(spec, 0)], st, requeue_after=interval)
         c = obs.candidate or VersionCounters()  # analyses count from here
         st.baseline_success, st.baseline_failure, st.last_analysis_at = c.success, c.failure, now
         return _enter_step(spec, st, obs, 0, now, [Emit("Normal", "Started", f"canary of version "
@@ -255,8 +263,10 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
         st.phase, st.message = "Paused", f"paused at step {st.step + 1} ({st.weight}%)"
         return Result(actions, st, requeue_after=interval)
     st.phase = "Progressing"
+    st.step = min(st.step, len(spec.steps) - 1)  # steps may have been removed from a running rollout
     step = spec.steps[st.step]
-    if now - (st.step_started_at or now) >= step.pause_seconds and st.passed_in_step > 0:
+    started = st.step_started_at if st.step_started_at is not None else now
+    if now - started >= step.pause_seconds and st.passed_in_step > 0:
         if st.step + 1 < len(spec.steps):
             return _enter_step(spec, st, obs, st.step + 1, now, actions)
         st.phase, st.weight = "Promoted", 100
@@ -276,5 +286,5 @@ def _enter_step(spec: ModelRolloutSpec, st: Status, obs: Observations, index: in
     st.step_started_at, st.passed_in_step = now, 0
     st.message = f"step {index + 1}/{len(spec.steps)} at {st.weight}%"
     _condition(st, "Progressing", True, "StepStarted", st.message, now)
-    return Result(actions + [weights(spec, st.weight), Emit("Normal", "Step", st.message)], st,
+    return Result(actions + [weights(spec, st.weight, shadow=True), Emit("Normal", "Step", st.message)], st,
                   requeue_after=spec.analysis.interval_seconds)

@@ -42,20 +42,20 @@ def version_counters(metrics: dict, model: str, version: str) -> VersionCounters
     return VersionCounters(success, failure, p99)
 
 
-def router_counters(metrics: dict, version: str, p99_ms: float | None) -> VersionCounters:
+def router_counters(metrics: dict, model: str, version: str, p99_ms: float | None) -> VersionCounters:
     """The router's view of one Triton version: successful cloud calls and failed ones (timeouts, errors).
 
     Preferred when the router's metrics are known: it is what users got, and it also counts errors
     that the python-based CPU backend reports to Triton's statistics as successes.
     """
-    success = _sum(metrics.get("recserve_router_cloud_seconds_count", []), version=version)
-    failure = _sum(metrics.get("recserve_router_cloud_failures", []), version=version)
+    success = _sum(metrics.get("recserve_router_cloud_seconds_count", []), model=model, version=version)
+    failure = _sum(metrics.get("recserve_router_cloud_failures", []), model=model, version=version)
     return VersionCounters(success, failure, p99_ms)
 
 
 def shadow_agreement(metrics: dict, model: str, version: str) -> float | None:
-    total = _sum(metrics.get("recserve_router_shadow_overlap_sum", []), version=version)
-    count = _sum(metrics.get("recserve_router_shadow_overlap_count", []), version=version)
+    total = _sum(metrics.get("recserve_router_shadow_overlap_sum", []), model=model, version=version)
+    count = _sum(metrics.get("recserve_router_shadow_overlap_count", []), model=model, version=version)
     return total / count if count else None
 
 
@@ -77,5 +77,5 @@ def observe(spec: ModelRolloutSpec) -> Observations:
         except (urllib.error.URLError, OSError, ValueError):
             return Observations(True, loaded, None, None)  # no judgement without the router's numbers
         agreement = shadow_agreement(router, spec.model, spec.candidate_version)
-        counters = router_counters(router, spec.candidate_version, counters.p99_ms)
+        counters = router_counters(router, spec.model, spec.candidate_version, counters.p99_ms)
     return Observations(True, loaded, counters, agreement)
