@@ -189,7 +189,8 @@ def infer(
     model: Annotated[str, typer.Argument(help="model name")],
     url: Annotated[str, typer.Option(help="Triton gRPC address")] = "127.0.0.1:8001",
     version: Annotated[str, typer.Option(help="model version (default: Triton's policy)")] = "",
-    json_inputs: Annotated[str | None, typer.Option("--json", help='inputs as JSON, e.g. {"sparse": [[1,2]], "dense": [[0.5]]}')] = None,
+    json_inputs: Annotated[str | None, typer.Option(
+        "--json", help='inputs as JSON, e.g. {"sparse": [[1,2]], "dense": [[0.5]]}')] = None,
     data: Annotated[str | None, typer.Option(help="send held-out rows of this dataset spec instead")] = None,
     rows: Annotated[int, typer.Option(min=1)] = 4,
     repository: Annotated[Path | None, typer.Option(help="repository holding the model's preprocessing.json")] = None,

@@ -148,7 +148,8 @@ class EmbeddingStage(StageSpec):
             after = stored.nbytes + scale.nbytes + extra
         last = new_nodes[-1]
         if dtype != np.float32 and self.bits is not None:
-            last = gs.Node("Cast", name=f"{name}_out", inputs=[vals], outputs=[], attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)})
+            to = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+            last = gs.Node("Cast", name=f"{name}_out", inputs=[vals], outputs=[], attrs={"to": to})
             new_nodes.append(last)
         last.outputs = [result]
         graph.nodes.extend(new_nodes)

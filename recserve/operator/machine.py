@@ -150,7 +150,7 @@ def _condition(status: Status, type_: str, ok: bool, reason: str, message: str, 
 def _iso(t: float) -> str:
     import datetime
 
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def weights(spec: ModelRolloutSpec, candidate_weight: int, shadow: bool = False) -> SetWeights:

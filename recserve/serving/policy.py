@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,7 @@ class CloudScorer:
             kind = ("timeout" if code == grpc.StatusCode.DEADLINE_EXCEEDED
                     else "unavailable" if code == grpc.StatusCode.UNAVAILABLE else "error")
             raise CloudError(kind, f"{model} v{version or '-'}: {e.details()}") from e
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise CloudError("timeout", f"{model} v{version or '-'}: no answer in {timeout_s * 1e3:.1f} ms") from e
         for out, raw in zip(resp.outputs, resp.raw_output_contents):
             if out.name == "score":

@@ -23,7 +23,7 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            get = lambda n: pb_utils.get_input_tensor_by_name(request, n).as_numpy()  # noqa: E731
+            get = lambda n, r=request: pb_utils.get_input_tensor_by_name(r, n).as_numpy()  # noqa: E731
             try:
                 emb = get("user_embedding")
                 if emb.shape[0] != 1:

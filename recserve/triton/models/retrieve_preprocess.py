@@ -22,7 +22,7 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            get = lambda n: pb_utils.get_input_tensor_by_name(request, n).as_numpy()  # noqa: E731
+            get = lambda n, r=request: pb_utils.get_input_tensor_by_name(r, n).as_numpy()  # noqa: E731
             try:
                 user_raw = get("user_raw")
                 user, _ = self.user.encode(user_raw, np.zeros((len(user_raw), 0)))
