@@ -9,7 +9,8 @@ Prometheus metrics (``recserve.serving.metrics.RouterMetrics``) for the operator
 
 What kmock 0.8 leaves out and these tests add (``Emulator``): resourceVersions (kopf JSON-patches with a
 ``test`` on ``/metadata/resourceVersion``), a 422 when such a test fails (kmock answers 500, and kopf would
-retry the stale patch forever), names for ``generateName`` (kopf's Events), uids and creation timestamps.
+retry the stale patch forever), ``metadata.generation`` bumped on spec changes (the operator compares it with
+``status.observedGeneration``), names for ``generateName`` (kopf's Events), uids and creation timestamps.
 kmock cannot serve ``/api/v1/namespaces`` (its path parser fails on it), so kopf runs with
 ``--all-namespaces``. kmock stores objects without validating them against the CRD's schema.
 """
@@ -105,15 +106,30 @@ class Emulator(kmock.KubernetesEmulator):
             meta["resourceVersion"] = str(next(_RV))
             meta.setdefault("generation", 1)
         elif request.resource is not None and request.action == kmock.action.UPDATE:
-            rv = str(next(_RV))
+            meta: dict[str, Any] = {"resourceVersion": str(next(_RV))}
+            if request.subresource is None and self._touches_spec(request.data):
+                meta["generation"] = self._generation(request) + 1  # as the API server does on spec changes
             if isinstance(request.data, dict):
-                request.data.setdefault("metadata", {})["resourceVersion"] = rv
+                request.data.setdefault("metadata", {}).update(meta)
             elif isinstance(request.data, list):
-                request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
+                request.data.extend({"op": "add", "path": f"/metadata/{k}", "value": v} for k, v in meta.items())
         try:
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as e:
             raise kmock.KubernetesError(status=422, reason="Invalid", message=f"the object has changed: {e}") from e
+
+    @staticmethod
+    def _touches_spec(data: Any) -> bool:
+        if isinstance(data, dict):
+            return "spec" in data
+        return isinstance(data, list) and any(str(op.get("path", "")).startswith("/spec") for op in data)
+
+    def _generation(self, request) -> int:
+        try:
+            obj = self.objects[request.resource, request.namespace, request.name]
+            return int(obj.get("metadata", {}).get("generation", 1)) if not obj.deleted else 1
+        except (KeyError, ValueError):
+            return 1
 
 
 class ApiServer:
@@ -370,8 +386,12 @@ class Traffic:
     """
 
     def __init__(self, triton: Triton, model: str, stable: str, policy_file: Path, rate_hz: float = 40.0,
-                 k: int = 8, seed: int = 0):
+                 k: int = 8, seed: int = 0, policy_delay_s: float = 0.0):
         self.triton, self.model, self.stable, self.policy_file = triton, model, stable, policy_file
+        self.policy_delay_s = policy_delay_s
+        """Route by the policy as it was this long ago: a real router sees a new policy late (its file watcher's
+        interval, a ConfigMap volume's kubelet sync). 0: the newest policy, at once."""
+        self._seen: list[tuple[float, RoutingPolicy]] = []
         self.period, self.k = 1.0 / rate_hz, k
         self.rng = np.random.default_rng(seed)
         self.metrics = RouterMetrics()
@@ -414,6 +434,14 @@ class Traffic:
         self._http.server_close()
 
     def policy(self) -> RoutingPolicy:
+        newest = self._newest_policy()
+        if self.policy_delay_s <= 0:
+            return newest
+        cutoff = time.time() - self.policy_delay_s
+        seen = [p for t, p in self._seen if t <= cutoff]
+        return seen[-1] if seen else RoutingPolicy()
+
+    def _newest_policy(self) -> RoutingPolicy:
         try:
             st = self.policy_file.stat()
         except OSError:
@@ -425,6 +453,7 @@ class Traffic:
             except (OSError, RecserveError):
                 return self._policy
             self._stamp = stamp
+            self._seen.append((time.time(), self._policy))
             p = self._policy.models.get(self.model)
             if p is not None:
                 self.policy_changes.append((st.st_mtime_ns / 1e9, dict(p.versions), p.shadow_version))

@@ -8,12 +8,12 @@ each other's counters or loaded versions.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 from operator_fixtures import (
-    NAMESPACE,
     TICK,
     ApiServer,
     Traffic,
@@ -54,13 +54,13 @@ def model(request, triton: Triton):
     triton.unload(name)
 
 
-def spec(triton: Triton, model: str, policy: Path, traffic: Traffic | None = None, **over) -> dict:
+def spec(tri: Triton, model: str, policy: Path, traffic: Traffic | None = None, **over) -> dict:
     s = {
         "model": model, "stableVersion": "1", "candidateVersion": "2",
         "steps": [{"weight": 30, "pauseSeconds": 1}, {"weight": 60, "pauseSeconds": 1}],
         "analysis": {"intervalSeconds": 1, "failureLimit": 2, "minRequests": 3,
                      "thresholds": {"maxErrorRate": 0.0, "minShadowAgreement": 0.9}},
-        "triton": {"grpcUrl": triton.grpc_url, "metricsUrl": triton.metrics_url},
+        "triton": {"grpcUrl": tri.grpc_url, "metricsUrl": tri.metrics_url},
         "router": {"policyFile": str(policy), "shadowPercent": 50},
     }
     if traffic is not None:
@@ -146,18 +146,20 @@ def test_a_good_candidate_is_promoted(kube: ApiServer, triton: Triton, model: st
            seconds_create_to_promoted=round(promoted_at - created, 1))
 
 
-@pytest.mark.xfail(reason="BUG: without router metrics the status's lastAnalysis has shadow_agreement=None, which "
-                          "the API server's merge patch deletes; Status.from_dict then raises TypeError on every "
-                          "later tick, so the rollout never leaves step 1", strict=True)
 def test_a_good_candidate_is_promoted_on_tritons_counters_alone(kube: ApiServer, triton: Triton, model: str,
                                                                  tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy), operator() as runner:
         kube.create(rollout("triton-only", spec(triton, model, policy, None,
                                                 analysis={"thresholds": {"maxErrorRate": 0.0}})))
-        st = wait_phase(kube, "triton-only", ("Promoted", "RolledBack"), 15, runner)
-    assert st["phase"] == "Promoted"
+        st = wait_phase(kube, "triton-only", ("Promoted", "RolledBack"), 30, runner)
+    assert st["phase"] == "Promoted", st
     assert read_policy(policy, model) == {"1": 0.0, "2": 100.0}
+    # no router numbers: lastAnalysis has no shadow agreement, and the API server's merge patch drops the null
+    analyses = [v["status"]["lastAnalysis"] for v in kube.history("triton-only")
+                if (v.get("status") or {}).get("lastAnalysis")]
+    assert analyses and all(a.get("shadowAgreement") is None and a["verdict"] == "passed" for a in analyses)
+    assert phases(kube.history("triton-only")) == ["Pending", "Progressing", "Promoted"]
 
 
 # --- 2. a bad candidate is rolled back -------------------------------------------------------------------------------
@@ -246,30 +248,37 @@ def test_an_operator_restart_mid_rollout_resumes_from_the_stored_status(kube: Ap
 
 
 def test_invalid_specs_are_rejected_with_a_clear_message_and_no_crash_loop(kube: ApiServer, triton: Triton,
-                                                                          tmp_path: Path) -> None:
+                                                                          model: str, tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
-    same = spec(triton, "ranker_never_loaded", policy, candidateVersion="1")  # the schema cannot say this
-    # what the CRD's schema refuses; kmock does not validate against it, so the operator sees it too
-    schema_invalid = spec(triton, "ranker_never_loaded", policy, candidateVersion="v2",
-                          steps=[{"weight": 0, "pauseSeconds": 1}])
-    with operator() as runner:
+    with Traffic(triton, model, "1", policy) as traffic, operator() as runner:
+        same = spec(triton, model, policy, traffic, candidateVersion="1", steps=[{"weight": 50, "pauseSeconds": 0}])
+        # what the CRD's schema refuses; kmock does not validate against it, so the operator sees it too
+        schema_invalid = spec(triton, "never_loaded", tmp_path / "other.json", candidateVersion="v2",
+                              steps=[{"weight": 0, "pauseSeconds": 1}])
         kube.create(rollout("same-versions", same))
         kube.create(rollout("schema-invalid", schema_invalid))
         assert kube.get("schema-invalid")["spec"]["candidateVersion"] == "v2"  # stored as sent
         same_st = wait_phase(kube, "same-versions", "Rejected", 20, runner)
         bad_st = wait_phase(kube, "schema-invalid", "Rejected", 20, runner)
         time.sleep(6 * TICK)  # a few more ticks: nothing more may happen
-        assert runner.future.running()
+        assert not runner.future.done()
+        for name in ("same-versions", "schema-invalid"):
+            assert reasons(kube, name) == ["InvalidSpec"], reasons(kube, name)  # once, not on every tick
+            rejected = [v["status"] for v in kube.history(name) if (v.get("status") or {}).get("phase") == "Rejected"]
+            assert len({json.dumps(r, sort_keys=True) for r in rejected}) == 1, rejected
+        assert not policy.exists()  # no routing policy was written for an invalid rollout
+        # the user fixes the spec: the rollout starts (a new generation of the spec)
+        kube.patch_spec("same-versions", {"candidateVersion": "2"})
+        fixed = wait_phase(kube, "same-versions", ("Promoted", "RolledBack"), 40, runner)
     assert "candidateVersion must differ from stableVersion" in same_st["message"]
     assert "spec.candidateVersion: String should match pattern '^[0-9]+$'" in bad_st["message"]
     assert "spec.steps.0.weight: Input should be greater than or equal to 1" in bad_st["message"]
     assert same_st["weight"] == 0 and bad_st["weight"] == 0
-    for name in ("same-versions", "schema-invalid"):
-        assert reasons(kube, name) == ["InvalidSpec"], reasons(kube, name)  # once, not on every tick
-        rejected = [v for v in kube.history(name) if (v.get("status") or {}).get("phase") == "Rejected"]
-        assert len({str(v["status"]) for v in rejected}) == 1
-    assert not policy.exists()  # no routing policy was written for an invalid rollout
-    assert "Traceback" not in runner.output.replace("kopf.PermanentError", "")
+    assert fixed["phase"] == "Promoted", fixed
+    assert phases(kube.history("same-versions")) == ["Rejected", "Pending", "Progressing", "Promoted"]
+    assert read_policy(policy, model) == {"1": 0.0, "2": 100.0}
+    assert kube.status("schema-invalid")["phase"] == "Rejected"
+    assert "Traceback" not in runner.output
 
 
 def test_an_unreachable_triton_is_reported_and_retried_until_the_spec_points_at_a_real_one(
@@ -283,7 +292,7 @@ def test_an_unreachable_triton_is_reported_and_retried_until_the_spec_points_at_
             c["type"] == "TritonReachable" and c["status"] == "False" for c in s.get("conditions", [])) and s,
             20, lambda: f"TritonReachable False: {kube.status('lost')}")
         time.sleep(6 * TICK)  # it keeps trying; nothing escapes
-        assert runner.future.running()
+        assert not runner.future.done()
         assert kube.status("lost")["phase"] == "Pending"
         assert not policy.exists()
         kube.patch_spec("lost", {"triton": {"grpcUrl": triton.grpc_url, "metricsUrl": triton.metrics_url}})
@@ -320,3 +329,85 @@ def test_deleting_a_rollout_mid_way_puts_all_traffic_back_on_the_stable_version(
     assert read_policy(policy, model) == {"1": 100.0, "2": 0.0}
     assert traffic.candidate_weights("2")[-1] == 0.0
     assert traffic.failures("1") == []
+
+
+# --- a new candidate after a finished rollout ------------------------------------------------------------------------
+
+
+def test_a_new_candidate_after_promotion_starts_a_new_rollout(kube: ApiServer, triton: Triton, model: str,
+                                                              tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"
+    with Traffic(triton, model, "1", policy) as traffic, operator() as runner:
+        kube.create(rollout("again", spec(triton, model, policy, traffic, steps=[{"weight": 50, "pauseSeconds": 0}])))
+        first = wait_phase(kube, "again", ("Promoted", "RolledBack"), 40, runner)
+        assert first["phase"] == "Promoted", first
+        only_loaded(triton, model, "2")
+        time.sleep(4 * TICK)
+        assert kube.status("again") == first  # a finished rollout rests
+        # version 2 is now the stable one; version 1 comes back as the candidate (a revert, rolled out safely)
+        traffic.stable = "2"
+        kube.patch_spec("again", {"stableVersion": "2", "candidateVersion": "1"})
+        second = wait_for(lambda: (s := kube.status("again")).get("phase") in ("Promoted", "RolledBack")
+                          and s.get("candidateVersion") == "1" and s, 40,
+                          lambda: f"the second rollout to finish: {kube.status('again')}")
+    assert second["phase"] == "Promoted", second
+    assert read_policy(policy, model) == {"2": 0.0, "1": 100.0}
+    only_loaded(triton, model, "1")
+    assert phases(kube.history("again")) == ["Pending", "Progressing", "Promoted", "Pending", "Progressing", "Promoted"]
+    assert reasons(kube, "again").count("Started") == 2
+    switch = min(t for t, w, _ in traffic.policy_changes if w.get("2") == 100)
+    back = min(t for t, w, _ in traffic.policy_changes if w.get("1") == 100)
+    assert traffic.failures("1", until=switch) == [] and traffic.failures("2", until=back) == []
+
+
+# --- defects found while writing these tests (strict xfail: they pass once fixed) ------------------------------------
+
+
+@pytest.mark.xfail(reason="BUG: observe() treats Triton's readiness as reachability; Triton (strict readiness, its "
+                          "default and EmbeddedTriton's) is not ready while ANY model is unavailable, so one broken "
+                          "model elsewhere in the server makes every rollout report TritonReachable=False and stay "
+                          "Pending forever, although the rolled-out model is READY and serving", strict=True)
+def test_an_unrelated_broken_model_does_not_stop_a_rollout(kube: ApiServer, tmp_path_factory, tmp_path: Path) -> None:
+    from recserve.errors import InferenceError
+    from recserve.triton.client import TritonClient
+
+    ranker = trained_ranker(tmp_path_factory)
+    own = Triton(tmp_path / "repo", ranker)
+    own.server.start()
+    try:
+        own.add_model("healthy")
+        broken = own.repo / "broken"
+        (broken / "1").mkdir(parents=True)
+        (broken / "config.pbtxt").write_text((own.repo / "healthy" / "config.pbtxt").read_text()
+                                             .replace('name: "healthy"', 'name: "broken"'))
+        (broken / "1" / "model.onnx").write_bytes(b"not an onnx model")
+        with TritonClient(own.grpc_url, timeout=30) as c, pytest.raises(InferenceError):
+            c.load("broken")
+        assert own.ready_versions("healthy") == {"1"}  # the model to roll out is fine
+        policy = tmp_path / "policy.json"
+        with Traffic(own, "healthy", "1", policy) as traffic, operator() as runner:
+            kube.create(rollout("neighbour", spec(own, "healthy", policy, traffic,
+                                                  steps=[{"weight": 50, "pauseSeconds": 0}])))
+            st = wait_phase(kube, "neighbour", ("Progressing", "Promoted", "RolledBack"), 10, runner)
+        assert traffic.failures("1") == []
+        assert st["phase"] in ("Progressing", "Promoted")
+    finally:
+        own.server.stop()
+
+
+@pytest.mark.xfail(reason="BUG: promotion (and rollback, and the finalizer) unloads the old version in the same tick "
+                          "that writes the new routing policy; a router sees a new policy only after its file "
+                          "watcher's interval (1 s in recserve's PolicyWatcher) or a ConfigMap volume's kubelet sync "
+                          "(up to a minute), so the requests it still sends to the old version fail", strict=True)
+def test_promotion_keeps_the_old_version_until_routers_have_the_new_policy(kube: ApiServer, triton: Triton,
+                                                                          model: str, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"
+    with Traffic(triton, model, "1", policy, policy_delay_s=1.0) as traffic, operator() as runner:
+        kube.create(rollout("stale-router", spec(triton, model, policy, traffic,
+                                                 steps=[{"weight": 50, "pauseSeconds": 1}])))
+        st = wait_phase(kube, "stale-router", ("Promoted", "RolledBack"), 40, runner)
+        time.sleep(1.5)  # the router catches up with the promotion
+    assert st["phase"] == "Promoted", st
+    failed = traffic.failures("1")
+    report(test="stale-router-promotion", stable_requests=traffic.requests("1"), stable_failures=len(failed))
+    assert failed == [], f"{len(failed)} requests to the old stable version failed after the promotion: {failed[:1]}"
