@@ -93,8 +93,8 @@ def step(body, spec, status, patch, namespace, retry, logger) -> None:
 def on_tick(body, spec, status, patch, namespace, retry, logger, **_) -> None:
     status = status or {}
     # a finished rollout rests until its spec changes (a new candidate, a fixed spec or report)
-    if status.get("phase") in TERMINAL and status.get("observedGeneration") is not None \
-            and status.get("observedGeneration") == _generation(body):
+    if status.get("phase") in TERMINAL and status.get("unloadAfter") is None \
+            and status.get("observedGeneration") is not None and status.get("observedGeneration") == _generation(body):
         return
     step(body, spec, status, patch, namespace, retry, logger)
 
@@ -110,5 +110,7 @@ def on_delete(body, spec, status, namespace, logger, **_) -> None:
         return
     from recserve.operator.machine import weights
 
-    carry_out(rollout, [weights(rollout, 0), LoadVersions(rollout.model, (rollout.stable_version,))], body, namespace)
+    carry_out(rollout, [weights(rollout, 0)], body, namespace)
+    time.sleep(min(rollout.router.drain_seconds, 30.0))  # routers pick up the policy before the candidate goes
+    carry_out(rollout, [LoadVersions(rollout.model, (rollout.stable_version,))], body, namespace)
     logger.info("deleted before promotion: version %s serves all traffic", rollout.stable_version)

@@ -98,6 +98,10 @@ class Status:
     last_analysis: Analysis | None = None
     message: str = ""
     conditions: list[dict[str, str]] = field(default_factory=list)
+    unload_after: float | None = None
+    """After a terminal decision: when to unload the version no longer routed to (routers had time to drain)."""
+    keep_versions: list[str] = field(default_factory=list)
+    """The versions Triton keeps at that unload."""
 
     def to_dict(self) -> dict[str, Any]:
         """camelCase at every level, as Kubernetes statuses are. A None is written as null, which the
@@ -193,11 +197,21 @@ def analyse(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
     return Analysis(now, total, rate, c.p99_ms, obs.shadow_agreement, "failed" if reasons else "passed", reasons)
 
 
+def _finish(spec: ModelRolloutSpec, st: Status, keep: str, now: float, before: list[Action],
+            after: list[Action]) -> Result:
+    """Route everything to ``keep`` now; unload the other version once routers have drained (or now)."""
+    drain = spec.router.drain_seconds
+    route = [weights(spec, 100 if keep == spec.candidate_version else 0)]
+    if drain <= 0:
+        return Result(before + route + [LoadVersions(spec.model, (keep,))] + after, st)
+    st.unload_after, st.keep_versions = now + drain, [keep]
+    return Result(before + route + after, st, requeue_after=drain)
+
+
 def _rollback(spec: ModelRolloutSpec, st: Status, phase: str, reason: str, message: str, now: float) -> Result:
     st.phase, st.weight, st.message = phase, 0, message
     _condition(st, "Progressing", False, reason, message, now)
-    return Result([weights(spec, 0), LoadVersions(spec.model, (spec.stable_version,)),
-                   Emit("Warning", reason, message)], st)
+    return _finish(spec, st, spec.stable_version, now, [], [Emit("Warning", reason, message)])
 
 
 def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Result:
@@ -209,7 +223,11 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
         st = Status(stable_version=spec.stable_version, candidate_version=spec.candidate_version,
                     conditions=st.conditions)
     if st.phase in TERMINAL:
-        return Result([], st)
+        if st.unload_after is not None and now >= st.unload_after:
+            keep = tuple(st.keep_versions)
+            st.unload_after, st.keep_versions = None, []
+            return Result([LoadVersions(spec.model, keep)], st)
+        return Result([], st, requeue_after=None if st.unload_after is None else st.unload_after - now)
     if spec.abort:
         return _rollback(spec, st, "Aborted", "Aborted", "spec.abort is set: all traffic back on the stable version", now)
     refusal = gate_failure(spec.compression_report)
@@ -272,8 +290,7 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
         st.phase, st.weight = "Promoted", 100
         st.message = f"version {spec.candidate_version} serves all traffic"
         _condition(st, "Progressing", True, "Promoted", st.message, now)
-        return Result(actions + [weights(spec, 100), LoadVersions(spec.model, (spec.candidate_version,)),
-                                 Emit("Normal", "Promoted", st.message)], st)
+        return _finish(spec, st, spec.candidate_version, now, actions, [Emit("Normal", "Promoted", st.message)])
     st.message = f"step {st.step + 1}/{len(spec.steps)} at {st.weight}%"
     if st.passed_in_step == 0:
         st.message += " (waiting for a passing analysis)"

@@ -62,7 +62,8 @@ def shadow_agreement(metrics: dict, model: str, version: str) -> float | None:
 def observe(spec: ModelRolloutSpec) -> Observations:
     try:
         with TritonClient(spec.triton.grpc_url, timeout=5.0) as client:
-            if not client.server_ready():
+            # liveness, not readiness: with strict readiness one broken model elsewhere makes Triton "not ready"
+            if not client.server_live():
                 return Observations(triton_reachable=False)
             index = client.repository_index()
         metrics = scrape(spec.triton.metrics_url)

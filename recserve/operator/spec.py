@@ -52,6 +52,8 @@ class RouterTarget(_Camel):
     policy_file: str | None = Field(None, description="or a policy file the router reads (local runs)")
     metrics_url: str | None = Field(None, description="router /metrics, for shadow agreement")
     shadow_percent: float = Field(0.0, ge=0, le=100, description="share of cloud traffic mirrored to the candidate")
+    drain_seconds: float = Field(10.0, ge=0, description="how long routers get to pick up a final policy before the "
+                                 "version it no longer uses is unloaded (a mounted ConfigMap can take a minute)")
 
     @model_validator(mode="after")
     def _target(self) -> RouterTarget:

@@ -64,6 +64,9 @@ class TritonClient:
         except InferenceServerException:
             return False
 
+    def server_live(self) -> bool:
+        return self._live()
+
     def model_ready(self, model: str, version: str = "") -> bool:
         try:
             return bool(self._client.is_model_ready(model, version, client_timeout=self.timeout))

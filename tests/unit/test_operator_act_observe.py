@@ -323,6 +323,9 @@ class IndexClient:
     def server_ready(self):
         return self.ready
 
+    def server_live(self):  # observe() asks for liveness: strict readiness falls with any broken model
+        return self.ready
+
     def repository_index(self):
         if self.error:
             raise self.error

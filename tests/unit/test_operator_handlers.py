@@ -26,7 +26,7 @@ SPEC = {
     "model": "ranker", "stableVersion": "1", "candidateVersion": "2",
     "steps": [{"weight": 10, "pauseSeconds": 60}],
     "triton": {"grpcUrl": "127.0.0.1:1", "metricsUrl": "http://127.0.0.1:1/metrics"},
-    "router": {"policyFile": "/nonexistent/policy.json"},
+    "router": {"policyFile": "/nonexistent/policy.json", "drainSeconds": 0},
 }
 BODY = {"apiVersion": "recserve.io/v1alpha1", "kind": "ModelRollout",
         "metadata": {"name": "r", "namespace": "ns", "uid": "u-1", "generation": 1}}
@@ -149,7 +149,8 @@ def test_a_new_target_after_a_terminal_phase_starts_over(handlers, world, status
 
 def test_the_finalizer_puts_all_traffic_back_on_the_stable_version(handlers, world) -> None:
     handlers.on_delete(body=BODY, spec=SPEC, status={"phase": "Progressing", "weight": 10}, namespace="ns", logger=LOG)
-    assert world.actions == [[SetWeights("ranker", (("1", 100), ("2", 0))), LoadVersions("ranker", ("1",))]]
+    # routes first, unloads after the drain (0 s here): two separate steps
+    assert world.actions == [[SetWeights("ranker", (("1", 100), ("2", 0)))], [LoadVersions("ranker", ("1",))]]
 
 
 @pytest.mark.parametrize("status,spec", [

@@ -42,7 +42,7 @@ BASE: dict[str, Any] = {
     "steps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 60}],
     "analysis": {"intervalSeconds": 30, "failureLimit": 2, "minRequests": 20},
     "triton": {"grpcUrl": "triton:8001", "metricsUrl": "http://triton:8002/metrics"},
-    "router": {"policyFile": "/tmp/policy.json"},
+    "router": {"policyFile": "/tmp/policy.json", "drainSeconds": 0},  # unload in the deciding tick (see the drain test)
 }
 
 
@@ -486,7 +486,7 @@ def test_status_to_dict_has_camel_case_keys_and_round_trips() -> None:
     d = st.to_dict()
     assert set(d) == {"phase", "stableVersion", "candidateVersion", "step", "weight", "stepStartedAt",
                       "lastAnalysisAt", "baselineSuccess", "baselineFailure", "failures", "passedInStep",
-                      "lastAnalysis", "message", "conditions"}
+                      "lastAnalysis", "message", "conditions", "unloadAfter", "keepVersions"}
     assert Status.from_dict(d) == st
     assert Status.from_dict(json.loads(json.dumps(d))) == st  # what the API server stores and gives back
     assert Status.from_dict(Status().to_dict()) == Status()
@@ -595,3 +595,24 @@ def test_a_step_started_at_time_zero_still_ends() -> None:
     world.tick(30, ok=100)
     r = world.tick(30, ok=100)
     assert r.status.step == 1
+
+
+def test_with_a_drain_the_old_version_is_unloaded_only_after_routers_had_time() -> None:
+    """Promotion and rollback route all traffic at once but unload the version left behind only after
+    drainSeconds, so routers that pick up the policy late never call an unloaded version."""
+    for outcome in ("promote", "rollback"):
+        spec = make_spec(router={"drainSeconds": 20}, analysis={"failureLimit": 1},
+                         steps=[{"weight": 50, "pauseSeconds": 0}])
+        world = Rollout(spec)
+        world.start()
+        r = world.tick(30, ok=100) if outcome == "promote" else world.tick(30, ok=10, bad=90)
+        keep = "2" if outcome == "promote" else "1"
+        assert r.status.phase == ("Promoted" if outcome == "promote" else "RolledBack")
+        assert not [a for a in r.actions if isinstance(a, LoadVersions)], "unloaded before the drain"
+        assert candidate_weight(set_weights(r.actions)[-1], spec) == (100 if keep == "2" else 0)
+        assert r.status.unload_after == world.now + 20 and r.requeue_after == 20
+        early = world.tick(10)
+        assert early.actions == [] and early.status.unload_after is not None
+        late = world.tick(10)
+        assert late.actions == [LoadVersions("ranker", (keep,))] and late.status.unload_after is None
+        assert world.tick(30).actions == []  # once unloaded, nothing more

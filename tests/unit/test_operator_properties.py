@@ -43,7 +43,8 @@ def specs(draw) -> ModelRolloutSpec:
                      "failureLimit": draw(st.integers(1, 3)), "minRequests": draw(st.sampled_from([0, 1, 10, 50])),
                      "thresholds": thresholds},
         "triton": {"grpcUrl": "t:8001", "metricsUrl": "http://t:8002/metrics"},
-        "router": {"policyFile": "/tmp/p.json", "shadowPercent": draw(st.sampled_from([0, 10]))},
+        "router": {"policyFile": "/tmp/p.json", "shadowPercent": draw(st.sampled_from([0, 10])),
+                   "drainSeconds": draw(st.sampled_from([0, 0, 15]))},
     })
 
 
@@ -126,22 +127,29 @@ def test_every_failed_rollout_ends_with_all_traffic_on_the_stable_version(spec, 
             assert dict(writes[-1].weights) == {"1": 100, "2": 0}
             assert (writes[-1].shadow_version, writes[-1].shadow_percent) == (None, 0.0), "still mirroring"
             assert result.status.weight == 0
-            if result.status.phase != "Rejected":
+            if result.status.phase != "Rejected" and spec.router.drain_seconds == 0:
                 assert LoadVersions("ranker", ("1",)) in result.actions
                 load_i = result.actions.index(LoadVersions("ranker", ("1",)))
                 assert result.actions.index(writes[-1]) < load_i, "unloaded before the traffic moved away"
+            elif result.status.phase != "Rejected":  # with a drain: the unload comes later, never now
+                assert not [a for a in result.actions if isinstance(a, LoadVersions)]
+                assert result.status.keep_versions == ["1"] and result.status.unload_after is not None
 
 
 @SETTINGS
 @given(specs(), st.lists(tick, min_size=1, max_size=60))
 def test_once_terminal_nothing_more_happens(spec, ticks) -> None:
-    terminal = None
+    """After a terminal decision the only thing left is the drained unload (once); then nothing."""
+    terminal, unloads = None, 0
     for _, _, result in run(spec, ticks):
         if terminal is not None:
-            assert result.actions == []
-            assert result.status == terminal
+            loads = [a for a in result.actions if isinstance(a, LoadVersions)]
+            assert result.actions == loads and len(loads) <= 1
+            unloads += len(loads)
+            assert result.status.phase == terminal.phase and result.status.weight == terminal.weight
         elif result.status.phase in TERMINAL:
             terminal = result.status
+    assert unloads <= 1
 
 
 @SETTINGS

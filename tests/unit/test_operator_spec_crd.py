@@ -317,4 +317,5 @@ def test_every_spec_field_is_in_the_schema_under_its_camel_case_name() -> None:
     assert set(props["steps"]["items"]["properties"]) == {"weight", "pauseSeconds"}
     assert set(props["analysis"]["properties"]["thresholds"]["properties"]) == \
         {"maxErrorRate", "maxP99LatencyMs", "minShadowAgreement"}
-    assert set(props["router"]["properties"]) == {"configMap", "policyFile", "metricsUrl", "shadowPercent"}
+    assert set(props["router"]["properties"]) == {"configMap", "policyFile", "metricsUrl", "shadowPercent",
+                                                  "drainSeconds"}
