@@ -42,10 +42,14 @@ class StageContext:
     train: TrainSettings = field(default_factory=TrainSettings)
 
     def fine_tune(self, state: ModelState, epochs: int, label: str) -> dict[str, Any]:
-        """Train the state's module for ``epochs`` more epochs (no-op at 0); returns the history."""
+        """Train the state's module for ``epochs`` more epochs (no-op at 0); returns the history.
+
+        Fine-tuning repairs a trained model: a quarter of the training learning rate, so it does not
+        undo the best-epoch choice of the original training.
+        """
         if epochs <= 0 or state.module is None:
             return {}
-        settings = replace(self.train, epochs=epochs)
+        settings = replace(self.train, epochs=epochs, learning_rate=self.train.learning_rate / 4)
         if state.kind == "ranker":
             return fit_ranker(state.module, self.data.ranking_train, settings, label=label)
         return fit_two_tower(state.module, self.data.retrieval, settings, label=label)
