@@ -40,32 +40,47 @@ class WorkerResult:
     seconds: float = 0.0
 
 
+class _Recorder:
+    """Latency of answered requests, errors by gRPC status, and (open loop) scheduling lag."""
+
+    def __init__(self) -> None:
+        self.lat, self.lag, self.errors, self.recorded = histogram(), histogram(), Counter(), 0
+
+    async def send(self, call, payload, timeout: float) -> str:
+        try:
+            await call(payload, timeout)
+        except grpc.aio.AioRpcError as e:
+            return e.code().name
+        return "OK"
+
+    def record(self, code: str, seconds: float) -> None:
+        if code == "OK":
+            self.lat.record_value(min(MAX_US, max(1, int(seconds * 1e6))))
+            self.recorded += 1
+        else:
+            self.errors[code] += 1
+
+    def result(self, sent: int, seconds: float) -> WorkerResult:
+        if self.lag.get_total_count() == 0:
+            self.lag.record_value(1)
+        return WorkerResult(self.lat.encode(), self.lag.encode(), dict(self.errors), sent, self.recorded, seconds)
+
+
 async def _open_loop(s: Scenario, times: np.ndarray, payloads: list) -> WorkerResult:
-    lat, lag, errors = histogram(), histogram(), Counter()
+    rec = _Recorder()
     timeout = s.timeout_ms / 1e3
     warmup = s.arrivals.warmup_s
-    recorded = 0
     async with grpc.aio.insecure_channel(s.url) as channel:
         call = make_call(s, channel)
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Task] = set()
 
         async def one(i: int, intended: float) -> None:
-            nonlocal recorded
             sent = loop.time()
-            code = "OK"
-            try:
-                await call(payloads[i % len(payloads)], timeout)
-            except grpc.aio.AioRpcError as e:
-                code = e.code().name
-            done = loop.time()
-            if intended - start >= warmup:
-                lag.record_value(max(1, int((sent - intended) * 1e6)))
-                if code == "OK":
-                    lat.record_value(min(MAX_US, max(1, int((done - intended) * 1e6))))
-                    recorded += 1
-                else:
-                    errors[code] += 1
+            code = await rec.send(call, payloads[i % len(payloads)], timeout)
+            if intended - start >= warmup:  # latency from the intended send time: queueing is never hidden
+                rec.lag.record_value(max(1, int((sent - intended) * 1e6)))
+                rec.record(code, loop.time() - intended)
 
         start = loop.time() + 0.05
         for i, offset in enumerate(times):
@@ -80,43 +95,28 @@ async def _open_loop(s: Scenario, times: np.ndarray, payloads: list) -> WorkerRe
             task.add_done_callback(pending.discard)
         if pending:
             await asyncio.wait(pending, timeout=timeout + 1.0)
-        seconds = s.arrivals.duration_s
-    return WorkerResult(lat.encode(), lag.encode(), dict(errors), len(times), recorded, seconds)
+    return rec.result(len(times), s.arrivals.duration_s)
 
 
 async def _closed_loop(s: Scenario, payloads: list) -> WorkerResult:
-    lat, lag, errors = histogram(), histogram(), Counter()
+    rec = _Recorder()
     timeout = s.timeout_ms / 1e3
-    recorded = 0
     async with grpc.aio.insecure_channel(s.url) as channel:
         call = make_call(s, channel)
         loop = asyncio.get_running_loop()
-        begin = loop.time()
-        measure_from = begin + s.arrivals.warmup_s
+        measure_from = loop.time() + s.arrivals.warmup_s
         end = measure_from + s.arrivals.duration_s
         counter = iter(range(1 << 62))
 
         async def worker() -> None:
-            nonlocal recorded
             while loop.time() < end:
-                i = next(counter)
                 t0 = loop.time()
-                code = "OK"
-                try:
-                    await call(payloads[i % len(payloads)], timeout)
-                except grpc.aio.AioRpcError as e:
-                    code = e.code().name
+                code = await rec.send(call, payloads[next(counter) % len(payloads)], timeout)
                 if t0 >= measure_from:
-                    if code == "OK":
-                        lat.record_value(min(MAX_US, max(1, int((loop.time() - t0) * 1e6))))
-                        recorded += 1
-                    else:
-                        errors[code] += 1
+                    rec.record(code, loop.time() - t0)
 
         await asyncio.gather(*(worker() for _ in range(s.concurrency)))
-    lag.record_value(1)
-    return WorkerResult(lat.encode(), lag.encode(), dict(errors), recorded + sum(errors.values()), recorded,
-                        s.arrivals.duration_s)
+    return rec.result(rec.recorded + sum(rec.errors.values()), s.arrivals.duration_s)
 
 
 def _worker(s: Scenario, times: np.ndarray, payloads: list) -> WorkerResult:
