@@ -10,8 +10,8 @@ slowest answer around the switch, and errors (should be none).
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2_grpc
 
+from bench.timing import LoadPool, closed_loop
 from bench.triton import infer_request
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
@@ -28,9 +29,13 @@ from recserve.serving.client import AsyncRouterClient, RouterClient
 from recserve.serving.config import RouterConfig
 from recserve.serving.protos.recommender_pb2 import RankRequest
 from recserve.triton.retrieval import ItemIndex, build_catalog_dir, context_encoder
-from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port, free_ports
 
 CANDIDATES = 50
+INGRESS = os.environ.get("BENCH_ROUTER_INGRESS", "direct")
+REPLICAS = int(os.environ.get("BENCH_ROUTER_REPLICAS", "1"))
+"""The router's shape: one direct-ingress replica by default; with more, the client spreads calls round
+robin over the replicas' ports (direct) or Serve's proxy does (proxy)."""
 LEVELS = (1, 16, 64)
 REQUESTS = {1: 400, 16: 1200, 64: 1600}
 ROUNDS = 2
@@ -52,31 +57,17 @@ def _requests(catalog: ItemIndex, encoder, n: int = 64) -> tuple[list[RankReques
     return ranks, rows
 
 
-async def _loop(call, payloads, concurrency: int, total: int) -> list[float]:
-    latencies: list[float] = []
-    counter = iter(range(total))
-
-    async def worker() -> None:
-        for i in counter:
-            t0 = time.perf_counter()
-            await call(payloads[i % len(payloads)])
-            latencies.append((time.perf_counter() - t0) * 1e3)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
-
-
 async def _direct(url: str, rows, concurrency: int, total: int) -> list[float]:
     reqs = [infer_request("ranker", s, d) for s, d in rows]
     async with grpc.aio.insecure_channel(url) as ch:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
-        return await _loop(stub.ModelInfer, reqs, concurrency, total)
+        return await closed_loop(stub.ModelInfer, reqs, concurrency, total)
 
 
-async def _routed(url: str, ranks, concurrency: int, total: int) -> list[float]:
+async def _routed(url: str | list[str], ranks, concurrency: int, total: int) -> list[float]:
     client = AsyncRouterClient(url)
     try:
-        return await _loop(lambda r: client.rank(r, timeout_s=2.0), ranks, concurrency, total)
+        return await closed_loop(lambda r: client.rank(r, timeout_s=2.0), ranks, concurrency, total)
     finally:
         await client.close()
 
@@ -85,7 +76,7 @@ def _pct(a: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
 
 
-def failover(triton: EmbeddedTriton, router_url: str, ranks) -> dict:
+def failover(triton: EmbeddedTriton, router_url: str | list[str], ranks) -> dict:
     """Stop Triton under a steady Rank stream; measure the switch to the edge."""
     results: list[tuple[float, float, str]] = []  # (sent at, latency ms, served_by)
     errors: list[str] = []
@@ -137,30 +128,38 @@ def run(workdir: Path) -> dict:
     settings = ServerSettings(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     triton = EmbeddedTriton(settings).start()
     cfg = RouterConfig.model_validate({
-        "triton_url": triton.grpc_url, "grpc_port": free_port(), "http_port": free_port(), "cache_ttl_s": 0,
+        "triton_url": triton.grpc_url, "grpc_port": free_ports(REPLICAS),
+        "http_port": free_ports(REPLICAS, start=30_000, stop=32_000),
+        "cache_ttl_s": 0, "ingress": INGRESS, "num_replicas": REPLICAS,
         "models": {"ranker": {"rankers": [{"triton_model": "ranker", "edge_model": str(model_dir / "model.onnx")}],
                               "catalog": str(catalog_dir), "preprocessing": str(model_dir / "preprocessing.json")}}})
     app.start(cfg)
-    router_url = f"127.0.0.1:{cfg.grpc_port}"
+    router_url = cfg.grpc_targets()
+    pool = LoadPool()
     try:
         levels = {}
         for c in LEVELS:
             direct, routed = [], []
             for _ in range(ROUNDS):
-                direct += asyncio.run(_direct(triton.grpc_url, rows, c, REQUESTS[c]))
-                routed += asyncio.run(_routed(router_url, ranks, c, REQUESTS[c]))
+                n = REQUESTS[c] * min(c, pool.procs)
+                direct += pool.run(_direct, (triton.grpc_url, rows), c, n)[0]
+                routed += pool.run(_routed, (router_url, ranks), c, n)[0]
             d, r = _pct(direct), _pct(routed)
             levels[str(c)] = {"direct": d, "router": r, "added_p50_ms": r["p50_ms"] - d["p50_ms"],
                               "added_p99_ms": r["p99_ms"] - d["p99_ms"]}
         fail = failover(triton, router_url, ranks)
     finally:
+        pool.close()
         triton.stop()
         app.stop()
-    return {"candidates": CANDIDATES, "levels": levels, "failover": fail}
+    return {"candidates": CANDIDATES, "ingress": INGRESS, "replicas": REPLICAS, "client_processes": pool.procs,
+            "cores": os.cpu_count(), "levels": levels, "failover": fail}
 
 
 def markdown(r: dict) -> str:
-    lines = [f"### Router (Ray Serve gRPC proxy -> router -> Triton; {r['candidates']} candidates per request, cache off)",
+    shape = f"{r['replicas']} replica{'s' if r['replicas'] > 1 else ''}, {r['ingress']} ingress"
+    lines = [f"### Router (Ray Serve, {shape} -> Triton; {r['candidates']} candidates per request, cache off; "
+             f"{r['client_processes']} client process(es) on {r['cores']} cores)",
              "", "| concurrency | direct Triton p50 / p99 ms | through router p50 / p99 ms | added p50 | added p99 |",
              "|---:|---:|---:|---:|---:|"]
     for c, x in r["levels"].items():

@@ -1,8 +1,14 @@
-"""`make bench`: run every benchmark, write bench/results.json and bench/results.md."""
+"""`make bench`: run every benchmark, write bench/results.json and bench/results.md.
+
+``python -m bench.run [NAME ...]`` runs some of them. Later benchmarks reuse what earlier ones built
+in one work directory: a temporary one, or ``$BENCH_WORKDIR`` when set (kept, so that
+``BENCH_WORKDIR=/tmp/bw python -m bench.run compression`` once lets ``... bench.run router`` rerun alone).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -25,13 +31,16 @@ def main(only: list[str] | None = None) -> int:
     results = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     sections = ["# recserve benchmarks", ""]
+    keep = os.environ.get("BENCH_WORKDIR")
     with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(keep) if keep else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for name, module in BENCHMARKS.items():
             if only and name not in only:
                 continue
             with console.status(f"benchmark: {name}"):
                 t0 = time.perf_counter()
-                results[name] = module.run(Path(tmp))
+                results[name] = module.run(workdir)
                 results[name]["seconds"] = round(time.perf_counter() - t0, 1)
             sections += [module.markdown(results[name]), ""]
     (HERE / "results.json").write_text(json.dumps(results, indent=2))

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench.timing import paired_ratio
+from bench.timing import LoadPool, closed_loop, paired_ratio
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
 from recserve.data import load_dataset
@@ -26,7 +26,8 @@ from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
 
 CONCURRENCY = 64
 REQUESTS = 3000
-ROUNDS = 3
+"""Per round and client process."""
+ROUNDS = 5
 
 
 def _inputs(sparse: np.ndarray, dense: np.ndarray) -> list:
@@ -46,26 +47,18 @@ def infer_request(model: str, sparse: np.ndarray, dense: np.ndarray) -> service_
     return req
 
 
-async def closed_loop(url: str, model: str, rows: list[tuple[np.ndarray, np.ndarray]], concurrency: int,
-                      total: int) -> dict:
-    """``concurrency`` workers each send the next request as soon as their last one returned."""
+async def triton_load(url: str, model: str, rows: list[tuple[np.ndarray, np.ndarray]], concurrency: int,
+                      total: int) -> list[float]:
+    """Closed-loop batch-1 KServe calls (requests built once: the load generator's own cost stays small)."""
     requests = [infer_request(model, sp, de) for sp, de in rows]
-    latencies: list[float] = []
-    counter = iter(range(total))
     async with grpc.aio.insecure_channel(url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return await closed_loop(stub.ModelInfer, requests, concurrency, total)
 
-        async def worker() -> None:
-            for i in counter:
-                t0 = time.perf_counter()
-                await stub.ModelInfer(requests[i % len(requests)])
-                latencies.append(time.perf_counter() - t0)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    lat = np.array(latencies) * 1e3
-    return {"rps": total / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+def _stats(latencies: list[float], wall: float) -> dict:
+    lat = np.asarray(latencies)
+    return {"rps": len(lat) / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
 def server_vs_client(client: TritonClient, url: str, model: str, rows, n: int = 300) -> dict:
@@ -107,13 +100,17 @@ def run(workdir: Path) -> dict:
     with EmbeddedTriton(settings) as server, TritonClient(server.grpc_url) as client:
         latency = {m: server_vs_client(client, server.grpc_url, m, rows) for m in ("ranker_nobatch", "ranker_batched")}
         results: dict[str, list[dict]] = {"ranker_batched": [], "ranker_nobatch": []}
-        for _ in range(ROUNDS):
-            for model in results:
-                results[model].append(asyncio.run(closed_loop(server.grpc_url, model, rows, CONCURRENCY, REQUESTS)))
+        with LoadPool() as pool:
+            for _ in range(ROUNDS):
+                for model in results:
+                    results[model].append(_stats(*pool.run(triton_load, (server.grpc_url, model, rows), CONCURRENCY,
+                                                           REQUESTS * pool.procs)))
+            procs = pool.procs
         stats = {m: client.statistics(m)["model_stats"][0] for m in results}
     med = {m: {k: float(np.median([r[k] for r in rs])) for k in ("rps", "p50_ms", "p99_ms")} for m, rs in results.items()}
     return {
-        "model": "ranker-8x (INT8 QDQ + INT4 embeddings)", "concurrency": CONCURRENCY, "requests_per_round": REQUESTS,
+        "model": "ranker-8x (INT8 QDQ + INT4 embeddings)", "concurrency": CONCURRENCY, "requests_per_round": REQUESTS * procs,
+        "client_processes": procs, "cores": os.cpu_count(),
         "rounds": ROUNDS, "dynamic_batching": med["ranker_batched"], "no_batching": med["ranker_nobatch"],
         "throughput_ratio": paired_ratio([r["rps"] for r in results["ranker_batched"]],
                                          [r["rps"] for r in results["ranker_nobatch"]]),
@@ -140,7 +137,8 @@ def _spec(workdir: Path) -> str:
 def markdown(r: dict) -> str:
     b, n, lat = r["dynamic_batching"], r["no_batching"], r["batch1_latency"]
     lines = [f"### Triton ({r['model']}, embedded tritonserver on CPU)", "",
-             f"Closed loop, concurrency {r['concurrency']}, batch-1 requests, {r['rounds']} alternating rounds:", "",
+             f"Closed loop, concurrency {r['concurrency']} from {r['client_processes']} client process(es) on "
+             f"{r['cores']} cores, batch-1 requests, {r['rounds']} alternating rounds:", "",
              "| config | requests/s | p50 ms | p99 ms | inferences / executions | server compute us / inference |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, x in (("dynamic batching", b), ("no batching", n)):

@@ -243,8 +243,8 @@ def route(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with console.status("starting Ray Serve"):
         serve_app.start(cfg, initial)
-    console.print(f"router ready: gRPC 127.0.0.1:{cfg.grpc_port} (recserve.Recommender/Rank), "
-                  f"HTTP http://127.0.0.1:{cfg.http_port}/v1/rank, metrics http://127.0.0.1:{cfg.http_port}/metrics")
+    console.print(f"router ready ({cfg.ingress} ingress): gRPC {', '.join(cfg.grpc_targets())} (recserve.Recommender/Rank), "
+                  f"HTTP {', '.join(b + '/v1/rank' for b in cfg.http_bases())}, metrics on the same HTTP ports at /metrics")
     try:
         while not stop.wait(0.5):
             pass

@@ -1,5 +1,6 @@
-"""The Ray Serve application: a Router deployment (gRPC ``Rank`` through Ray Serve's gRPC proxy, and
-HTTP JSON) composed with a Retriever deployment for requests that bring no candidates.
+"""The Ray Serve application: a Router deployment (gRPC ``Rank`` and HTTP JSON, served by the replica itself
+(direct ingress) or through Ray Serve's proxies) composed with a Retriever deployment for requests that
+bring no candidates.
 
 Routing-policy changes reach the replicas without a restart, two ways: the policy file is re-read
 when it changes (a mounted ConfigMap in a cluster), and ``reconfigure`` takes a ``policy`` in the
@@ -22,6 +23,7 @@ from recserve.serving.config import RetrieverRoute, RouterConfig
 from recserve.serving.policy import RoutingPolicy, write_policy
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
 from recserve.serving.router import HTTP_STATUS, RankError, Retriever, Router
+from recserve.triton.server import free_port
 
 SERVICER = "recserve.serving.protos.recommender_pb2_grpc.add_RecommenderServicer_to_server"
 log = logging.getLogger(__name__)
@@ -100,9 +102,11 @@ class RouterDeployment:
 def build_app(config: RouterConfig, policy: RoutingPolicy | None = None):
     retriever = None
     if config.retriever is not None:
-        retriever = RetrieverDeployment.bind(config.retriever.model_dump(mode="json"), config.edge_threads)
+        retriever = RetrieverDeployment.options(logging_config={"enable_access_log": config.access_log}).bind(
+            config.retriever.model_dump(mode="json"), config.edge_threads)
     user_config = {"policy": policy.model_dump()} if policy is not None else {"policy": None}
-    return RouterDeployment.options(num_replicas=config.num_replicas, user_config=user_config).bind(
+    return RouterDeployment.options(num_replicas=config.num_replicas, user_config=user_config,
+                                    logging_config={"enable_access_log": config.access_log}).bind(
         config.model_dump(mode="json", exclude={"retriever"}), retriever)
 
 
@@ -117,7 +121,12 @@ def app(args: dict):
 
 
 def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus: int = 2) -> None:
-    """Start Ray (locally, if not connected), Serve's HTTP and gRPC proxies, and the application."""
+    """Start Ray (locally, if not connected), Serve and the application.
+
+    With ``ingress: direct`` the router replica serves gRPC and HTTP on the configured ports itself
+    (Ray Serve direct ingress); Serve's own proxy, which it keeps as a fallback, gets spare ports.
+    With ``ingress: proxy`` Serve's HTTP and gRPC proxies listen on them and call the replicas.
+    """
     import os
 
     import ray
@@ -129,11 +138,36 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
     for key, value in (("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0"), ("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0"),
                        ("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1000"), ("RAY_SERVE_PROXY_USE_GRPC", "1")):
         os.environ.setdefault(key, value)
+    grpc_port, http_port = config.grpc_port, config.http_port
+    direct = direct_ingress_env(config)
+    if config.ingress == "direct":
+        os.environ.update(direct)
+        grpc_port, http_port = free_port(), free_port()
+    else:
+        for key in direct:
+            os.environ.pop(key, None)
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": config.http_host, "port": config.http_port},
-                grpc_options={"port": config.grpc_port, "grpc_servicer_functions": [SERVICER]})
+    elif config.ingress == "direct":
+        log.warning("Ray was already running: direct ingress works only if its processes were started with %s",
+                    " ".join(f"{k}={v}" for k, v in direct.items()))
+    serve.start(http_options={"host": config.http_host, "port": http_port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
     serve.run(build_app(config, policy), name="recserve", route_prefix="/", blocking=False)
+
+
+def direct_ingress_env(config: RouterConfig) -> dict[str, str]:
+    """The environment of Ray's processes for direct ingress on exactly the configured ports, one pair
+    per replica (the ranges' upper bounds are exclusive). Draining is left to the orchestrator (the
+    pod's termination grace period), not held for Serve's 30 s default."""
+    n = config.num_replicas
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(config.grpc_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(config.grpc_port + n),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.http_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.http_port + n),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+            "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
 def update_policy(policy: RoutingPolicy, config: RouterConfig) -> None:

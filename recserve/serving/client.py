@@ -1,5 +1,6 @@
 """A client for the router's gRPC API: the call's deadline is the latency budget, sent twice (gRPC timeout
-and ``x-budget-ms`` metadata, because Ray Serve's gRPC proxy does not forward deadlines)."""
+and ``x-budget-ms`` metadata, because Ray Serve's gRPC ingress does not forward deadlines). The target is
+one address, or the list of a direct-ingress router's replica addresses (round robin)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,24 @@ from recserve.serving.protos.recommender_pb2_grpc import RecommenderStub
 BUDGET_HEADER = "x-budget-ms"
 
 
+def channel_args(target: str | list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """A gRPC target and channel options: a list of ``ip:port`` addresses (the replicas of a router with
+    direct ingress) becomes one channel that spreads calls round robin and skips unreachable ones."""
+    if isinstance(target, str):
+        return target, []
+    if not target:
+        raise ValueError("no router address given")
+    return "ipv4:" + ",".join(target), [("grpc.lb_policy_name", "round_robin")]
+
+
 def budget_metadata(timeout_s: float | None) -> tuple[tuple[str, str], ...]:
     return ((BUDGET_HEADER, f"{timeout_s * 1e3:.3f}"),) if timeout_s is not None else ()
 
 
 class RouterClient:
-    def __init__(self, target: str = "127.0.0.1:9000"):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str | list[str] = "127.0.0.1:9000"):
+        address, options = channel_args(target)
+        self.channel = grpc.insecure_channel(address, options=options)
         self.stub = RecommenderStub(self.channel)
 
     def rank(self, request: RankRequest, timeout_s: float | None = 1.0) -> RankResponse:
@@ -35,8 +47,9 @@ class RouterClient:
 
 
 class AsyncRouterClient:
-    def __init__(self, target: str = "127.0.0.1:9000"):
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str | list[str] = "127.0.0.1:9000"):
+        address, options = channel_args(target)
+        self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = RecommenderStub(self.channel)
 
     async def rank(self, request: RankRequest, timeout_s: float | None = 1.0) -> RankResponse:

@@ -62,11 +62,12 @@ class TritonInstall:
 
 def find_tritonserver() -> TritonInstall:
     """Locate the binary, its libraries and the python backend inside the nvidia-pytriton wheel."""
-    try:
-        import pytriton
-    except ImportError as e:
-        raise ServerError("tritonserver is not installed: `pip install 'recserve[serve]'` (nvidia-pytriton)") from e
-    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")  # found, not imported: we need its files, not its client stack
+    if spec is None or spec.origin is None:
+        raise ServerError("tritonserver is not installed: `pip install 'recserve[serve]'` (nvidia-pytriton)")
+    root = Path(spec.origin).resolve().parent / "tritonserver"
     libs = root.parent.parent / "nvidia_pytriton.libs"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     install = TritonInstall(root / "bin" / "tritonserver", libs, root / "backends" / "python",
@@ -96,6 +97,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(n: int, start: int = 20_000, stop: int = 30_000) -> int:
+    """The first of ``n`` consecutive free local ports (one per direct-ingress router replica)."""
+    if n == 1:
+        return free_port()
+    for first in range(start, stop - n, n + 7):
+        if all(port_free(p) for p in range(first, first + n)):
+            return first
+    raise ServerError(f"no {n} consecutive free ports between {start} and {stop}")
 
 
 def port_free(port: int) -> bool:

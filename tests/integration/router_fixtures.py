@@ -10,6 +10,7 @@ Serve (``recserve.serving.app.start``); clients talk to it over gRPC (RouterClie
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -186,6 +187,25 @@ def leave_server_side_time_wait(port: int) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"no TIME_WAIT on port {port}")
+
+
+def listener_of(port: int) -> str:
+    """The command line (Ray sets it to the actor's name) of the process listening on a local TCP port."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(fields[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd).removeprefix("socket:[").rstrip("]") in inodes for fd in (proc / "fd").iterdir()):
+                return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or not ours to read
+            continue
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 def _time_wait_on(port: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
 import shutil
 from dataclasses import replace
 from pathlib import Path

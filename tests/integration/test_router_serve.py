@@ -1,4 +1,5 @@
-"""The router end to end: real Ray Serve (gRPC proxy + HTTP) in front of the real embedded Triton.
+"""The router end to end: real Ray Serve (direct ingress: gRPC + HTTP on the replica) in front of the real
+embedded Triton.
 
 One Triton and one Ray/Serve start for the whole module (Ray alone takes ~8 s on 2 cores). Requests get a fresh
 user id each (``stack.request()``), so the router's result cache does not answer unless a test means it to.
@@ -20,6 +21,7 @@ from router_fixtures import (
     CANDIDATES,
     RouterStack,
     leave_server_side_time_wait,
+    listener_of,
     policy,
     start_stack,
     stop_stack,
@@ -129,6 +131,12 @@ def test_rank_is_served_by_the_cloud_and_http_agrees(stack: RouterStack, client:
     assert stack.metric("recserve_router_requests_total", model="ranker", route="cloud", version="1", code="OK") >= 2
     assert stack.metric("recserve_router_cache_hits_total") >= 1
     assert stack.http("/healthz") == (200, b"ok")
+
+
+def test_direct_ingress_the_router_replica_itself_listens_on_both_ports(stack: RouterStack) -> None:
+    assert stack.config.ingress == "direct"
+    for port in (stack.config.grpc_port, stack.config.http_port):
+        assert "ServeReplica:recserve:RouterDeployment" in listener_of(port)
 
 
 def test_requests_without_candidates_use_the_retriever(stack: RouterStack, client: RouterClient) -> None:

@@ -13,7 +13,7 @@ from triton_fixtures import TrainedModels, ort_run, start_triton
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
 from recserve.data.schema import Dataset
-from recserve.errors import ConfigError, InferenceError, ServerError
+from recserve.errors import ConfigError, InferenceError
 from recserve.triton.client import TritonClient
 from recserve.triton.retrieval import build_retrieval
 

@@ -237,6 +237,7 @@ def test_values_schema_rejects_mistakes(helm, tmp_path, bad, needle):
      "engineBuild needs modelRepository.type=pvc"),
     ({"engineBuild": {"enabled": True, "hook": True}}, "engineBuild.hook needs modelRepository.pvc.existingClaim"),
     ({"router": {"config": {"default_model": "nope"}}}, 'default_model "nope" is not among'),
+    ({"router": {"config": {"num_replicas": 2}}}, "ingress direct serves from one replica per pod, got num_replicas 2"),
 ])
 def test_impossible_combinations_say_what_to_do(helm, tmp_path, values, needle):
     f = tmp_path / "v.yaml"
@@ -510,6 +511,16 @@ def _router_config(docs) -> dict:
 # ------------------------------------------------------------------------------------------- router
 
 
+def test_proxy_ingress_takes_several_replicas_per_pod(helm, tmp_path):
+    from recserve.serving.config import RouterConfig
+
+    f = tmp_path / "v.yaml"
+    f.write_text(yaml.safe_dump({"router": {"config": {"num_replicas": 3, "ingress": "proxy"}}}))
+    docs = list(yaml.safe_load_all(template(helm, "-f", str(f)).stdout))
+    cfg = RouterConfig.model_validate(_router_config([d for d in docs if d]))
+    assert (cfg.ingress, cfg.num_replicas) == ("proxy", 3)
+
+
 def test_router_config_is_valid_for_recserve(docs):
     from recserve.serving.config import RouterConfig
 
@@ -540,7 +551,9 @@ def test_router_deployment_or_rayservice(docs, scenario):
         (app,) = serve["applications"]
         assert app["import_path"] == "recserve.serving.app:app"
         assert rs["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
+        assert _router_config(docs)["ingress"] == "proxy"  # KubeRay runs Serve's proxies
         return
+    assert _router_config(docs)["ingress"] == values["router"]["config"]["ingress"]
     deploy = one(docs, "Deployment", name)
     c = container(docs, "Deployment", name, "router")
     assert c["command"] + c["args"] == ["recserve", "route", "--config=/etc/recserve/router.yaml"]

@@ -66,6 +66,43 @@ def test_defaults() -> None:
     assert c.models["ranker"].rankers[0].weight == 1.0
 
 
+def test_direct_ingress_by_default_one_address_per_replica() -> None:
+    c = RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100))
+    assert c.ingress == "direct"
+    assert (c.grpc_targets(), c.http_bases()) == (["127.0.0.1:9100"], ["http://127.0.0.1:8100"])
+    c = RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100, num_replicas=3))
+    assert c.grpc_targets("10.0.0.5") == ["10.0.0.5:9100", "10.0.0.5:9101", "10.0.0.5:9102"]
+    assert c.http_bases() == ["http://127.0.0.1:8100", "http://127.0.0.1:8101", "http://127.0.0.1:8102"]
+
+
+def test_proxy_ingress_one_address_for_every_replica() -> None:
+    c = RouterConfig.model_validate(minimal(ingress="proxy", num_replicas=3, grpc_port=9100))
+    assert c.grpc_targets() == ["127.0.0.1:9100"]
+
+
+def test_client_spreads_over_a_list_of_replica_addresses() -> None:
+    from recserve.serving.client import channel_args
+
+    assert channel_args("router:9000") == ("router:9000", [])
+    target, options = channel_args(["127.0.0.1:9100", "127.0.0.1:9101"])
+    assert target == "ipv4:127.0.0.1:9100,127.0.0.1:9101"
+    assert ("grpc.lb_policy_name", "round_robin") in options
+    with pytest.raises(ValueError, match="no router address"):
+        channel_args([])
+
+
+def test_direct_ingress_binds_exactly_the_configured_ports() -> None:
+    from recserve.serving.app import direct_ingress_env
+
+    env = direct_ingress_env(RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100, num_replicas=2)))
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Serve allocates replica ports from [min, max): one each, from the configured one on
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]) == ("9100", "9102")
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8100", "8102")
+    # a replaced replica (a user_config redeploy) may take the same port again at once
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
+
+
 def test_default_model_must_be_a_configured_model(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="default_model 'other' is not among models"):
         load_router_config(write(tmp_path, minimal(default_model="other")))
@@ -99,6 +136,7 @@ def test_bad_yaml_is_a_config_error(tmp_path: Path, text: str, needle: str) -> N
     (lambda c: c.update(retriever={"user_tower": "t.onnx", "preprocessing": "p.json", "catalog": "c", "candidates": 0}),
      "candidates"),
     (lambda c: c.update(grpc_port="nine thousand"), "grpc_port"),
+    (lambda c: c.update(ingress="sidecar"), "ingress"),
 ])
 def test_bad_fields_are_config_errors(tmp_path: Path, mutate, needle: str) -> None:
     cfg = minimal()

@@ -194,6 +194,11 @@ The router's config file (router.yaml), from router.config plus what the chart k
 {{- $_ := set $cfg "grpc_port" (int .Values.router.ports.grpc) }}
 {{- $_ := set $cfg "http_port" (int .Values.router.ports.http) }}
 {{- $_ := set $cfg "http_host" "0.0.0.0" }}
+{{- if .Values.router.rayService.enabled }}
+{{- $_ := set $cfg "ingress" "proxy" }}
+{{- else if and (eq (toString $cfg.ingress) "direct") (ne (int $cfg.num_replicas) 1) }}
+{{- fail (printf "router.config.ingress direct serves from one replica per pod, got num_replicas %d: scale with router.replicas, or set router.config.ingress: proxy" (int $cfg.num_replicas)) }}
+{{- end }}
 {{- if not $cfg.retriever }}
 {{- $_ := unset $cfg "retriever" }}
 {{- end }}

@@ -48,6 +48,10 @@ class TritonPythonModel:
                     return f"input '{name}' has NaN or infinite values; send finite features"
         return None
 
+    def _arrays(self, request):
+        by_name = {t.name(): t for t in request.inputs()}  # one pass over the request's inputs
+        return {n: by_name[n].as_numpy() for n in self.inputs}
+
     def _run(self, feed):
         """Outputs of one request, or the error message onnxruntime gave."""
         try:
@@ -55,34 +59,29 @@ class TritonPythonModel:
         except Exception as e:  # onnxruntime's own errors: answer the request, keep serving
             return "onnxruntime: " + str(e).splitlines()[0][:300]
 
+    def _response(self, outs):
+        if isinstance(outs, str):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(outs))
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs)])
+
+    def _answer(self, arrays):
+        problem = self._check(arrays)
+        return self._response(problem if problem else self._run(arrays))
+
     def execute(self, requests):
-        responses = [None] * len(requests)
-        feeds, ok = [], []
-        for i, request in enumerate(requests):
-            arrays = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
-            problem = self._check(arrays)
-            if problem:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
-            else:
-                feeds.append(arrays)
-                ok.append(i)
-        if not ok:
-            return responses
+        feeds = [self._arrays(r) for r in requests]
         if self.batched and len(feeds) > 1:
+            # The common case, checked and run once for the whole batch; any problem (a non-finite
+            # value, an onnxruntime error) sends every request down the one-by-one path, where each
+            # gets its own answer and one bad request cannot fail the others.
             try:
-                sizes = [len(f[self.inputs[0]]) for f in feeds]
                 merged = {n: np.concatenate([f[n] for f in feeds]) for n in self.inputs}
-                outs = self.session.run(self.outputs, merged)
-                parts = [np.split(o, np.cumsum(sizes)[:-1]) for o in outs]
-                results = [[p[k] for p in parts] for k in range(len(feeds))]
-            except Exception:  # one bad request must not fail the batch: run them one by one
-                results = [self._run(f) for f in feeds]
-        else:
-            results = [self._run(f) for f in feeds]
-        for i, outs in zip(ok, results):
-            if isinstance(outs, str):
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(outs))
-                continue
-            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs)]
-            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
-        return responses
+                outs = None if self._check(merged) else self.session.run(self.outputs, merged)
+            except Exception:
+                outs = None
+            if outs is not None:
+                bounds = np.cumsum([len(f[self.inputs[0]]) for f in feeds])[:-1]
+                parts = [np.split(o, bounds) for o in outs]
+                return [self._response([p[k] for p in parts]) for k in range(len(feeds))]
+        return [self._answer(f) for f in feeds]
