@@ -290,7 +290,7 @@ def loadtest(
             runs = [generator.run(s).report()]
             result = {"run": runs[0]}
         progress.update(task, completed=len(rates) or 1)
-    console.print(runs_table(runs, f"{s.name}: {s.target} {s.url}"))
+    console.print(runs_table(runs, f"{s.name}: {s.target} {s.url if isinstance(s.url, str) else ', '.join(s.url)}"))
     if rates:
         console.print(f"highest rate with p99 <= {s.slo_p99_ms} ms: {result['sweep']['max_rate_meeting_slo']}")
     if out:

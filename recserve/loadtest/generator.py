@@ -20,6 +20,7 @@ from hdrh.histogram import HdrHistogram
 from recserve.loadtest.payloads import build_payloads, make_call
 from recserve.loadtest.scenario import Scenario
 from recserve.loadtest.schedule import schedule
+from recserve.serving.client import channel_args
 
 MAX_US = 60_000_000
 SPIN_S = 0.0015
@@ -70,7 +71,8 @@ async def _open_loop(s: Scenario, times: np.ndarray, payloads: list) -> WorkerRe
     rec = _Recorder()
     timeout = s.timeout_ms / 1e3
     warmup = s.arrivals.warmup_s
-    async with grpc.aio.insecure_channel(s.url) as channel:
+    address, options = channel_args(s.url)
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         call = make_call(s, channel)
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Task] = set()
@@ -101,7 +103,8 @@ async def _open_loop(s: Scenario, times: np.ndarray, payloads: list) -> WorkerRe
 async def _closed_loop(s: Scenario, payloads: list) -> WorkerResult:
     rec = _Recorder()
     timeout = s.timeout_ms / 1e3
-    async with grpc.aio.insecure_channel(s.url) as channel:
+    address, options = channel_args(s.url)
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         call = make_call(s, channel)
         loop = asyncio.get_running_loop()
         measure_from = loop.time() + s.arrivals.warmup_s

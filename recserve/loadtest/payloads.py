@@ -91,5 +91,6 @@ def make_call(s: Scenario, channel: grpc.aio.Channel) -> Call:
 
 def build_payloads(s: Scenario) -> list:
     if s.target == "triton":
-        return triton_requests(s, model_widths(s.url, s.model) if s.catalog is None else (0, 0))
+        url = s.url if isinstance(s.url, str) else s.url[0]
+        return triton_requests(s, model_widths(url, s.model) if s.catalog is None else (0, 0))
     return rank_requests(s)

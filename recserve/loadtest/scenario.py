@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from recserve.specs import read_mapping, read_text, validate
 
@@ -50,7 +50,8 @@ class Requests(_Spec):
 class Scenario(_Spec):
     name: str = "scenario"
     target: Literal["triton", "router", "trivial"] = "triton"
-    url: str = Field("127.0.0.1:8001", description="gRPC address of the target")
+    url: str | list[str] = Field("127.0.0.1:8001", description="gRPC address of the target, or a list of ip:port "
+                                 "addresses called round robin (a direct-ingress router's replicas)")
     model: str = Field("ranker", description="Triton model, or the router's model")
     catalog: Path | None = Field(None, description="item catalog (`recserve catalog`) for realistic candidates")
     preprocessing: Path | None = Field(None, description="the ranker's preprocessing.json (Triton target)")
@@ -63,6 +64,14 @@ class Scenario(_Spec):
     max_lag_p99_ms: float = Field(1.0, gt=0, description="a run whose p99 scheduling lag exceeds this is invalid")
     slo_p99_ms: float = Field(10.0, gt=0, description="latency objective for rate sweeps")
     seed: int = 0
+
+    @field_validator("url")
+    @classmethod
+    def _addresses(cls, url: str | list[str]) -> str | list[str]:
+        from recserve.serving.client import channel_args
+
+        channel_args(url)  # a list must be IPv4 ip:port entries
+        return url
 
     @model_validator(mode="after")
     def _needs(self) -> Scenario:

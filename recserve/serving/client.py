@@ -4,6 +4,8 @@ one address, or the list of a direct-ingress router's replica addresses (round r
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
@@ -19,6 +21,10 @@ def channel_args(target: str | list[str]) -> tuple[str, list[tuple[str, str]]]:
         return target, []
     if not target:
         raise ValueError("no router address given")
+    bad = [t for t in target if not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}", t)]
+    if bad:
+        raise ValueError(f"a list of addresses must be IPv4 ip:port entries (got {bad}); for a host name give one "
+                         "address, which DNS may resolve to several")
     return "ipv4:" + ",".join(target), [("grpc.lb_policy_name", "round_robin")]
 
 

@@ -31,7 +31,7 @@ def trivial_server():
         p.wait()
 
 
-def _scenario(url: str, **kw) -> Scenario:
+def _scenario(url: str | list[str], **kw) -> Scenario:
     base = {"target": "trivial", "url": url, "arrivals": {"process": "poisson", "rate": 200, "duration_s": 2,
                                                           "warmup_s": 0.5},
             "requests": {"candidates_min": 2, "candidates_max": 4}, "max_lag_p99_ms": 50}
@@ -45,6 +45,17 @@ def test_report_has_the_requested_rate_and_sane_percentiles(trivial_server):
     lat = r["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
     assert r["lag_ms"]["p99"] is not None and r["valid"]
+
+
+def test_a_list_of_addresses_spreads_the_load_round_robin(trivial_server):
+    # two fast servers and one that takes 10 ms a request (30 a second reach it: 30% busy): about a
+    # third of the answers are slow, the median is fast
+    urls = [trivial_server(), trivial_server(), trivial_server(service_ms=10.0)]
+    r = generator.run(_scenario(urls, arrivals={"process": "constant", "rate": 90, "duration_s": 2,
+                                                "warmup_s": 0.3})).report()
+    lat = r["latency_ms"]
+    assert r["errors"] == {} and r["valid"]
+    assert lat["p50"] < 8 and lat["p90"] >= 10, lat
 
 
 def test_open_loop_shows_the_queueing_a_closed_loop_hides(trivial_server):

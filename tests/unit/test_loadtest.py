@@ -61,6 +61,8 @@ def test_rank_request_pool_respects_candidate_sizes():
     ("bogus: 1", "bogus"),
     ("- a list", "mapping"),
     ("arrivals: [unclosed", "not valid YAML"),
+    ("url: [router-0:9000, router-1:9000]", "IPv4 ip:port"),
+    ("url: []", "no router address"),
 ])
 def test_bad_scenarios_are_config_errors_naming_the_problem(tmp_path, text, needle):
     path = tmp_path / "s.yaml"
@@ -68,6 +70,12 @@ def test_bad_scenarios_are_config_errors_naming_the_problem(tmp_path, text, need
     with pytest.raises(ConfigError) as e:
         load_scenario(path)
     assert str(e.value).startswith(str(path)) and needle in str(e.value)
+
+
+def test_url_may_list_the_replicas_of_a_direct_ingress_router(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("target: router\nurl: [127.0.0.1:9000, 127.0.0.1:9001]\n")
+    assert load_scenario(path).url == ["127.0.0.1:9000", "127.0.0.1:9001"]
 
 
 def test_missing_scenario_file_is_a_config_error(tmp_path):
