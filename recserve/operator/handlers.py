@@ -82,6 +82,9 @@ def step(body, spec, status, patch, namespace, retry, logger) -> None:
     except (RecserveError, OSError, Exception) as e:  # Triton or the API server failed: retry with backoff
         delay = min(60.0, 2.0 ** min(retry, 5))
         logger.warning("actions failed (%s), retrying in %.0fs", e, delay)
+        if result.status.phase == "Pending":  # nothing routed yet; the load clock (loadTimeoutSeconds) must run
+            patch.status.update(result.status.to_dict() | {"message": f"loading failed ({type(e).__name__}: {e}); "
+                                                                      f"retrying", "observedGeneration": generation})
         raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=delay) from e
     if result.status != current or status.get("observedGeneration") != generation:
         patch.status.update(result.status.to_dict() | {"observedGeneration": generation})

@@ -36,6 +36,8 @@ class Observations:
     candidate: VersionCounters | None = None
     shadow_agreement: float | None = None
     """Mean overlap@k of the candidate's shadow answers with the served ones (router metrics), if known."""
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Versions Triton tried and failed to load: version -> Triton's reason."""
 
 
 # -- actions ----------------------------------------------------------------------------------------
@@ -102,6 +104,8 @@ class Status:
     """After a terminal decision: when to unload the version no longer routed to (routers had time to drain)."""
     keep_versions: list[str] = field(default_factory=list)
     """The versions Triton keeps at that unload."""
+    loading_since: float | None = None
+    """When this rollout first asked Triton to load its versions."""
 
     def to_dict(self) -> dict[str, Any]:
         """camelCase at every level, as Kubernetes statuses are. A None is written as null, which the
@@ -214,6 +218,25 @@ def _rollback(spec: ModelRolloutSpec, st: Status, phase: str, reason: str, messa
     return _finish(spec, st, spec.stable_version, now, [], [Emit("Warning", reason, message)])
 
 
+def _loading(spec: ModelRolloutSpec, st: Status, obs: Observations, missing: list[str], now: float) -> Result:
+    """Pending until Triton serves both versions; a version Triton failed to load, or one still missing
+    after ``loadTimeoutSeconds`` (not in the model repository, say), ends the rollout on the stable one."""
+    if st.loading_since is None:
+        st.loading_since = now
+    waited = now - st.loading_since
+    failed = {v: obs.unavailable[v] for v in missing if v in obs.unavailable}
+    if failed and waited > 0:  # judged after our own load request was answered, not on an older failure
+        detail = "; ".join(f"version {v}: {reason}" for v, reason in failed.items())
+        return _rollback(spec, st, "RolledBack", "LoadFailed", f"Triton could not load {detail}", now)
+    if waited >= spec.load_timeout_seconds:
+        return _rollback(spec, st, "RolledBack", "LoadTimeout",
+                         f"version(s) {', '.join(missing)} of {spec.model} not loaded after {waited:.0f} s "
+                         f"(loadTimeoutSeconds {spec.load_timeout_seconds:g}): are they in Triton's model repository?", now)
+    st.message = f"loading versions {spec.stable_version} and {spec.candidate_version}"
+    return Result([LoadVersions(spec.model, (spec.stable_version, spec.candidate_version)), weights(spec, 0)], st,
+                  requeue_after=1.0)
+
+
 def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Result:
     """The next actions and status. Pure: the same inputs always give the same result."""
     st = replace(status, conditions=[dict(c) for c in status.conditions])
@@ -244,10 +267,9 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
     _condition(st, "TritonReachable", True, "Reachable", "Triton answers", now)
 
     if st.phase == "Pending":
-        if spec.candidate_version not in obs.loaded_versions or spec.stable_version not in obs.loaded_versions:
-            st.message = f"loading versions {spec.stable_version} and {spec.candidate_version}"
-            return Result([LoadVersions(spec.model, (spec.stable_version, spec.candidate_version)),
-                           weights(spec, 0)], st, requeue_after=1.0)
+        missing = [v for v in (spec.stable_version, spec.candidate_version) if v not in obs.loaded_versions]
+        if missing:
+            return _loading(spec, st, obs, missing, now)
         if spec.paused:
             st.message = "paused before the first step: the candidate gets no traffic"
             return Result([weights(spec, 0)], st, requeue_after=interval)

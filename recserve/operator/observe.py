@@ -69,14 +69,17 @@ def observe(spec: ModelRolloutSpec) -> Observations:
         metrics = scrape(spec.triton.metrics_url)
     except (RecserveError, urllib.error.URLError, OSError, ValueError):
         return Observations(triton_reachable=False)
-    loaded = frozenset(str(m.get("version")) for m in index if m.get("name") == spec.model and m.get("state") == "READY")
+    mine = [m for m in index if m.get("name") == spec.model]
+    loaded = frozenset(str(m.get("version")) for m in mine if m.get("state") == "READY")
+    unavailable = {str(m.get("version")): m.get("reason") or "unavailable" for m in mine
+                   if m.get("state") == "UNAVAILABLE" and m.get("version")}
     counters = version_counters(metrics, spec.model, spec.candidate_version)
     agreement = None
     if spec.router.metrics_url:
         try:
             router = scrape(spec.router.metrics_url)
         except (urllib.error.URLError, OSError, ValueError):
-            return Observations(True, loaded, None, None)  # no judgement without the router's numbers
+            return Observations(True, loaded, unavailable=unavailable)  # no judgement without the router's numbers
         agreement = shadow_agreement(router, spec.model, spec.candidate_version)
         counters = router_counters(router, spec.model, spec.candidate_version, counters.p99_ms)
-    return Observations(True, loaded, counters, agreement)
+    return Observations(True, loaded, counters, agreement, unavailable)

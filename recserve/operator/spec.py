@@ -72,6 +72,8 @@ class ModelRolloutSpec(_Camel):
     router: RouterTarget
     compression_report: dict[str, Any] | None = Field(
         None, description="the candidate's `recserve compress` report (its gate must have passed)")
+    load_timeout_seconds: float = Field(120.0, gt=0, description="how long Triton may take to load both versions "
+                                        "before the rollout ends on the stable version")
     paused: bool = Field(False, description="hold the current step (analysis goes on)")
     abort: bool = Field(False, description="roll back to the stable version now")
 

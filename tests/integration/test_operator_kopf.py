@@ -330,6 +330,25 @@ def test_deleting_a_rollout_mid_way_puts_all_traffic_back_on_the_stable_version(
     assert traffic.failures("1") == []
 
 
+# --- a candidate that is not in the model repository -----------------------------------------------------------------
+
+
+def test_a_candidate_missing_from_the_repository_times_out_on_the_stable_version(kube: ApiServer, triton: Triton,
+                                                                                 model: str, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"
+    with Traffic(triton, model, "1", policy) as traffic:
+        with operator() as runner:
+            kube.create(rollout("ghost", spec(triton, model, policy, traffic, candidateVersion="7",
+                                              loadTimeoutSeconds=3)))
+            st = wait_phase(kube, "ghost", "RolledBack", 30, runner)
+        only_loaded(triton, model, "1")
+    assert "version(s) 7 of " in st["message"] and "loadTimeoutSeconds 3" in st["message"]
+    assert "LoadTimeout" in reasons(kube, "ghost")
+    assert phases(kube.history("ghost"))[:2] == ["Pending", "RolledBack"]
+    assert read_policy(policy, model) == {"1": 100.0, "7": 0.0}
+    assert traffic.failures("1") == []  # the stable version served throughout
+
+
 # --- a new candidate after a finished rollout ------------------------------------------------------------------------
 
 

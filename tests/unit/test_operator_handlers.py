@@ -104,6 +104,27 @@ def test_failed_actions_leave_the_status_alone_and_retry_with_backoff(handlers, 
     assert "OSError: disk full" in str(e.value)
 
 
+def test_failing_loads_still_start_the_load_clock_and_end_in_a_rollback(handlers, world) -> None:
+    from recserve.errors import ServerError
+
+    spec = {**SPEC, "loadTimeoutSeconds": 0.2}
+    world.obs = Observations(True, frozenset({"1"}))  # the candidate is not loaded, and loading it fails
+    world.fail_with = ServerError("failed to load 'ranker': version 2 has no model.onnx")
+    with pytest.raises(kopf.TemporaryError):
+        patch = kopf.Patch()
+        body = {**BODY, "spec": spec}
+        handlers.on_tick(body=body, spec=spec, status=None, patch=patch, namespace="ns", retry=0, logger=LOG)
+    status = dict(patch["status"])
+    assert status["phase"] == "Pending" and status["weight"] == 0 and status["loadingSince"] > 0
+    assert "loading failed (ServerError: failed to load 'ranker': version 2 has no model.onnx)" in status["message"]
+
+    world.fail_with = None
+    status["loadingSince"] -= 1.0  # the timeout has passed
+    patch = call(handlers.on_tick, spec=spec, status=status)
+    assert patch["status"]["phase"] == "RolledBack" and "not loaded after" in patch["status"]["message"]
+    assert SetWeights("ranker", (("1", 100), ("2", 0))) in world.actions[-1]
+
+
 def test_an_invalid_spec_is_rejected_once_with_a_clear_message(handlers, world) -> None:
     bad = {**SPEC, "candidateVersion": "1"}
     patch = call(handlers.on_tick, spec=bad, status={})

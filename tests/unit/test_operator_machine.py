@@ -76,6 +76,7 @@ class Rollout:
         self.agreement: float | None = None
         self.reachable = True
         self.loaded = set(loaded)
+        self.unavailable: dict[str, str] = {}
         self.history: list = []
         """Every action in order."""
 
@@ -84,7 +85,7 @@ class Rollout:
             return Observations(triton_reachable=False)
         candidate = VersionCounters(self.success, self.failure, self.p99) if self.spec.candidate_version in self.loaded \
             else None
-        return Observations(True, frozenset(self.loaded), candidate, self.agreement)
+        return Observations(True, frozenset(self.loaded), candidate, self.agreement, dict(self.unavailable))
 
     def tick(self, dt: float = 0.0, ok: float = 0, bad: float = 0):
         self.now += dt
@@ -139,6 +140,37 @@ def test_pending_with_only_the_candidate_loaded_still_asks_for_both() -> None:
     result = world.tick()
     assert result.status.phase == "Pending"
     assert LoadVersions("ranker", ("1", "2")) in result.actions
+
+
+def test_a_candidate_triton_cannot_load_ends_the_rollout_on_the_stable_version() -> None:
+    world = Rollout(make_spec(router={"policyFile": "/tmp/p.json", "drainSeconds": 0}), loaded=("1",))
+    world.unavailable = {"2": "failed to load: model.onnx is not a valid ONNX model"}  # from an earlier attempt
+    first = world.tick()
+    assert first.status.phase == "Pending" and first.status.loading_since == T0  # not judged on an old failure
+    world.loaded = {"1"}  # our load request answered: version 2 failed again
+    r = world.tick(1.0)
+    assert r.status.phase == "RolledBack" and r.status.weight == 0
+    assert "Triton could not load version 2: failed to load: model.onnx is not a valid ONNX model" in r.status.message
+    assert [(e.type, e.reason) for e in emits(r.actions)] == [("Warning", "LoadFailed")]
+    assert set_weights(r.actions) == [SetWeights("ranker", (("1", 100), ("2", 0)))]
+    assert LoadVersions("ranker", ("1",)) in r.actions  # the stable version alone keeps serving
+    assert not any(isinstance(a, SetWeights) and dict(a.weights).get("2") for a in world.history)
+
+
+def test_a_version_never_loaded_times_out_instead_of_pending_forever() -> None:
+    spec = make_spec(loadTimeoutSeconds=30, router={"policyFile": "/tmp/p.json", "drainSeconds": 5})
+    world = Rollout(spec, loaded=("1",))
+    world.tick()
+    for _ in range(5):  # Triton answers each load, but version 2 is not in its repository: nothing shows
+        world.loaded = {"1"}
+        r = world.tick(5.0)
+        assert r.status.phase == "Pending"
+    world.loaded = {"1"}
+    r = world.tick(5.0)
+    assert r.status.phase == "RolledBack"
+    assert "version(s) 2 of ranker not loaded after 30 s (loadTimeoutSeconds 30)" in r.status.message
+    assert [(e.type, e.reason) for e in emits(r.actions)] == [("Warning", "LoadTimeout")]
+    assert r.status.unload_after == world.now + 5 and r.status.keep_versions == ["1"]
 
 
 # --- steps -----------------------------------------------------------------------------------------------------------
@@ -486,7 +518,7 @@ def test_status_to_dict_has_camel_case_keys_and_round_trips() -> None:
     d = st.to_dict()
     assert set(d) == {"phase", "stableVersion", "candidateVersion", "step", "weight", "stepStartedAt",
                       "lastAnalysisAt", "baselineSuccess", "baselineFailure", "failures", "passedInStep",
-                      "lastAnalysis", "message", "conditions", "unloadAfter", "keepVersions"}
+                      "lastAnalysis", "message", "conditions", "unloadAfter", "keepVersions", "loadingSince"}
     assert Status.from_dict(d) == st
     assert Status.from_dict(json.loads(json.dumps(d))) == st  # what the API server stores and gives back
     assert Status.from_dict(Status().to_dict()) == Status()
