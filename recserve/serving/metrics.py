@@ -15,6 +15,7 @@ class RouterMetrics:
                                 ["model", "route", "version", "code"], registry=r)
         self.latency = Histogram("recserve_router_request_seconds", "Rank latency inside the router",
                                  ["model", "route", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        # the cloud_* and shadow_* families are labelled by Triton model and version (what an operator judges)
         self.cloud_latency = Histogram("recserve_router_cloud_seconds", "Triton call latency seen by the router",
                                        ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.cloud_failures = Counter("recserve_router_cloud_failures", "Cloud calls that failed or timed out",

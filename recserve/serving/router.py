@@ -148,7 +148,7 @@ class Router:
         scores = None
         if decision.route == "cloud":
             version = choose_version(self.policy.current(), primary, self.rng())
-            parts = await self._cloud(model, name, version, sparse, dense, decision.cloud_timeout_ms / 1e3)
+            parts = await self._cloud(model, version, sparse, dense, decision.cloud_timeout_ms / 1e3)
             if parts is None:
                 reason = "cloud failed: answered from edge"
             else:
@@ -164,7 +164,7 @@ class Router:
         self.metrics.policy_reloads.set(self.policy.reloads)
         if served == "cloud":
             self.cache.put(key, response)
-            self._maybe_shadow(name, primary, version, sparse, dense, parts[0], len(best))
+            self._maybe_shadow(primary, version, sparse, dense, parts[0], len(best))
         return response
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -188,8 +188,10 @@ class Router:
         rows = model.catalog.rows_for(items)
         return model.catalog.ranker_rows(rows, ctx_sparse, ctx_dense)
 
-    async def _cloud(self, model: _Model, name: str, version: str, sparse, dense, timeout_s: float):
-        """Each ranker's cloud scores, or None after a failure (recorded by the breaker and metrics)."""
+    async def _cloud(self, model: _Model, version: str, sparse, dense, timeout_s: float):
+        """Each ranker's cloud scores, or None after a failure (recorded by the breaker and metrics, by
+        Triton model and version: what a ModelRollout of that model reads)."""
+        primary = model.route.rankers[0].triton_model
         self.inflight += 1
         t0 = self.clock()
         try:
@@ -198,7 +200,7 @@ class Router:
                 for i, r in enumerate(model.route.rankers)))
         except CloudError as e:
             self.breaker.record_failure()
-            self.metrics.cloud_failures.labels(name, version, e.kind).inc()
+            self.metrics.cloud_failures.labels(primary, version, e.kind).inc()
             log.info("cloud call failed (%s): %s", e.kind, e)
             return None
         finally:
@@ -206,27 +208,27 @@ class Router:
         took = self.clock() - t0
         self.breaker.record_success()
         self.estimate.observe(took * 1e3)
-        self.metrics.cloud_latency.labels(name, version).observe(took)
+        self.metrics.cloud_latency.labels(primary, version).observe(took)
         return parts
 
-    def _maybe_shadow(self, name: str, triton_model: str, served_version: str, sparse, dense, scores, k: int) -> None:
+    def _maybe_shadow(self, triton_model: str, served_version: str, sparse, dense, scores, k: int) -> None:
         target = shadow_version(self.policy.current(), triton_model, served_version, self.rng())
         if target is None:
             return
-        task = asyncio.get_running_loop().create_task(self._shadow(name, triton_model, target, sparse, dense, scores, k))
+        task = asyncio.get_running_loop().create_task(self._shadow(triton_model, target, sparse, dense, scores, k))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(self, name: str, triton_model: str, version: str, sparse, dense, served, k: int) -> None:
-        self.metrics.shadow_requests.labels(name, version).inc()
+    async def _shadow(self, triton_model: str, version: str, sparse, dense, served, k: int) -> None:
+        self.metrics.shadow_requests.labels(triton_model, version).inc()
         try:
             shadow = await self.cloud.score(triton_model, version, sparse, dense, 1.0)
         except CloudError:
-            self.metrics.shadow_failures.labels(name, version).inc()
+            self.metrics.shadow_failures.labels(triton_model, version).inc()
             return
         a, b = set(top_k(served, k).tolist()), set(top_k(shadow, k).tolist())
-        self.metrics.shadow_overlap.labels(name, version).observe(len(a & b) / max(1, k))
-        self.metrics.shadow_drift.labels(name, version).observe(float(np.mean(np.abs(shadow - served))))
+        self.metrics.shadow_overlap.labels(triton_model, version).observe(len(a & b) / max(1, k))
+        self.metrics.shadow_drift.labels(triton_model, version).observe(float(np.mean(np.abs(shadow - served))))
 
     async def close(self) -> None:
         for t in list(self._shadow_tasks):

@@ -617,6 +617,32 @@ def test_shadow_traffic_is_mirrored_and_measured(env: Env) -> None:
     assert r.metric("recserve_router_shadow_overlap_sum", model="ranker", version="2") == 1.0
 
 
+def test_cloud_and_shadow_metrics_name_the_triton_model_whose_versions_they_count(env: Env) -> None:
+    """The router's model (``ranker``) serves Triton's ``ranker_v``: the per-version metrics the operator
+    reads for a ModelRollout of ``ranker_v`` carry that name (the request counts keep the router's)."""
+    from recserve.operator.observe import router_counters, shadow_agreement
+
+    r = rig(env, rankers=[{"triton_model": "ranker_v", "edge_model": str(env.ranker / "model.onnx")}])
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker_v": {"versions": {"1": 100}, "shadow_percent": 100, "shadow_version": "2"}}}))
+
+    async def one():
+        resp = await r.router.rank(request(top_k=0), 100.0)
+        await _drain(r.router, lambda: r.metric("recserve_router_shadow_overlap_count", model="ranker_v",
+                                                version="2") == 1.0)
+        return resp
+
+    assert asyncio.run(one()).version == "1"
+    scraped: dict = {}
+    for family in text_string_to_metric_families(r.router.metrics.exposition().decode()):
+        for smp in family.samples:
+            name = smp.name[:-len("_total")] if family.type == "counter" and smp.name.endswith("_total") else smp.name
+            scraped.setdefault(name, []).append((smp.labels, smp.value))
+    assert router_counters(scraped, "ranker_v", "1", None).success == 1.0
+    assert shadow_agreement(scraped, "ranker_v", "2") == 1.0  # all candidates: full overlap
+    assert r.metric("recserve_router_requests_total", model="ranker", version="1", route="cloud") == 1.0
+
+
 def test_shadow_percent_zero_and_shadow_failures(env: Env) -> None:
     r = rig(env)
     r.router.policy.set(RoutingPolicy.model_validate(
