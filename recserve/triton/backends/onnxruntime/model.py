@@ -12,6 +12,7 @@ batch axis and run as one onnxruntime call, then split back per request. A reque
 validation gets its own error response; the others in the batch are still answered.
 """
 
+import itertools
 import json
 import os
 
@@ -62,8 +63,8 @@ class TritonPythonModel:
     def _response(self, outs):
         if isinstance(outs, str):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(outs))
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs)])
+        # rows of a C-contiguous output are contiguous already: no copies
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, o) for n, o in zip(self.outputs, outs)])
 
     def _answer(self, arrays):
         problem = self._check(arrays)
@@ -81,7 +82,6 @@ class TritonPythonModel:
             except Exception:
                 outs = None
             if outs is not None:
-                bounds = np.cumsum([len(f[self.inputs[0]]) for f in feeds])[:-1]
-                parts = [np.split(o, bounds) for o in outs]
-                return [self._response([p[k] for p in parts]) for k in range(len(feeds))]
+                ends = list(itertools.accumulate(len(f[self.inputs[0]]) for f in feeds))
+                return [self._response([o[a:b] for o in outs]) for a, b in zip([0] + ends[:-1], ends)]
         return [self._answer(f) for f in feeds]
