@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
+from recserve.errors import ServerError
 from recserve.serving.client import BUDGET_HEADER
 from recserve.serving.config import RetrieverRoute, RouterConfig
 from recserve.serving.policy import RoutingPolicy, write_policy
@@ -110,14 +111,52 @@ def build_app(config: RouterConfig, policy: RoutingPolicy | None = None):
         config.model_dump(mode="json", exclude={"retriever"}), retriever)
 
 
+APP_NAME, IMPORT_PATH = "recserve", "recserve.serving.app:app"
+
+
 def app(args: dict):
     """Ray Serve application builder (``import_path: recserve.serving.app:app``, e.g. in a KubeRay
-    RayService): ``args`` holds ``config``, the path of the router's YAML config."""
+    RayService): ``args`` holds ``config``, the path of the router's YAML config, or ``router_config``,
+    the config itself (what :func:`start` deploys)."""
     from pathlib import Path
 
     from recserve.serving.config import load_router_config
 
+    if args.get("router_config") is not None:
+        return build_app(RouterConfig.model_validate(args["router_config"]))
     return build_app(load_router_config(Path(args.get("config", "/etc/recserve/router.yaml"))))
+
+
+def deploy_config(config: RouterConfig, policy: RoutingPolicy | None = None) -> dict:
+    """The application as a declarative Serve config: the router's config in the builder's ``args``, the
+    policy in the router deployment's ``user_config``. Deployed again with only the policy changed,
+    Serve reconfigures the running replicas in place instead of replacing them."""
+    return {"applications": [{
+        "name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
+        "args": {"router_config": config.model_dump(mode="json")},
+        "deployments": [{"name": "RouterDeployment",
+                         "user_config": {"policy": policy.model_dump() if policy is not None else None}}],
+    }]}
+
+
+def _deploy(config: RouterConfig, policy: RoutingPolicy | None, timeout_s: float = 120.0) -> None:
+    import time
+
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(deploy_config(config, policy)))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = serve.status().applications.get(APP_NAME)
+        if state is not None and state.status == ApplicationStatus.RUNNING:
+            return
+        if state is not None and state.status == ApplicationStatus.DEPLOY_FAILED:
+            raise ServerError(f"the router application failed to deploy: {state.message.strip()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"the router application was not running after {timeout_s:.0f} s "
+                              f"({state.status if state else 'not deployed'})")
+        time.sleep(0.1)
 
 
 def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus: int = 2) -> None:
@@ -153,7 +192,7 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
                     " ".join(f"{k}={v}" for k, v in direct.items()))
     serve.start(http_options={"host": config.http_host, "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
-    serve.run(build_app(config, policy), name="recserve", route_prefix="/", blocking=False)
+    _deploy(config, policy)
 
 
 def direct_ingress_env(config: RouterConfig) -> dict[str, str]:
@@ -171,17 +210,17 @@ def direct_ingress_env(config: RouterConfig) -> dict[str, str]:
 
 
 def update_policy(policy: RoutingPolicy, config: RouterConfig) -> None:
-    """Push a new policy to the running replicas.
+    """Push a new policy to the running replicas, without restarting them.
 
-    With a policy file: rewrite it; every replica re-reads it within a second, nothing restarts.
-    Without one: redeploy with the policy in ``user_config``. Through this imperative API Serve
-    replaces the replicas (their breaker, estimates, cache and metrics start afresh); a declarative
-    update of ``user_config`` (``serve deploy``, KubeRay RayService) reconfigures them in place.
+    With a policy file: rewrite it; every replica re-reads it within a second. Without one: deploy
+    the application again with the policy in ``user_config``; its config and code are unchanged, so
+    Serve calls ``reconfigure`` on the running replicas (as ``serve deploy`` or a KubeRay RayService
+    does with a changed ``user_config``).
     """
     if config.policy_file is not None:
         write_policy(policy, config.policy_file)
         return
-    serve.run(build_app(config, policy), name="recserve", route_prefix="/", blocking=False)
+    _deploy(config, policy)
 
 
 def stop() -> None:

@@ -191,6 +191,11 @@ def leave_server_side_time_wait(port: int) -> None:
 
 def listener_of(port: int) -> str:
     """The command line (Ray sets it to the actor's name) of the process listening on a local TCP port."""
+    return listener(port)[1]
+
+
+def listener(port: int) -> tuple[int, str]:
+    """(pid, command line) of the process listening on a local TCP port."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -202,7 +207,7 @@ def listener_of(port: int) -> str:
             continue
         try:
             if any(os.readlink(fd).removeprefix("socket:[").rstrip("]") in inodes for fd in (proc / "fd").iterdir()):
-                return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return int(proc.name), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone, or not ours to read
             continue
     raise AssertionError(f"nothing listens on port {port}")

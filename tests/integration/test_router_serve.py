@@ -21,6 +21,7 @@ from router_fixtures import (
     CANDIDATES,
     RouterStack,
     leave_server_side_time_wait,
+    listener,
     listener_of,
     policy,
     start_stack,
@@ -195,6 +196,42 @@ def test_weight_change_through_user_config_reaches_the_traffic_split(stack: Rout
             assert (r.served_by, r.version) == ("cloud", "2")
     finally:
         write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
+
+
+def test_a_user_config_policy_change_reconfigures_the_replica_in_place_and_drops_nothing(stack: RouterStack,
+                                                                                        client: RouterClient) -> None:
+    write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
+    serving(client, stack, version="1")
+    pid = listener(stack.config.grpc_port)[0]
+    answered: list[str] = []
+    failed: list[str] = []
+    done = threading.Event()
+
+    def stream() -> None:
+        with RouterClient(stack.grpc_target) as c:
+            while not done.is_set():
+                try:
+                    answered.append(c.rank(stack.request(), timeout_s=1.0).version)
+                except grpc.RpcError as e:
+                    failed.append(str(e.code()))
+                time.sleep(0.005)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        wait_until(lambda: len(answered) >= 20, 10, what="a steady stream")
+        app.update_policy(policy({"1": 0, "2": 100}), stack.config)
+        wait_until(lambda: answered[-1:] == ["2"], 10, what="version 2 serving")
+        n = len(answered)
+        wait_until(lambda: len(answered) >= n + 20, 10, what="more answers after the change")
+    finally:
+        done.set()
+        t.join()
+        write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
+        app.update_policy(policy({"1": 100, "2": 0}), stack.config)
+    assert failed == []
+    assert listener(stack.config.grpc_port)[0] == pid  # the same replica process, reconfigured
+    assert answered[:20] == ["1"] * 20 and answered[-20:] == ["2"] * 20
 
 
 def test_update_policy_wins_over_an_unchanged_policy_file_without_a_restart(stack: RouterStack,
