@@ -100,13 +100,13 @@ class RouterDeployment:
             return JSONResponse({"error": "INTERNAL", "message": f"{type(e).__name__}: {e}"}, 500)
 
 
-def build_app(config: RouterConfig, policy: RoutingPolicy | None = None):
+def build_app(config: RouterConfig):
+    """The deployment graph; the policy arrives in ``user_config`` (see :func:`deploy_config`)."""
     retriever = None
     if config.retriever is not None:
         retriever = RetrieverDeployment.options(logging_config={"enable_access_log": config.access_log}).bind(
             config.retriever.model_dump(mode="json"), config.edge_threads)
-    user_config = {"policy": policy.model_dump()} if policy is not None else {"policy": None}
-    return RouterDeployment.options(num_replicas=config.num_replicas, user_config=user_config,
+    return RouterDeployment.options(num_replicas=config.num_replicas, user_config={"policy": None},
                                     logging_config={"enable_access_log": config.access_log}).bind(
         config.model_dump(mode="json", exclude={"retriever"}), retriever)
 
