@@ -152,11 +152,20 @@ def _deploy(config: RouterConfig, policy: RoutingPolicy | None, timeout_s: float
         if state is not None and state.status == ApplicationStatus.RUNNING:
             return
         if state is not None and state.status == ApplicationStatus.DEPLOY_FAILED:
-            raise ServerError(f"the router application failed to deploy: {state.message.strip()[-2000:]}")
+            raise ServerError(f"the router application failed to deploy: {_failure(state)}")
         if time.monotonic() > deadline:
             raise ServerError(f"the router application was not running after {timeout_s:.0f} s "
                               f"({state.status if state else 'not deployed'})")
         time.sleep(0.1)
+
+
+def _failure(state) -> str:
+    """The reason a deployment failed: the last line of each failed deployment's traceback (a replica's
+    constructor error, e.g. a missing edge model), else the application's own message."""
+    reasons = [f"{name}: {lines[-1]}" for name, d in state.deployments.items()
+               if (lines := [ln.strip() for ln in (d.message or "").splitlines() if ln.strip()])
+               and str(d.status).rsplit(".", 1)[-1] in ("DEPLOY_FAILED", "UNHEALTHY")]
+    return "; ".join(reasons) or state.message.strip()[-2000:]
 
 
 def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus: int = 2) -> None:

@@ -78,3 +78,18 @@ def test_two_direct_ingress_replicas_on_their_own_ports_share_a_round_robin_clie
         assert min(counts) >= 10 and sum(counts) >= 40, counts
     finally:
         stop_stack(stack)
+
+
+def test_a_router_that_cannot_start_says_why(router_repo, tmp_path) -> None:
+    from recserve.errors import ServerError
+    from recserve.serving import app
+
+    missing = tmp_path / "nope" / "model.onnx"
+    cfg = router_fixtures.router_config(router_repo, "127.0.0.1:1", models={"ranker": {
+        "rankers": [{"triton_model": "ranker", "edge_model": str(missing)}],
+        "catalog": str(router_repo.catalog), "preprocessing": str(router_repo.models.ranker / "preprocessing.json")}})
+    try:
+        with pytest.raises(ServerError, match=f"failed to deploy: RouterDeployment: .*{missing}"):
+            app.start(cfg)
+    finally:
+        app.stop()
