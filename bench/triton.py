@@ -1,7 +1,9 @@
 """Triton benchmark (issue 3's bar), against the real embedded tritonserver.
 
 * dynamic batching against none: the same INT8 ranker served twice, closed loop at concurrency
-  64 with batch-1 requests, the two configs alternating round by round: throughput ratio and p99;
+  64 with batch-1 requests from h2load (a C load generator: a Python client would take half of a
+  2-core machine's CPU from the server), the two configs alternating round by round: throughput
+  ratio and p99; every call is checked against Triton's own success counter;
 * batch-1 latency at concurrency 1: client-measured against Triton's own server-side time
   (queue + compute, from the statistics delta around each request), p50 and p99.
 """
@@ -12,12 +14,12 @@ import os
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
-from bench.timing import LoadPool, closed_loop, paired_ratio
+from bench import h2load
+from bench.timing import paired_ratio
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
 from recserve.data import load_dataset
@@ -26,9 +28,12 @@ from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
 
 CONCURRENCY = 64
 QUEUE_DELAY_US = 0
-REQUESTS = 3000
-"""Per round and client process."""
+REQUESTS = 40_000
+"""Per round: two to ten seconds of load."""
 ROUNDS = 5
+CONNECTIONS = 4
+"""HTTP/2 connections the load generator spreads the concurrency over."""
+METHOD = "inference.GRPCInferenceService/ModelInfer"
 
 
 def _inputs(sparse: np.ndarray, dense: np.ndarray) -> list:
@@ -48,18 +53,21 @@ def infer_request(model: str, sparse: np.ndarray, dense: np.ndarray) -> service_
     return req
 
 
-async def triton_load(url: str, model: str, rows: list[tuple[np.ndarray, np.ndarray]], concurrency: int,
-                      total: int) -> list[float]:
-    """Closed-loop batch-1 KServe calls (requests built once: the load generator's own cost stays small)."""
-    requests = [infer_request(model, sp, de) for sp, de in rows]
-    async with grpc.aio.insecure_channel(url) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        return await closed_loop(stub.ModelInfer, requests, concurrency, total)
+def _successes(client: TritonClient, model: str) -> tuple[int, int]:
+    s = client.statistics(model)["model_stats"][0]["inference_stats"]
+    return int(s.get("success", {}).get("count", 0)), int(s.get("fail", {}).get("count", 0))
 
 
-def _stats(latencies: list[float], wall: float) -> dict:
-    lat = np.asarray(latencies)
-    return {"rps": len(lat) / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+def triton_load(client: TritonClient, url: str, model: str, message: bytes, concurrency: int, total: int) -> dict:
+    """One closed-loop round of batch-1 calls; raises unless Triton counted every one as a success
+    (h2load sees HTTP statuses only, and a gRPC error is HTTP 200 too)."""
+    ok0, fail0 = _successes(client, model)
+    latencies, wall = h2load.closed_loop(url, METHOD, message, concurrency, total, CONNECTIONS)
+    ok1, fail1 = _successes(client, model)
+    if (ok1 - ok0, fail1 - fail0) != (total, 0):
+        raise RuntimeError(f"{model}: Triton answered {ok1 - ok0} of {total} calls, {fail1 - fail0} failed")
+    return {"rps": total / wall, "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99))}
 
 
 def server_vs_client(client: TritonClient, url: str, model: str, rows, n: int = 300) -> dict:
@@ -100,21 +108,21 @@ def run(workdir: Path) -> dict:
     data = load_dataset(_spec(workdir), preprocessing=model_dir / "preprocessing.json")
     t = data.ranking_test
     rows = [(t.sparse[i:i + 1], t.dense[i:i + 1]) for i in range(512)]
+    messages = {m: infer_request(m, *rows[0]).SerializeToString() for m in ("ranker_batched", "ranker_nobatch")}
     settings = ServerSettings(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     with EmbeddedTriton(settings) as server, TritonClient(server.grpc_url) as client:
         latency = {m: server_vs_client(client, server.grpc_url, m, rows) for m in ("ranker_nobatch", "ranker_batched")}
         results: dict[str, list[dict]] = {"ranker_batched": [], "ranker_nobatch": []}
-        with LoadPool() as pool:
-            for _ in range(ROUNDS):
-                for model in results:
-                    results[model].append(_stats(*pool.run(triton_load, (server.grpc_url, model, rows), CONCURRENCY,
-                                                           REQUESTS * pool.procs)))
-            procs = pool.procs
+        for model in results:  # warm-up
+            triton_load(client, server.grpc_url, model, messages[model], CONCURRENCY, REQUESTS // 10)
+        for _ in range(ROUNDS):
+            for model in results:
+                results[model].append(triton_load(client, server.grpc_url, model, messages[model], CONCURRENCY, REQUESTS))
         stats = {m: client.statistics(m)["model_stats"][0] for m in results}
     med = {m: {k: float(np.median([r[k] for r in rs])) for k in ("rps", "p50_ms", "p99_ms")} for m, rs in results.items()}
     return {
-        "model": "ranker-8x (INT8 QDQ + INT4 embeddings)", "concurrency": CONCURRENCY, "requests_per_round": REQUESTS * procs,
-        "client_processes": procs, "cores": os.cpu_count(), "queue_delay_us": QUEUE_DELAY_US,
+        "model": "ranker-8x (INT8 QDQ + INT4 embeddings)", "concurrency": CONCURRENCY, "requests_per_round": REQUESTS,
+        "load_generator": f"h2load, {CONNECTIONS} HTTP/2 connections", "cores": os.cpu_count(), "queue_delay_us": QUEUE_DELAY_US,
         "rounds": ROUNDS, "dynamic_batching": med["ranker_batched"], "no_batching": med["ranker_nobatch"],
         "throughput_ratio": paired_ratio([r["rps"] for r in results["ranker_batched"]],
                                          [r["rps"] for r in results["ranker_nobatch"]]),
@@ -141,8 +149,8 @@ def _spec(workdir: Path) -> str:
 def markdown(r: dict) -> str:
     b, n, lat = r["dynamic_batching"], r["no_batching"], r["batch1_latency"]
     lines = [f"### Triton ({r['model']}, embedded tritonserver on CPU)", "",
-             f"Closed loop, concurrency {r['concurrency']} from {r['client_processes']} client process(es) on "
-             f"{r['cores']} cores, batch-1 requests, {r['rounds']} alternating rounds:", "",
+             f"Closed loop, concurrency {r['concurrency']} ({r['load_generator']}) on {r['cores']} cores, "
+             f"batch-1 requests, {r['requests_per_round']:,} a round, {r['rounds']} alternating rounds:", "",
              "| config | requests/s | p50 ms | p99 ms | inferences / executions | server compute us / inference |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, x in (("dynamic batching", b), ("no batching", n)):

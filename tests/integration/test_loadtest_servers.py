@@ -105,3 +105,26 @@ def test_cli_rejects_a_bad_scenario_with_one_line(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert "error:" in p.stderr and "arrivals.rate" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_h2load_keeps_the_concurrency_in_flight(trivial_server):
+    """The benchmarks' C load generator (bench/h2load.py) against a server that takes 4 ms a request,
+    one at a time: with 4 calls always in flight each waits for the 3 ahead of it (~16 ms), and 40
+    calls take at least 40 x 4 ms."""
+    from bench import h2load
+    from recserve.serving.protos.recommender_pb2 import RankRequest
+
+    url = trivial_server(service_ms=4)
+    message = RankRequest(request_id="r", candidate_item_ids=["a", "b"], top_k=1).SerializeToString()
+    latencies, wall = h2load.closed_loop(url, "recserve.Recommender/Rank", message, concurrency=4, total=40,
+                                         connections=2)
+    assert len(latencies) == 40
+    assert wall >= 40 * 4e-3
+    assert sorted(latencies)[20] >= 3 * 4  # queued behind the others, not one at a time
+
+
+def test_h2load_says_when_the_server_is_not_there():
+    from bench import h2load
+
+    with pytest.raises(h2load.LoadGeneratorError, match="is the server at"):
+        h2load.closed_loop(f"127.0.0.1:{free_port()}", "recserve.Recommender/Rank", b"", concurrency=2, total=4)

@@ -223,6 +223,33 @@ def test_dynamic_batching_merges_concurrent_requests(client: TritonClient, repo:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_h2load_calls_are_counted_by_triton_and_failures_are_caught(client: TritonClient, server, rows) -> None:
+    """The Triton benchmark's load (bench.triton.triton_load: h2load, which sees HTTP statuses only)
+    checks every call against Triton's success counter, so a gRPC error cannot pass as a fast answer."""
+    from bench.triton import infer_request, triton_load
+
+    sparse, dense = rows[0][:1], rows[1][:1]
+    good = infer_request("ranker", sparse, dense).SerializeToString()
+    r = triton_load(client, server.grpc_url, "ranker", good, concurrency=8, total=200)
+    assert r["rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+    wrong_shape = infer_request("ranker", sparse[:, :3], dense).SerializeToString()
+    with pytest.raises(RuntimeError, match="Triton answered 0 of 50 calls"):
+        triton_load(client, server.grpc_url, "ranker", wrong_shape, concurrency=8, total=50)
+
+
+def test_summary_latencies_track_the_configured_quantiles(server, client: TritonClient, rows) -> None:
+    import urllib.request
+
+    from recserve.operator.observe import scrape
+
+    client.infer("ranker", {"sparse": rows[0][:1], "dense": rows[1][:1]})
+    with urllib.request.urlopen(server.metrics_url) as r:
+        assert r.status == 200
+    summary = scrape(server.metrics_url)["nv_inference_request_summary_us"]
+    quantiles = {labels["quantile"] for labels, _ in summary if labels.get("model") == "ranker"}
+    assert quantiles == {"0.5", "0.99"}  # ServerSettings.summary_quantiles, not Triton's default four
+
+
 def test_a_bad_request_in_a_dynamic_batch_fails_alone(client: TritonClient, repo: Path, rows) -> None:
     sparse, dense = rows[0][:32], rows[1][:32].copy()
     bad = set(range(0, 32, 4))

@@ -216,6 +216,7 @@ def test_values_yaml_and_scenarios_match_values_schema(scenario):
 @pytest.mark.parametrize("bad, needle", [
     ("router: {config: {triton_url: 'x:1'}}", "triton_url"),
     ("triton: {gpus: two}", "gpus"),
+    ("triton: {summaryQuantiles: '99th'}", "summaryQuantiles"),
     ("modelRepository: {type: nfs}", "type"),
     ("operator: {rbac: {verbs: ['*']}}", "verbs"),
     ("engineBuild: {models: [{name: ranker, source: relative/path}]}", "source"),
@@ -338,6 +339,7 @@ def test_triton_runs_explicit_model_control_with_health_probes(docs, scenario):
     assert "--model-control-mode=explicit" in args
     assert [a.split("=", 1)[1] for a in args if a.startswith("--load-model=")] == values["triton"]["loadModels"]
     assert "--metrics-config=summary_latencies=true" in args  # the operator's p99 reads these
+    assert "--metrics-config=summary_quantiles=0.5:0.05,0.99:0.005" in args
     assert "--strict-readiness=true" in args
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}

@@ -1,0 +1,69 @@
+"""Closed-loop gRPC load from ``h2load``, nghttp2's C HTTP/2 load generator.
+
+A Python gRPC client spends about 50 us of CPU per call; on a small machine that is CPU the server
+under test does not get, and the more efficient server configuration loses the most. h2load spends
+about 10 us. It knows nothing of gRPC, so a unary call is an HTTP/2 POST of one length-prefixed
+message (the same bytes every time), and it sees HTTP statuses only: a gRPC error still arrives as
+HTTP 200. Callers check the server's own success counters (see ``bench.triton``).
+
+``scripts/fetch_h2load.sh`` (run by ``make tools``) puts it under ``.tools/bin``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+TOOLS = Path(__file__).resolve().parent.parent / ".tools" / "bin"
+
+
+class LoadGeneratorError(RuntimeError):
+    """h2load is missing, failed, or did not send what it was asked to."""
+
+
+def find() -> str:
+    """``$H2LOAD``, else ``h2load`` on PATH, else the one ``scripts/fetch_h2load.sh`` installed."""
+    for candidate in (os.environ.get("H2LOAD"), shutil.which("h2load"), TOOLS / "h2load"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise LoadGeneratorError("h2load not found: run `make tools` (scripts/fetch_h2load.sh), or put nghttp2's "
+                             "h2load on PATH, or set $H2LOAD")
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One uncompressed gRPC message: flag byte 0, 4-byte big-endian length, the serialized message."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def closed_loop(target: str, method: str, message: bytes, concurrency: int, total: int,
+                connections: int = 4) -> tuple[np.ndarray, float]:
+    """Send ``total`` unary calls of ``message`` to ``http://target/method`` with ``concurrency`` in
+    flight (``connections`` HTTP/2 connections, the rest as streams on them): the latencies (ms)
+    and the wall seconds from the first request's start to the last response."""
+    connections = max(1, min(connections, concurrency))
+    if concurrency % connections:
+        raise ValueError(f"concurrency {concurrency} must be a multiple of connections {connections}")
+    with tempfile.TemporaryDirectory(prefix="recserve-h2load-") as tmp:
+        body, log = Path(tmp) / "body", Path(tmp) / "log"
+        body.write_bytes(grpc_frame(message))
+        cmd = [find(), "--threads=1", f"--clients={connections}", f"--max-concurrent-streams={concurrency // connections}",
+               f"--requests={total}", f"--data={body}", "--header=content-type: application/grpc",
+               "--header=te: trailers", f"--log-file={log}", f"http://{target}/{method.lstrip('/')}"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0 or not log.exists():
+            raise LoadGeneratorError(f"h2load failed ({run.returncode}): {(run.stderr or run.stdout).strip()[-500:]}")
+        # one line per request: start (us since the epoch), HTTP status, microseconds to the response's end
+        text = log.read_text()
+        rows = np.loadtxt(text.splitlines(), dtype=np.int64, ndmin=2) if text.strip() else np.zeros((0, 3), np.int64)
+    if len(rows) != total or (rows[:, 1] != 200).any():
+        bad = int((rows[:, 1] != 200).sum()) if len(rows) else 0
+        raise LoadGeneratorError(f"h2load: {len(rows)} of {total} calls logged, {bad} without HTTP 200; "
+                                 f"is the server at {target} up and serving {method}?")
+    wall_us = int((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min())
+    return rows[:, 2] / 1e3, wall_us / 1e6
