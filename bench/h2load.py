@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.timing import split
+
 TOOLS = Path(__file__).resolve().parent.parent / ".tools" / "bin"
 
 
@@ -41,29 +43,45 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def closed_loop(target: str, method: str, message: bytes, concurrency: int, total: int,
-                connections: int = 4) -> tuple[np.ndarray, float]:
+def closed_loop(target: str | list[str], method: str, message: bytes, concurrency: int, total: int,
+                connections: int = 4, headers: dict[str, str] | None = None) -> tuple[np.ndarray, float]:
     """Send ``total`` unary calls of ``message`` to ``http://target/method`` with ``concurrency`` in
-    flight (``connections`` HTTP/2 connections, the rest as streams on them): the latencies (ms)
-    and the wall seconds from the first request's start to the last response."""
-    connections = max(1, min(connections, concurrency))
-    if concurrency % connections:
-        raise ValueError(f"concurrency {concurrency} must be a multiple of connections {connections}")
+    flight (over up to ``connections`` HTTP/2 connections, the rest as streams on them): the latencies
+    (ms) and the wall seconds from the first request's start to the last response. With a list of
+    targets (one port per router replica), the calls and the concurrency are split evenly, one h2load
+    process per target, all running at once. ``headers``: extra request metadata, e.g.
+    ``{"grpc-timeout": "2S"}`` for a deadline."""
+    targets = [target] if isinstance(target, str) else list(target)
+    targets = targets[:concurrency]
+    parts = list(zip(targets, split(concurrency, len(targets)), split(total, len(targets))))
     with tempfile.TemporaryDirectory(prefix="recserve-h2load-") as tmp:
-        body, log = Path(tmp) / "body", Path(tmp) / "log"
+        body = Path(tmp) / "body"
         body.write_bytes(grpc_frame(message))
-        cmd = [find(), "--threads=1", f"--clients={connections}", f"--max-concurrent-streams={concurrency // connections}",
-               f"--requests={total}", f"--data={body}", "--header=content-type: application/grpc",
-               "--header=te: trailers", f"--log-file={log}", f"http://{target}/{method.lstrip('/')}"]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0 or not log.exists():
-            raise LoadGeneratorError(f"h2load failed ({run.returncode}): {(run.stderr or run.stdout).strip()[-500:]}")
-        # one line per request: start (us since the epoch), HTTP status, microseconds to the response's end
-        text = log.read_text()
-        rows = np.loadtxt(text.splitlines(), dtype=np.int64, ndmin=2) if text.strip() else np.zeros((0, 3), np.int64)
+        runs = []
+        for i, (t, c, n) in enumerate(parts):
+            conns = max(d for d in range(1, min(connections, c) + 1) if c % d == 0)  # exactly c in flight
+            streams = c // conns
+            log = Path(tmp) / f"log{i}"
+            cmd = [find(), "--threads=1", f"--clients={conns}", f"--max-concurrent-streams={streams}",
+                   f"--requests={n}", f"--data={body}", "--header=content-type: application/grpc",
+                   "--header=te: trailers", *(f"--header={k}: {v}" for k, v in (headers or {}).items()),
+                   f"--log-file={log}", f"http://{t}/{method.lstrip('/')}"]
+            runs.append((t, n, log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        rows = [_read(t, method, n, log, proc) for t, n, log, proc in runs]
+    rows = np.concatenate(rows)
+    wall_us = int((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min())
+    return rows[:, 2] / 1e3, wall_us / 1e6
+
+
+def _read(target: str, method: str, total: int, log: Path, proc: subprocess.Popen) -> np.ndarray:
+    out, err = proc.communicate()
+    if proc.returncode != 0 or not log.exists():
+        raise LoadGeneratorError(f"h2load failed ({proc.returncode}): {(err or out).strip()[-500:]}")
+    # one line per request: start (us since the epoch), HTTP status, microseconds to the response's end
+    text = log.read_text()
+    rows = np.loadtxt(text.splitlines(), dtype=np.int64, ndmin=2) if text.strip() else np.zeros((0, 3), np.int64)
     if len(rows) != total or (rows[:, 1] != 200).any():
         bad = int((rows[:, 1] != 200).sum()) if len(rows) else 0
         raise LoadGeneratorError(f"h2load: {len(rows)} of {total} calls logged, {bad} without HTTP 200; "
                                  f"is the server at {target} up and serving {method}?")
-    wall_us = int((rows[:, 0] + rows[:, 2]).max() - rows[:, 0].min())
-    return rows[:, 2] / 1e3, wall_us / 1e6
+    return rows

@@ -2,15 +2,15 @@
 failover time when the cloud goes away.
 
 Both paths rank the same 50 candidates with the same INT8 ranker on the same embedded Triton; the
-router's cache is off. At each concurrency the two run in alternating rounds (closed loop), and
-the added latency is router minus direct, p50 and p99. Failover: a steady stream of Rank calls
+router's cache is off. At each concurrency the two run in alternating rounds (closed loop, from
+h2load as in the Triton benchmark, every call checked against Triton's success counter), and the
+added latency is router minus direct, p50 and p99. Failover: a steady stream of Rank calls
 with a 100 ms budget while Triton is stopped; we report when the first edge answer came, the
 slowest answer around the switch, and errors (should be none).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import threading
@@ -19,16 +19,15 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2_grpc
 
-from bench.timing import LoadPool, closed_loop
-from bench.triton import infer_request
+from bench.triton import METHOD, counted_load, infer_request
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
 from recserve.serving import app
-from recserve.serving.client import AsyncRouterClient, RouterClient
+from recserve.serving.client import RouterClient
 from recserve.serving.config import RouterConfig
 from recserve.serving.protos.recommender_pb2 import RankRequest
+from recserve.triton.client import TritonClient
 from recserve.triton.retrieval import ItemIndex, build_catalog_dir, context_encoder
 from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port, free_ports
 
@@ -38,8 +37,11 @@ REPLICAS = int(os.environ.get("BENCH_ROUTER_REPLICAS", "1"))
 """The router's shape: one direct-ingress replica by default; with more, the client spreads calls round
 robin over the replicas' ports (direct) or Serve's proxy does (proxy)."""
 LEVELS = (1, 16, 64)
-REQUESTS = {1: 400, 16: 1200, 64: 1600}
-ROUNDS = 2
+REQUESTS = {1: 500, 16: 2000, 64: 3000}
+ROUNDS = 3
+RANK = "recserve.Recommender/Rank"
+DEADLINE = {"grpc-timeout": "2S"}
+"""Rank calls carry a 2 s deadline: the router always has the time to ask Triton."""
 
 
 def _requests(catalog: ItemIndex, encoder, n: int = 64) -> tuple[list[RankRequest], list]:
@@ -56,30 +58,6 @@ def _requests(catalog: ItemIndex, encoder, n: int = 64) -> tuple[list[RankReques
         rows.append(catalog.ranker_rows(catalog.rows_for(items), cs, cd))
         ranks.append(req)
     return ranks, rows
-
-
-async def _warm(call, payloads, connections: int) -> None:
-    """Untimed calls first: every connection (one per router replica, round robin) is open before the
-    clock runs, so steady-state latency is measured, not connection setup."""
-    await asyncio.gather(*(call(payloads[i % len(payloads)]) for i in range(2 * connections)))
-
-
-async def _direct(url: str, rows, concurrency: int, total: int) -> list[float]:
-    reqs = [infer_request("ranker", s, d) for s, d in rows]
-    async with grpc.aio.insecure_channel(url) as ch:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
-        await _warm(stub.ModelInfer, reqs, 1)
-        return await closed_loop(stub.ModelInfer, reqs, concurrency, total)
-
-
-async def _routed(url: str | list[str], ranks, concurrency: int, total: int) -> list[float]:
-    client = AsyncRouterClient(url)
-    call = lambda r: client.rank(r, timeout_s=2.0)  # noqa: E731
-    try:
-        await _warm(call, ranks, 1 if isinstance(url, str) else len(url))
-        return await closed_loop(call, ranks, concurrency, total)
-    finally:
-        await client.close()
 
 
 def _pct(a: list[float]) -> dict:
@@ -145,31 +123,31 @@ def run(workdir: Path) -> dict:
                               "catalog": str(catalog_dir), "preprocessing": str(model_dir / "preprocessing.json")}}})
     app.start(cfg)
     router_url = cfg.grpc_targets()
-    pool = LoadPool()
+    direct_msg, rank_msg = infer_request("ranker", *rows[0]).SerializeToString(), ranks[0].SerializeToString()
     try:
-        levels = {}
-        for c in LEVELS:
-            direct, routed = [], []
-            for _ in range(ROUNDS):
-                n = REQUESTS[c] * min(c, pool.procs)
-                direct += pool.run(_direct, (triton.grpc_url, rows), c, n)[0]
-                routed += pool.run(_routed, (router_url, ranks), c, n)[0]
-            d, r = _pct(direct), _pct(routed)
-            levels[str(c)] = {"direct": d, "router": r, "added_p50_ms": r["p50_ms"] - d["p50_ms"],
-                              "added_p99_ms": r["p99_ms"] - d["p99_ms"]}
+        with TritonClient(triton.grpc_url) as client:
+            counted_load(client, "ranker", router_url, RANK, rank_msg, 4, 200, DEADLINE)  # warm-up: connections, caches
+            levels = {}
+            for c in LEVELS:
+                direct, routed = [], []
+                for _ in range(ROUNDS):
+                    direct += list(counted_load(client, "ranker", triton.grpc_url, METHOD, direct_msg, c, REQUESTS[c])[0])
+                    routed += list(counted_load(client, "ranker", router_url, RANK, rank_msg, c, REQUESTS[c], DEADLINE)[0])
+                d, r = _pct(direct), _pct(routed)
+                levels[str(c)] = {"direct": d, "router": r, "added_p50_ms": r["p50_ms"] - d["p50_ms"],
+                                  "added_p99_ms": r["p99_ms"] - d["p99_ms"]}
         fail = failover(triton, router_url, ranks)
     finally:
-        pool.close()
         triton.stop()
         app.stop()
-    return {"candidates": CANDIDATES, "ingress": INGRESS, "replicas": REPLICAS, "client_processes": pool.procs,
+    return {"candidates": CANDIDATES, "ingress": INGRESS, "replicas": REPLICAS, "load_generator": "h2load",
             "cores": os.cpu_count(), "levels": levels, "failover": fail}
 
 
 def markdown(r: dict) -> str:
     shape = f"{r['replicas']} replica{'s' if r['replicas'] > 1 else ''}, {r['ingress']} ingress"
     lines = [f"### Router (Ray Serve, {shape} -> Triton; {r['candidates']} candidates per request, cache off; "
-             f"{r['client_processes']} client process(es) on {r['cores']} cores)",
+             f"load from {r.get('load_generator', 'h2load')} on {r['cores']} cores)",
              "", "| concurrency | direct Triton p50 / p99 ms | through router p50 / p99 ms | added p50 | added p99 |",
              "|---:|---:|---:|---:|---:|"]
     for c, x in r["levels"].items():

@@ -58,14 +58,22 @@ def _successes(client: TritonClient, model: str) -> tuple[int, int]:
     return int(s.get("success", {}).get("count", 0)), int(s.get("fail", {}).get("count", 0))
 
 
-def triton_load(client: TritonClient, url: str, model: str, message: bytes, concurrency: int, total: int) -> dict:
-    """One closed-loop round of batch-1 calls; raises unless Triton counted every one as a success
-    (h2load sees HTTP statuses only, and a gRPC error is HTTP 200 too)."""
+def counted_load(client: TritonClient, model: str, target: str | list[str], method: str, message: bytes,
+                 concurrency: int, total: int, headers: dict[str, str] | None = None) -> tuple[np.ndarray, float]:
+    """h2load's closed loop (latencies ms, wall s), raising unless Triton counted exactly ``total``
+    successful calls of ``model`` meanwhile: h2load sees HTTP statuses only, and a gRPC error is
+    HTTP 200 too. ``target`` may be Triton itself or a router in front of it (every Rank one call)."""
     ok0, fail0 = _successes(client, model)
-    latencies, wall = h2load.closed_loop(url, METHOD, message, concurrency, total, CONNECTIONS)
+    latencies, wall = h2load.closed_loop(target, method, message, concurrency, total, CONNECTIONS, headers)
     ok1, fail1 = _successes(client, model)
     if (ok1 - ok0, fail1 - fail0) != (total, 0):
         raise RuntimeError(f"{model}: Triton answered {ok1 - ok0} of {total} calls, {fail1 - fail0} failed")
+    return latencies, wall
+
+
+def triton_load(client: TritonClient, url: str, model: str, message: bytes, concurrency: int, total: int) -> dict:
+    """One closed-loop round of batch-1 calls straight to Triton: requests/s, p50 and p99."""
+    latencies, wall = counted_load(client, model, url, METHOD, message, concurrency, total)
     return {"rps": total / wall, "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99))}
 

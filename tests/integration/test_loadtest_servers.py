@@ -123,6 +123,20 @@ def test_h2load_keeps_the_concurrency_in_flight(trivial_server):
     assert sorted(latencies)[20] >= 3 * 4  # queued behind the others, not one at a time
 
 
+def test_h2load_splits_calls_and_concurrency_over_several_targets(trivial_server):
+    """One h2load per target (one port per direct-ingress router replica), all at once: a fast server
+    and one taking 10 ms a call get half of the 20 calls each."""
+    from bench import h2load
+    from recserve.serving.protos.recommender_pb2 import RankRequest
+
+    urls = [trivial_server(), trivial_server(service_ms=10)]
+    message = RankRequest(request_id="r", candidate_item_ids=["a"]).SerializeToString()
+    latencies, wall = h2load.closed_loop(urls, "recserve.Recommender/Rank", message, concurrency=2, total=20)
+    assert len(latencies) == 20
+    assert (latencies >= 10).sum() == 10, sorted(latencies)
+    assert wall < 20 * 10e-3  # side by side: the slow server's ten calls, not all twenty in turn
+
+
 def test_h2load_says_when_the_server_is_not_there():
     from bench import h2load
 
