@@ -33,11 +33,13 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 1024,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,
     seed: int = 0,
+    logq_correction: Annotated[bool, typer.Option(help="two-tower: correct the in-batch softmax for item popularity")] = True,
 ) -> None:
     """Train a reference ranker or two-tower retriever on CPU and export it to ONNX."""
     from recserve.models.pipeline import train_model
 
-    settings = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    settings = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                    logq_correction=logq_correction)
     result = train_model(data, model.value, out, embedding_dim=embedding_dim, **settings)
     quality = ", ".join(f"{k} {v:.4f}" for k, v in result["quality"].items())
     console.print(f"[green]trained[/green] {model.value} on {data}: held-out {quality}; "

@@ -31,6 +31,10 @@ class TrainSettings:
     validation_fraction: float = 0.1
     """Share of the training rows kept back to pick the best epoch (ranker only)."""
     threads: int = 2
+    logq_correction: bool = True
+    """Two-tower only: subtract log(item frequency) from the in-batch logits (sampled-softmax
+    correction; popular items are in-batch negatives more often) and mask repeats of the positive
+    item among a batch's negatives."""
 
 
 @dataclass
@@ -110,6 +114,8 @@ def fit_two_tower(model: TwoTower, data: RetrievalData, settings: TrainSettings,
     users = torch.from_numpy(data.user_table)
     items = torch.from_numpy(data.item_table)
     pairs = data.train_pairs
+    counts = np.bincount(pairs[:, 1], minlength=len(data.item_table)).astype(np.float64)
+    log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / max(1, len(pairs))).astype(np.float32))
     opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     history = []
     with _progress() as progress:
@@ -122,6 +128,10 @@ def fit_two_tower(model: TwoTower, data: RetrievalData, settings: TrainSettings,
                 b = torch.from_numpy(pairs[perm[s:s + settings.batch_size]])
                 u, i = model(users[b[:, 0]], items[b[:, 1]])
                 logits = u @ i.T / model.config.temperature
+                if settings.logq_correction:
+                    logits = logits - log_q[b[:, 1]][None, :]
+                    repeats = (b[:, 1][:, None] == b[:, 1][None, :]) & ~torch.eye(len(b), dtype=torch.bool)
+                    logits = logits.masked_fill(repeats, float("-inf"))
                 loss = nn.functional.cross_entropy(logits, torch.arange(len(b)))
                 opt.zero_grad()
                 loss.backward()
