@@ -34,8 +34,8 @@ from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port, fr
 CANDIDATES = 50
 INGRESS = os.environ.get("BENCH_ROUTER_INGRESS", "direct")
 REPLICAS = int(os.environ.get("BENCH_ROUTER_REPLICAS", "1"))
-"""The router's shape: one direct-ingress replica by default; with more, the client spreads calls round
-robin over the replicas' ports (direct) or Serve's proxy does (proxy)."""
+"""The router's shape: one direct-ingress replica by default; with more, one h2load per replica port
+shares out the calls (direct), or Serve's proxy does (proxy)."""
 LEVELS = (1, 16, 64)
 REQUESTS = {1: 500, 16: 2000, 64: 3000}
 ROUNDS = 3

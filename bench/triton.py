@@ -1,7 +1,7 @@
 """Triton benchmark (issue 3's bar), against the real embedded tritonserver.
 
 * dynamic batching against none: the same INT8 ranker served twice, closed loop at concurrency
-  64 with batch-1 requests from h2load (a C load generator: a Python client would take half of a
+  64 with batch-1 requests from h2load (a C load generator: a Python client took a third of a
   2-core machine's CPU from the server), the two configs alternating round by round: throughput
   ratio and p99; every call is checked against Triton's own success counter;
 * batch-1 latency at concurrency 1: client-measured against Triton's own server-side time

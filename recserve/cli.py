@@ -33,7 +33,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1)] = 1024,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,
     seed: int = 0,
-    logq_correction: Annotated[bool, typer.Option(help="two-tower: correct the in-batch softmax for item popularity")] = True,
+    logq_correction: Annotated[bool, typer.Option(help="two-tower: correct the in-batch softmax for item popularity")] = False,
 ) -> None:
     """Train a reference ranker or two-tower retriever on CPU and export it to ONNX."""
     from recserve.models.pipeline import train_model

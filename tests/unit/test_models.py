@@ -126,7 +126,7 @@ def test_train_model_out_is_a_file(tmp_path: Path) -> None:
 
 def test_logq_correction_lifts_two_tower_recall(tmp_path: Path) -> None:
     """In-batch softmax without the correction pushes popular items down (they are everyone's
-    negatives); on the synthetic data that cost most of the retriever's recall."""
+    negatives); on the popularity-driven synthetic data that costs most of the retriever's recall."""
     quality = {logq: train_model("synthetic:20000", "two_tower", tmp_path / str(logq), epochs=6,
                                  logq_correction=logq)["quality"] for logq in (False, True)}
     assert quality[True]["recall@10"] > quality[False]["recall@10"] + 0.2, quality
