@@ -47,10 +47,12 @@ done
 rm -rf "$DEST/h2load" && mkdir -p "$DEST/h2load" "$DEST/bin"
 for deb in "$TMP"/*.deb; do dpkg-deb -x "$deb" "$DEST/h2load"; done
 LIBS="$(dirname "$(find "$DEST/h2load" -name 'libnghttp2.so.14' | head -1)")"
+LIBS="${LIBS#"$DEST/"}"  # relative to .tools: the wrapper works wherever the checkout is copied
 cat > "$DEST/bin/.h2load.part" <<WRAPPER
 #!/usr/bin/env bash
-# written by scripts/fetch_h2load.sh: h2load from the unpacked Debian packages
-LD_LIBRARY_PATH="$LIBS\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$DEST/h2load/usr/bin/h2load" "\$@"
+# written by scripts/fetch_h2load.sh: h2load from the unpacked Debian packages under .tools/h2load
+TOOLS="\$(cd "\$(dirname "\${BASH_SOURCE[0]}")/.." && pwd)"
+LD_LIBRARY_PATH="\$TOOLS/$LIBS\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "\$TOOLS/h2load/usr/bin/h2load" "\$@"
 WRAPPER
 chmod 755 "$DEST/bin/.h2load.part"
 mv "$DEST/bin/.h2load.part" "$DEST/bin/h2load"
