@@ -9,14 +9,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
-from recserve.loadtest import generator
+from recserve.loadtest import generator, trivial
 from recserve.loadtest.report import plot_sweep
 from recserve.loadtest.scenario import Scenario
 from recserve.serving import app
@@ -30,12 +28,9 @@ ROUTER_RATES = [50, 100, 200, 400, 600]
 
 
 def generator_check() -> dict:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "recserve.loadtest.trivial", "--port", str(port)],
-                              stdout=subprocess.PIPE, text=True)
+    server, url = trivial.spawn()
     try:
-        server.stdout.readline()
-        s = Scenario.model_validate({"name": "generator", "target": "trivial", "url": f"127.0.0.1:{port}",
+        s = Scenario.model_validate({"name": "generator", "target": "trivial", "url": url,
                                      "arrivals": {"process": "constant", "rate": 5000, "duration_s": 8, "warmup_s": 2},
                                      "requests": {"candidates_min": 5, "candidates_max": 10}})
         return generator.run(s).report()

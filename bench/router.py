@@ -4,7 +4,10 @@ failover time when the cloud goes away.
 Both paths rank the same 50 candidates with the same INT8 ranker on the same embedded Triton; the
 router's cache is off. At each concurrency the two run in alternating rounds (closed loop, from
 h2load as in the Triton benchmark, every call checked against Triton's success counter), and the
-added latency is router minus direct, p50 and p99. Failover: a steady stream of Rank calls
+added latency is router minus direct, p50 and p99. In a closed loop the slower path also gets fewer
+calls per second, so at high concurrency the gap is mostly queueing behind the router's capacity;
+the open-loop part sends both paths the same fixed rates (shares of the router's closed-loop
+throughput at concurrency 16) to show what the router adds when it is not the bottleneck. Failover: a steady stream of Rank calls
 with a 100 ms budget while Triton is stopped; we report when the first edge answer came, the
 slowest answer around the switch, and errors (should be none).
 """
@@ -15,14 +18,17 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from bench.triton import METHOD, counted_load, infer_request
+from bench import h2load
+from bench.triton import METHOD, counted, counted_load, infer_request
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
+from recserve.loadtest import trivial
 from recserve.serving import app
 from recserve.serving.client import RouterClient
 from recserve.serving.config import RouterConfig
@@ -42,6 +48,14 @@ ROUNDS = 3
 RANK = "recserve.Recommender/Rank"
 DEADLINE = {"grpc-timeout": "2S"}
 """Rank calls carry a 2 s deadline: the router always has the time to ask Triton."""
+LOAD_FRACTIONS = (0.25, 0.5)
+"""Open loop: fixed rates at these shares of the router's closed-loop throughput at concurrency 16."""
+OPEN_LOOP_S = 2.0
+"""Seconds of calls per open-loop round."""
+OPEN_LOOP_CONNECTIONS = 1
+"""h2load paces each connection on its own timer, and connections opened together tick together:
+with 4, calls arrive in bursts of 4 (each burst's last waits for three). One connection per target
+sends them evenly spaced."""
 
 
 def _requests(catalog: ItemIndex, encoder, n: int = 64) -> tuple[list[RankRequest], list]:
@@ -62,6 +76,62 @@ def _requests(catalog: ItemIndex, encoder, n: int = 64) -> tuple[list[RankReques
 
 def _pct(a: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+
+
+def _median(a: list[float]) -> float:
+    return float(np.median(a))
+
+
+Load = Callable[[str | list[str], str, bytes, dict | None], tuple[np.ndarray, float]]
+"""(target, method, message, headers) -> (latencies ms, calls/s), every call counted by Triton."""
+
+
+def _closed(client: TritonClient, concurrency: int, n: int) -> Load:
+    def load(target, method, message, headers):
+        latencies, wall = counted_load(client, "ranker", target, method, message, concurrency, n, headers)
+        return latencies, n / wall
+    return load
+
+
+def _open(client: TritonClient, rate: float, n: int) -> Load:
+    def load(target, method, message, headers):
+        return counted(client, "ranker", n, lambda: h2load.open_loop(target, method, message, rate, n,
+                                                                      connections=OPEN_LOOP_CONNECTIONS, headers=headers))
+    return load
+
+
+def _alternate(paths: dict[str, tuple], load: Load) -> dict[str, tuple[list, list]]:
+    """``load(target, method, message, headers)`` on each path in turn, ROUNDS times (machine drift
+    hits both alike): per path, every latency and the per-round figure (calls/s)."""
+    out: dict[str, tuple[list, list]] = {name: ([], []) for name in paths}
+    for _ in range(ROUNDS):
+        for name, (target, method, message, headers) in paths.items():
+            latencies, figure = load(target, method, message, headers)
+            out[name][0].extend(latencies)
+            out[name][1].append(figure)
+    return out
+
+
+def _python_grpc_floor(message: bytes, rates: list[float]) -> dict:
+    """The same Rank message to a Python gRPC server that does no work (``recserve.loadtest.trivial``):
+    p50/p99 at concurrency 1 and at the open-loop rates. Part of what a call at a steady rate costs
+    over one sent the moment the last returned is waking idle threads, in any Python gRPC service."""
+    proc, url = trivial.spawn()
+    try:
+        h2load.closed_loop(url, RANK, message, 1, 200)
+        out = {"closed_c1": _pct(h2load.closed_loop(url, RANK, message, 1, REQUESTS[1] * ROUNDS)[0])}
+        for rate in rates:
+            out[f"{rate:.0f}"] = _pct(h2load.open_loop(url, RANK, message, rate, max(100, int(rate * OPEN_LOOP_S)),
+                                                       connections=OPEN_LOOP_CONNECTIONS)[0])
+        return out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _added(by_path: dict[str, dict]) -> dict:
+    d, r = by_path["direct"], by_path["router"]
+    return {"direct": d, "router": r, "added_p50_ms": r["p50_ms"] - d["p50_ms"], "added_p99_ms": r["p99_ms"] - d["p99_ms"]}
 
 
 def failover(triton: EmbeddedTriton, router_url: str | list[str], ranks) -> dict:
@@ -123,36 +193,57 @@ def run(workdir: Path) -> dict:
                               "catalog": str(catalog_dir), "preprocessing": str(model_dir / "preprocessing.json")}}})
     app.start(cfg)
     router_url = cfg.grpc_targets()
-    direct_msg, rank_msg = infer_request("ranker", *rows[0]).SerializeToString(), ranks[0].SerializeToString()
+    paths = {"direct": (triton.grpc_url, METHOD, infer_request("ranker", *rows[0]).SerializeToString(), None),
+             "router": (router_url, RANK, ranks[0].SerializeToString(), DEADLINE)}
     try:
         with TritonClient(triton.grpc_url) as client:
-            counted_load(client, "ranker", router_url, RANK, rank_msg, 4, 200, DEADLINE)  # warm-up: connections, caches
+            counted_load(client, "ranker", *paths["router"][:3], 4, 200, DEADLINE)  # warm-up: connections, caches
             levels = {}
             for c in LEVELS:
-                direct, routed = [], []
-                for _ in range(ROUNDS):
-                    direct += list(counted_load(client, "ranker", triton.grpc_url, METHOD, direct_msg, c, REQUESTS[c])[0])
-                    routed += list(counted_load(client, "ranker", router_url, RANK, rank_msg, c, REQUESTS[c], DEADLINE)[0])
-                d, r = _pct(direct), _pct(routed)
-                levels[str(c)] = {"direct": d, "router": r, "added_p50_ms": r["p50_ms"] - d["p50_ms"],
-                                  "added_p99_ms": r["p99_ms"] - d["p99_ms"]}
+                runs = _alternate(paths, _closed(client, c, REQUESTS[c]))
+                levels[str(c)] = _added({k: _pct(lat) | {"rps": _median(x)} for k, (lat, x) in runs.items()})
+            rates = {}
+            for fraction in LOAD_FRACTIONS:
+                rate = fraction * levels["16"]["router"]["rps"]
+                runs = _alternate(paths, _open(client, rate, max(100, int(rate * OPEN_LOOP_S))))
+                rates[f"{fraction:g}"] = {"rate": rate} | _added(
+                    {k: _pct(lat) | {"achieved_rps": _median(x)} for k, (lat, x) in runs.items()})
+            floor = _python_grpc_floor(paths["router"][2], [x["rate"] for x in rates.values()])
         fail = failover(triton, router_url, ranks)
     finally:
         triton.stop()
         app.stop()
     return {"candidates": CANDIDATES, "ingress": INGRESS, "replicas": REPLICAS, "load_generator": "h2load",
-            "cores": os.cpu_count(), "levels": levels, "failover": fail}
+            "cores": os.cpu_count(), "levels": levels, "open_loop": rates,
+            "python_grpc_floor": floor, "failover": fail}
 
 
 def markdown(r: dict) -> str:
     shape = f"{r['replicas']} replica{'s' if r['replicas'] > 1 else ''}, {r['ingress']} ingress"
     lines = [f"### Router (Ray Serve, {shape} -> Triton; {r['candidates']} candidates per request, cache off; "
              f"load from {r.get('load_generator', 'h2load')} on {r['cores']} cores)",
-             "", "| concurrency | direct Triton p50 / p99 ms | through router p50 / p99 ms | added p50 | added p99 |",
-             "|---:|---:|---:|---:|---:|"]
+             "", "Closed loop (the bar): each concurrency level alternates direct and routed rounds.", "",
+             "| concurrency | direct Triton p50 / p99 ms | through router p50 / p99 ms | added p50 | added p99 "
+             "| direct / router calls/s |", "|---:|---:|---:|---:|---:|---:|"]
     for c, x in r["levels"].items():
+        rps = f"{x['direct']['rps']:,.0f} / {x['router']['rps']:,.0f}" if "rps" in x["direct"] else "-"
         lines.append(f"| {c} | {x['direct']['p50_ms']:.2f} / {x['direct']['p99_ms']:.2f} | {x['router']['p50_ms']:.2f} / "
-                     f"{x['router']['p99_ms']:.2f} | {x['added_p50_ms']:+.2f} | {x['added_p99_ms']:+.2f} |")
+                     f"{x['router']['p99_ms']:.2f} | {x['added_p50_ms']:+.2f} | {x['added_p99_ms']:+.2f} | {rps} |")
+    if r.get("open_loop"):
+        lines += ["", "Open loop at fixed rates below the router's capacity (its closed-loop calls/s at concurrency 16): "
+                  "what the router adds when it is not the bottleneck.", "",
+                  "| share of capacity | calls/s | direct Triton p50 / p99 ms | through router p50 / p99 ms | added p50 "
+                  "| added p99 |", "|---:|---:|---:|---:|---:|---:|"]
+        for share, x in r["open_loop"].items():
+            lines.append(f"| {float(share):.0%} | {x['rate']:,.0f} | {x['direct']['p50_ms']:.2f} / {x['direct']['p99_ms']:.2f} "
+                         f"| {x['router']['p50_ms']:.2f} / {x['router']['p99_ms']:.2f} | {x['added_p50_ms']:+.2f} "
+                         f"| {x['added_p99_ms']:+.2f} |")
+    if r.get("python_grpc_floor"):
+        floor = r["python_grpc_floor"]
+        lines += ["", "A Python gRPC server doing no work, same load generator (p50 / p99 ms): concurrency 1 "
+                  + f"{floor['closed_c1']['p50_ms']:.2f} / {floor['closed_c1']['p99_ms']:.2f}; "
+                  + "; ".join(f"open loop {rate}/s {x['p50_ms']:.2f} / {x['p99_ms']:.2f}"
+                              for rate, x in floor.items() if rate != "closed_c1") + "."]
     f = r["failover"]
     first = f["first_edge_answer_after_stop_ms"]
     lines += ["", f"Failover (Triton stopped under a Rank stream, {f['budget_ms']} ms budget): first edge answer "

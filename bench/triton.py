@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -34,6 +36,7 @@ ROUNDS = 5
 CONNECTIONS = 4
 """HTTP/2 connections the load generator spreads the concurrency over."""
 METHOD = "inference.GRPCInferenceService/ModelInfer"
+T = TypeVar("T")
 
 
 def _inputs(sparse: np.ndarray, dense: np.ndarray) -> list:
@@ -58,17 +61,23 @@ def _successes(client: TritonClient, model: str) -> tuple[int, int]:
     return int(s.get("success", {}).get("count", 0)), int(s.get("fail", {}).get("count", 0))
 
 
-def counted_load(client: TritonClient, model: str, target: str | list[str], method: str, message: bytes,
-                 concurrency: int, total: int, headers: dict[str, str] | None = None) -> tuple[np.ndarray, float]:
-    """h2load's closed loop (latencies ms, wall s), raising unless Triton counted exactly ``total``
-    successful calls of ``model`` meanwhile: h2load sees HTTP statuses only, and a gRPC error is
-    HTTP 200 too. ``target`` may be Triton itself or a router in front of it (every Rank one call)."""
+def counted(client: TritonClient, model: str, total: int, load: Callable[[], T]) -> T:
+    """``load()``'s result, raising unless Triton counted exactly ``total`` successful calls of
+    ``model`` meanwhile: h2load sees HTTP statuses only, and a gRPC error is HTTP 200 too. The load
+    may go to Triton itself or to a router in front of it (every Rank one call)."""
     ok0, fail0 = _successes(client, model)
-    latencies, wall = h2load.closed_loop(target, method, message, concurrency, total, CONNECTIONS, headers)
+    result = load()
     ok1, fail1 = _successes(client, model)
     if (ok1 - ok0, fail1 - fail0) != (total, 0):
         raise RuntimeError(f"{model}: Triton answered {ok1 - ok0} of {total} calls, {fail1 - fail0} failed")
-    return latencies, wall
+    return result
+
+
+def counted_load(client: TritonClient, model: str, target: str | list[str], method: str, message: bytes,
+                 concurrency: int, total: int, headers: dict[str, str] | None = None) -> tuple[np.ndarray, float]:
+    """h2load's closed loop (latencies ms, wall s), every call checked by :func:`counted`."""
+    return counted(client, model, total,
+                   lambda: h2load.closed_loop(target, method, message, concurrency, total, CONNECTIONS, headers))
 
 
 def triton_load(client: TritonClient, url: str, model: str, message: bytes, concurrency: int, total: int) -> dict:

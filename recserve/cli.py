@@ -229,8 +229,12 @@ def catalog(
 def route(
     config: Annotated[Path, typer.Option(help="router config (YAML); see README 'Route'")],
     policy: Annotated[Path | None, typer.Option(help="initial routing policy (YAML/JSON)")] = None,
+    triton_repo: Annotated[Path | None, typer.Option(
+        help="also start the embedded Triton on this model repository and route to it (instead of the "
+             "config's triton_url); it stops with the router")] = None,
 ) -> None:
     """Start the Ray Serve router (gRPC Rank + HTTP JSON) locally until Ctrl-C."""
+    import contextlib
     import signal
     import threading
 
@@ -239,22 +243,33 @@ def route(
 
     cfg = load_router_config(config)
     initial = parse_policy(policy.read_text(), str(policy)) if policy else None
+    if triton_repo is not None and not triton_repo.is_dir():
+        raise ConfigError(f"--triton-repo {triton_repo}: no such directory; give a Triton model repository "
+                          "(`recserve build`)")
     from recserve.serving import app as serve_app
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with console.status("starting Ray Serve"):
-        serve_app.start(cfg, initial)
-    console.print(f"router ready ({cfg.ingress} ingress): gRPC {', '.join(cfg.grpc_targets())} (recserve.Recommender/Rank), "
-                  f"HTTP {', '.join(b + '/v1/rank' for b in cfg.http_bases())}, metrics on the same HTTP ports at /metrics")
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        console.print("stopping the router")
-        serve_app.stop()
+    with contextlib.ExitStack() as running:
+        if triton_repo is not None:
+            from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+
+            with console.status("starting tritonserver"):
+                triton = running.enter_context(EmbeddedTriton(ServerSettings(
+                    triton_repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())))
+            console.print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}")
+            cfg = cfg.model_copy(update={"triton_url": triton.grpc_url})
+        with console.status("starting Ray Serve"):
+            serve_app.start(cfg, initial)
+        running.callback(serve_app.stop)
+        # after ray.init, which installs its own SIGTERM handler (kill Ray's processes, exit 1): a pod's
+        # SIGTERM must shut Serve down in order instead, then Triton, and exit 0
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        running.callback(console.print, "stopping the router")
+        console.print(f"router ready ({cfg.ingress} ingress): gRPC {', '.join(cfg.grpc_targets())} (recserve.Recommender/Rank), "
+                      f"HTTP {', '.join(b + '/v1/rank' for b in cfg.http_bases())}, metrics on the same HTTP ports at /metrics")
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.wait(0.5):
+                pass
 
 
 @app.command()

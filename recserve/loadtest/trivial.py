@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 
 import grpc
 
@@ -31,6 +33,20 @@ async def serve(port: int, service_ms: float) -> None:
     await server.start()
     print(f"ready {port}", flush=True)
     await server.wait_for_termination()
+
+
+def spawn(service_ms: float = 0.0) -> tuple[subprocess.Popen, str]:
+    """Start the server in its own process (it then has its own interpreter and GIL, as a real
+    service would) and wait until it listens: the process (kill it when done) and its address."""
+    from recserve.triton.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "recserve.loadtest.trivial", "--port", str(port),
+                             "--service-ms", str(service_ms)], stdout=subprocess.PIPE, text=True)
+    if not proc.stdout.readline().startswith("ready"):
+        proc.kill()
+        raise RuntimeError(f"the trivial server did not start (exit code {proc.wait()})")
+    return proc, f"127.0.0.1:{port}"
 
 
 def main() -> None:

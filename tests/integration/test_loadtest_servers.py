@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from recserve.loadtest import generator
+from recserve.loadtest import generator, trivial
 from recserve.loadtest.scenario import Scenario
 from recserve.triton.server import free_port
 
@@ -17,12 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def trivial_server():
     def start(service_ms: float = 0.0) -> str:
-        port = free_port()
-        p = subprocess.Popen([sys.executable, "-m", "recserve.loadtest.trivial", "--port", str(port),
-                              "--service-ms", str(service_ms)], stdout=subprocess.PIPE, text=True)
+        p, url = trivial.spawn(service_ms)
         procs.append(p)
-        assert p.stdout.readline().startswith("ready")
-        return f"127.0.0.1:{port}"
+        return url
 
     procs: list[subprocess.Popen] = []
     yield start
@@ -142,3 +140,33 @@ def test_h2load_says_when_the_server_is_not_there():
 
     with pytest.raises(h2load.LoadGeneratorError, match="is the server at"):
         h2load.closed_loop(f"127.0.0.1:{free_port()}", "recserve.Recommender/Rank", b"", concurrency=2, total=4)
+
+
+def test_h2load_open_loop_keeps_its_rate_and_shows_the_queue(trivial_server):
+    """Open loop against a server that takes 4 ms a call, one at a time (250 calls/s at most): at 100
+    calls/s the calls leave on schedule (40 take ~0.4 s, where a closed loop would be done in 0.16 s)
+    and none waits; at 500 calls/s they still leave on schedule and the queue shows in the latency
+    (the last calls wait for the ones before them), which a closed loop would hide by slowing down."""
+    from bench import h2load
+    from recserve.serving.protos.recommender_pb2 import RankRequest
+
+    url = trivial_server(service_ms=4)
+    message = RankRequest(request_id="r", candidate_item_ids=["a"]).SerializeToString()
+    latencies, achieved = h2load.open_loop(url, "recserve.Recommender/Rank", message, rate=100, total=40, connections=2)
+    assert len(latencies) == 40 and 95 <= achieved <= 110
+    assert np.median(latencies) < 10
+    latencies, achieved = h2load.open_loop(url, "recserve.Recommender/Rank", message, rate=500, total=100, connections=2)
+    assert achieved >= 475
+    assert np.median(latencies[-10:]) > 5 * np.median(latencies[:10]) and latencies.max() >= 50
+
+
+def test_h2load_open_loop_refuses_a_rate_its_in_flight_cap_holds_back(trivial_server):
+    """With at most 2 calls in flight and 4 ms a call, 500 calls/s cannot leave on schedule: the calls
+    would be timed from when they left, hiding the wait, so it raises instead of reporting them."""
+    from bench import h2load
+    from recserve.serving.protos.recommender_pb2 import RankRequest
+
+    url = trivial_server(service_ms=4)
+    message = RankRequest(request_id="r").SerializeToString()
+    with pytest.raises(h2load.LoadGeneratorError, match="calls/s of the 500 asked for"):
+        h2load.open_loop(url, "recserve.Recommender/Rank", message, rate=500, total=100, max_in_flight=2, connections=2)

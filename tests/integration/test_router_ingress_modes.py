@@ -8,6 +8,7 @@ test_router_serve.py covers one direct-ingress replica in depth; each test here 
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 
 import pytest
@@ -93,3 +94,60 @@ def test_a_router_that_cannot_start_says_why(router_repo, tmp_path) -> None:
             app.start(cfg)
     finally:
         app.stop()
+
+
+def test_route_command_starts_triton_and_the_router_and_stops_both_on_sigterm(router_repo, tmp_path) -> None:
+    """``recserve route --triton-repo``: one command, the router in front of its own embedded Triton
+    (the config's triton_url points nowhere, so a cloud answer proves the router uses the new Triton);
+    SIGTERM stops both, with exit code 0."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = router_fixtures.router_config(router_repo, "127.0.0.1:1")
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-c", "from recserve.cli import main; main()", "route",
+                             f"--config={config}", f"--triton-repo={router_repo.triton_repo}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("router ready") or proc.poll() is not None:
+                break
+        assert lines and lines[-1].startswith("router ready"), "".join(lines)
+        triton_grpc = next(ln for ln in lines if ln.startswith("Triton ready")).split("gRPC ")[1].split(",")[0]
+        with RouterClient(cfg.grpc_targets()) as client:
+            r = wait_until(lambda: _rank_or_none(client, cfg), 30, 0.2, "a cloud answer through `recserve route`")
+        assert (r.served_by, r.version) == ("cloud", "1")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, proc.stdout.read()
+        assert "stopping the router" in proc.stdout.read()
+        assert not _listening(int(triton_grpc.rsplit(":", 1)[1]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _rank_or_none(client: RouterClient, cfg):
+    import grpc
+
+    from recserve.serving.protos.recommender_pb2 import RankRequest
+
+    try:
+        r = client.rank(RankRequest(request_id="cli", user={"user_id": "5"}, candidate_item_ids=CANDIDATES, top_k=3),
+                        timeout_s=5.0)
+    except grpc.RpcError:
+        return None
+    return r if r.served_by == "cloud" else None
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -91,6 +91,13 @@ def _not_onnx(tmp: Path) -> list[str]:
             "--data", TINY]
 
 
+def _route_without_triton_repo(tmp: Path) -> list[str]:
+    (tmp / "router.yaml").write_text("triton_url: 127.0.0.1:8001\nmodels:\n  ranker:\n    rankers:\n"
+                                     "      - {triton_model: ranker, edge_model: m.onnx}\n"
+                                     "    catalog: catalog\n    preprocessing: p.json\n")
+    return ["route", "--config", str(tmp / "router.yaml"), "--triton-repo", str(tmp / "no-repo")]
+
+
 MISTAKES = {
     "missing-recipe": (lambda tmp: ["compress", str(tmp), "--recipe", str(tmp / "nope.yaml"), "--out", str(tmp / "o")],
                        ["cannot read recipe", "nope.yaml"]),
@@ -100,6 +107,7 @@ MISTAKES = {
                           ["unknown kind 'parquet'", "synthetic[:ROWS]"]),
     "missing-model": (lambda tmp: ["compress", str(tmp / "nothing"), "--recipe", str(ROOT / "recipes/ranker-fp16.yaml"),
                                    "--out", str(tmp / "o")], ["does not exist"]),
+    "route-missing-triton-repo": (_route_without_triton_repo, ["--triton-repo", "no-repo", "no such directory"]),
 }
 
 
