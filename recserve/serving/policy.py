@@ -110,22 +110,16 @@ class PolicyWatcher:
         self.policy = policy
         self.reloads += 1
         if self.path is not None:
-            try:
-                st = self.path.stat()
-                self._stamp = (st.st_mtime_ns, st.st_size)
-            except OSError:
-                pass
+            self._stamp = _stamp(self.path) or self._stamp
             self._checked = self.clock()
 
     def current(self) -> RoutingPolicy:
         if self.path is None or self.clock() - self._checked < self.interval_s:
             return self.policy
         self._checked = self.clock()
-        try:
-            st = self.path.stat()
-        except OSError:
+        stamp = _stamp(self.path)
+        if stamp is None:
             return self.policy
-        stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._stamp = stamp
             try:
@@ -134,3 +128,13 @@ class PolicyWatcher:
             except ConfigError as e:
                 log.warning("keeping the previous routing policy: %s", e)
         return self.policy
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced or rewritten: the inode (an atomic replace, or a
+    ConfigMap's symlink swap, makes a new file even within one mtime tick), mtime and size."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

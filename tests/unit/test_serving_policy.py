@@ -276,3 +276,31 @@ def test_model_policy_is_importable_and_validates_directly() -> None:
     with pytest.raises(ValueError):
         ModelPolicy(versions={})
     assert ModelPolicy(versions={"1": 1}).shadow_percent == 0.0
+
+
+def test_watcher_sees_a_configmap_swap_within_one_mtime_tick(tmp_path: Path) -> None:
+    """A mounted ConfigMap changes by swapping the ``..data`` symlink to a new directory; the new file
+    may have the same size and (on a coarse-clock filesystem) the same mtime: the inode tells."""
+    first, second = policy(ranker={"versions": {"1": 100, "2": 0}}), policy(ranker={"versions": {"1": 0, "2": 100}})
+    mount = tmp_path / "mount"
+    mount.mkdir()
+
+    def publish(p: RoutingPolicy, name: str) -> None:
+        d = mount / name
+        d.mkdir()
+        write_policy(p, d / "policy.json")
+        os.utime(d / "policy.json", ns=(1_000_000_000, 1_000_000_000))  # the same mtime for both
+        tmp = mount / "..data_tmp"
+        tmp.symlink_to(name)
+        tmp.replace(mount / "..data")  # atomic swap, as the kubelet does
+
+    publish(first, "..2026_11_23_a")
+    (mount / "policy.json").symlink_to("..data/policy.json")
+    clock = Clock()
+    w = PolicyWatcher(mount / "policy.json", interval_s=1.0, clock=clock)
+    assert w.current() == first
+    publish(second, "..2026_11_23_b")
+    a, b = (mount / "..2026_11_23_a" / "policy.json").stat(), (mount / "policy.json").stat()
+    assert (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
+    clock.t += 1.0
+    assert w.current() == second and w.reloads == 2
