@@ -232,11 +232,15 @@ def route(
     triton_repo: Annotated[Path | None, typer.Option(
         help="also start the embedded Triton on this model repository and route to it (instead of the "
              "config's triton_url); it stops with the router")] = None,
+    drain_s: Annotated[float, typer.Option(
+        min=0, help="after SIGTERM, keep answering this many seconds before shutting down: a stopping pod "
+                    "leaves the Service's endpoints while it still gets calls")] = 0.0,
 ) -> None:
-    """Start the Ray Serve router (gRPC Rank + HTTP JSON) locally until Ctrl-C."""
+    """Start the Ray Serve router (gRPC Rank + HTTP JSON) locally until Ctrl-C or SIGTERM."""
     import contextlib
     import signal
     import threading
+    import time
 
     from recserve.serving.config import load_router_config
     from recserve.serving.policy import parse_policy
@@ -270,6 +274,9 @@ def route(
         with contextlib.suppress(KeyboardInterrupt):
             while not stop.wait(0.5):
                 pass
+            if drain_s > 0:
+                console.print(f"SIGTERM: still answering for {drain_s:g} s")
+                time.sleep(drain_s)
 
 
 @app.command()

@@ -98,8 +98,8 @@ def test_a_router_that_cannot_start_says_why(router_repo, tmp_path) -> None:
 
 def test_route_command_starts_triton_and_the_router_and_stops_both_on_sigterm(router_repo, tmp_path) -> None:
     """``recserve route --triton-repo``: one command, the router in front of its own embedded Triton
-    (the config's triton_url points nowhere, so a cloud answer proves the router uses the new Triton);
-    SIGTERM stops both, with exit code 0."""
+    (the config's triton_url points nowhere, so a cloud answer proves the router uses the new Triton).
+    After SIGTERM it keeps answering for ``--drain-s``, then stops both, with exit code 0."""
     import signal
     import subprocess
     import sys
@@ -110,7 +110,7 @@ def test_route_command_starts_triton_and_the_router_and_stops_both_on_sigterm(ro
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     proc = subprocess.Popen([sys.executable, "-c", "from recserve.cli import main; main()", "route",
-                             f"--config={config}", f"--triton-repo={router_repo.triton_repo}"],
+                             f"--config={config}", f"--triton-repo={router_repo.triton_repo}", "--drain-s=5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
     lines: list[str] = []
     try:
@@ -121,9 +121,11 @@ def test_route_command_starts_triton_and_the_router_and_stops_both_on_sigterm(ro
         assert lines and lines[-1].startswith("router ready"), "".join(lines)
         triton_grpc = next(ln for ln in lines if ln.startswith("Triton ready")).split("gRPC ")[1].split(",")[0]
         with RouterClient(cfg.grpc_targets()) as client:
-            r = wait_until(lambda: _rank_or_none(client, cfg), 30, 0.2, "a cloud answer through `recserve route`")
-        assert (r.served_by, r.version) == ("cloud", "1")
-        proc.send_signal(signal.SIGTERM)
+            r = wait_until(lambda: _rank_or_none(client), 30, 0.2, "a cloud answer through `recserve route`")
+            assert (r.served_by, r.version) == ("cloud", "1")
+            proc.send_signal(signal.SIGTERM)
+            assert any(line.startswith("SIGTERM: still answering for 5 s") for line in proc.stdout)
+            assert _rank_or_none(client, user="6") is not None  # draining: still served, by the cloud (not the cache)
         assert proc.wait(timeout=90) == 0, proc.stdout.read()
         assert "stopping the router" in proc.stdout.read()
         assert not _listening(int(triton_grpc.rsplit(":", 1)[1]))
@@ -133,13 +135,13 @@ def test_route_command_starts_triton_and_the_router_and_stops_both_on_sigterm(ro
             proc.wait()
 
 
-def _rank_or_none(client: RouterClient, cfg):
+def _rank_or_none(client: RouterClient, user: str = "5"):
     import grpc
 
     from recserve.serving.protos.recommender_pb2 import RankRequest
 
     try:
-        r = client.rank(RankRequest(request_id="cli", user={"user_id": "5"}, candidate_item_ids=CANDIDATES, top_k=3),
+        r = client.rank(RankRequest(request_id="cli", user={"user_id": user}, candidate_item_ids=CANDIDATES, top_k=3),
                         timeout_s=5.0)
     except grpc.RpcError:
         return None

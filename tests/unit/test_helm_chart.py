@@ -217,6 +217,7 @@ def test_values_yaml_and_scenarios_match_values_schema(scenario):
     ("router: {config: {triton_url: 'x:1'}}", "triton_url"),
     ("triton: {gpus: two}", "gpus"),
     ("triton: {summaryQuantiles: '99th'}", "summaryQuantiles"),
+    ("router: {drainSeconds: -1}", "drainSeconds"),
     ("modelRepository: {type: nfs}", "type"),
     ("operator: {rbac: {verbs: ['*']}}", "verbs"),
     ("engineBuild: {models: [{name: ranker, source: relative/path}]}", "source"),
@@ -239,6 +240,7 @@ def test_values_schema_rejects_mistakes(helm, tmp_path, bad, needle):
     ({"engineBuild": {"enabled": True, "hook": True}}, "engineBuild.hook needs modelRepository.pvc.existingClaim"),
     ({"router": {"config": {"default_model": "nope"}}}, 'default_model "nope" is not among'),
     ({"router": {"config": {"num_replicas": 2}}}, "ingress direct serves from one replica per pod, got num_replicas 2"),
+    ({"router": {"drainSeconds": 30}}, "router.drainSeconds (30) must be less than router.terminationGracePeriodSeconds (30)"),
 ])
 def test_impossible_combinations_say_what_to_do(helm, tmp_path, values, needle):
     f = tmp_path / "v.yaml"
@@ -558,7 +560,9 @@ def test_router_deployment_or_rayservice(docs, scenario):
     assert _router_config(docs)["ingress"] == values["router"]["config"]["ingress"]
     deploy = one(docs, "Deployment", name)
     c = container(docs, "Deployment", name, "router")
-    assert c["command"] + c["args"] == ["recserve", "route", "--config=/etc/recserve/router.yaml"]
+    assert c["command"] + c["args"] == ["recserve", "route", "--config=/etc/recserve/router.yaml",
+                                        f"--drain-s={values['router']['drainSeconds']}"]
+    assert values["router"]["drainSeconds"] < deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert c["startupProbe"]["tcpSocket"]["port"] == "grpc" and c["livenessProbe"]["tcpSocket"]["port"] == "grpc"
     assert "/healthz" in " ".join(c["readinessProbe"]["exec"]["command"])
     annotations = deploy["spec"]["template"]["metadata"]["annotations"]

@@ -107,6 +107,15 @@ ServiceAccount names.
 {{- end }}
 {{- end }}
 
+{{/* The router's drain after SIGTERM, checked against the grace period that must also cover the shutdown. */}}
+{{- define "recserve.router.drainSeconds" -}}
+{{- $drain := int .Values.router.drainSeconds }}
+{{- if ge $drain (int .Values.router.terminationGracePeriodSeconds) }}
+{{- fail (printf "router.drainSeconds (%d) must be less than router.terminationGracePeriodSeconds (%d): the pod is killed when the grace period ends, before Serve and Triton have shut down" $drain (int .Values.router.terminationGracePeriodSeconds)) }}
+{{- end }}
+{{- $drain }}
+{{- end }}
+
 {{- define "recserve.operator.serviceAccountName" -}}
 {{- if .Values.operator.serviceAccount.create }}
 {{- default (include "recserve.operator.fullname" .) .Values.operator.serviceAccount.name }}
