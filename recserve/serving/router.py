@@ -49,6 +49,19 @@ class _Model:
     context: FeatureEncoder
 
 
+def checked_scores(scores: np.ndarray, rows: int, model: str, version: str) -> np.ndarray:
+    """A cloud answer the router can rank with: one finite score per candidate row. Anything else (a
+    broken candidate version, a changed output shape) is a cloud failure of kind ``bad_output``: the
+    request falls back to the edge and the version's failure count, which a rollout reads, rises."""
+    scores = np.asarray(scores).ravel()
+    if scores.size != rows:
+        raise CloudError("bad_output", f"{model} v{version or '-'}: {scores.size} scores for {rows} candidates")
+    if not np.isfinite(scores).all():
+        raise CloudError("bad_output", f"{model} v{version or '-'}: {int((~np.isfinite(scores)).sum())} of {rows} "
+                                       "scores are not finite")
+    return scores
+
+
 class Retriever:
     """Candidates for a user: the user tower in process, then exact nearest neighbours in the catalog."""
 
@@ -198,6 +211,8 @@ class Router:
             parts = await asyncio.gather(*(
                 self.cloud.score(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
                 for i, r in enumerate(model.route.rankers)))
+            parts = [checked_scores(p, len(sparse), r.triton_model, version if i == 0 else "")
+                     for i, (r, p) in enumerate(zip(model.route.rankers, parts))]
         except CloudError as e:
             self.breaker.record_failure()
             self.metrics.cloud_failures.labels(primary, version, e.kind).inc()
@@ -222,7 +237,8 @@ class Router:
     async def _shadow(self, triton_model: str, version: str, sparse, dense, served, k: int) -> None:
         self.metrics.shadow_requests.labels(triton_model, version).inc()
         try:
-            shadow = await self.cloud.score(triton_model, version, sparse, dense, 1.0)
+            shadow = checked_scores(await self.cloud.score(triton_model, version, sparse, dense, 1.0), len(sparse),
+                                    triton_model, version)
         except CloudError:
             self.metrics.shadow_failures.labels(triton_model, version).inc()
             return

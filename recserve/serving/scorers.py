@@ -10,7 +10,8 @@ from recserve.converters.evaluate import session
 
 
 class CloudError(Exception):
-    """A cloud call failed; ``kind`` is ``timeout``, ``unavailable`` or ``error``."""
+    """A cloud call failed; ``kind`` is ``timeout``, ``unavailable``, ``error`` or ``bad_output`` (an answer
+    without one finite score per candidate)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,8 @@ class FakeCloud:
         self.gate_versions: set[str] | None = None
         """With a gate: the versions that wait for it (None: all)."""
         self.closed = False
+        self.broken: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        """Per version: what that version does to its scores (a broken model's output)."""
 
     async def score(self, model, version, sparse, dense, timeout_s) -> np.ndarray:
         self.calls.append(Call(model, version, sparse.copy(), dense.copy(), timeout_s))
@@ -134,7 +137,7 @@ class FakeCloud:
             self.clock.t += self.took_s
         if self.fail is not None or version in self.fail_versions:
             raise self.fail or CloudError("error", f"version {version} failed")
-        return cloud_scores(model, version, sparse, dense)
+        return self.broken.get(version, lambda x: x)(cloud_scores(model, version, sparse, dense))
 
     async def close(self) -> None:
         self.closed = True
@@ -277,6 +280,49 @@ def test_cloud_error_falls_back_to_edge_and_counts_a_failure(env: Env) -> None:
     assert r.router.breaker.failures == 1
     assert r.metric("recserve_router_cloud_failures_total", model="ranker", kind="unavailable") == 1.0
     assert r.metric("recserve_router_requests_total", model="ranker", route="edge", version="edge", code="OK") == 1.0
+
+
+BROKEN_OUTPUTS = {
+    "one score short": (lambda x: x[:-1], "5 scores for 6 candidates"),
+    "a NaN": (lambda x: np.where(np.arange(x.size) == 2, np.nan, x).astype(np.float32), "1 of 6 scores are not finite"),
+    "infinities": (lambda x: np.full_like(x, np.inf), "6 of 6 scores are not finite"),
+    "one per batch": (lambda x: x[:1], "1 scores for 6 candidates"),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_OUTPUTS))
+def test_a_version_answering_garbage_is_a_cloud_failure_answered_by_the_edge(env: Env, broken: str,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A broken canary must not turn into INTERNAL errors or a ranking by NaN: the edge answers, and the
+    failure is counted against that version, which is what a rollout's analysis reads."""
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate({"models": {"ranker": {"versions": {"2": 100}}}}))
+    transform, message = BROKEN_OUTPUTS[broken]
+    r.cloud.broken["2"] = transform
+    with caplog.at_level("INFO", logger="recserve.serving.router"):
+        resp = r.rank(request(), budget_ms=100.0)
+    assert (resp.served_by, resp.version, resp.reason) == ("edge", "edge", "cloud failed: answered from edge")
+    assert len(resp.items) == 3 and all(math.isfinite(x) for x in resp.scores)
+    assert r.metric("recserve_router_cloud_failures_total", model="ranker", version="2", kind="bad_output") == 1.0
+    assert r.router.breaker.failures == 1
+    assert message in caplog.text
+
+
+def test_a_shadow_version_answering_garbage_is_a_shadow_failure(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": 100}, "shadow_percent": 100, "shadow_version": "2"}}}))
+    r.rng.value = 0.1
+    r.cloud.broken["2"] = BROKEN_OUTPUTS["a NaN"][0]
+
+    async def go():
+        resp = await r.router.rank(request(), 100.0)
+        await _drain(r.router, lambda: r.metric("recserve_router_shadow_failures_total", model="ranker",
+                                                version="2") == 1.0)
+        return resp
+
+    assert asyncio.run(go()).served_by == "cloud"
+    assert r.metric("recserve_router_shadow_overlap_count", model="ranker", version="2") in (None, 0.0)
 
 
 def test_breaker_opens_after_n_failures_and_skips_the_cloud(env: Env) -> None:
