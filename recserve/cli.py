@@ -262,9 +262,9 @@ def route(
                     triton_repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())))
             console.print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}")
             cfg = cfg.model_copy(update={"triton_url": triton.grpc_url})
+        running.callback(serve_app.stop)  # also after a failed start: Ray's processes go with it
         with console.status("starting Ray Serve"):
             serve_app.start(cfg, initial)
-        running.callback(serve_app.stop)
         # after ray.init, which installs its own SIGTERM handler (kill Ray's processes, exit 1): a pod's
         # SIGTERM must shut Serve down in order instead, then Triton, and exit 0
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
