@@ -5,11 +5,13 @@ Both paths rank the same 50 candidates with the same INT8 ranker on the same emb
 router's cache is off. At each concurrency the two run in alternating rounds (closed loop, from
 h2load as in the Triton benchmark, every call checked against Triton's success counter), and the
 added latency is router minus direct, p50 and p99. In a closed loop the slower path also gets fewer
-calls per second, so at high concurrency the gap is mostly queueing behind the router's capacity;
-the open-loop part sends both paths the same fixed rates (shares of the router's closed-loop
-throughput at concurrency 16) to show what the router adds when it is not the bottleneck. Failover: a steady stream of Rank calls
-with a 100 ms budget while Triton is stopped; we report when the first edge answer came, the
-slowest answer around the switch, and errors (should be none).
+calls per second, so at high concurrency the gap is mostly queueing behind the router's capacity.
+The open-loop part sends both paths the same fixed rates (shares of the router's closed-loop
+throughput at concurrency 16) to show what the router adds when it is not the bottleneck, next to
+a Python gRPC server that does no work at the same rates.
+
+Failover: a steady stream of Rank calls with a 100 ms budget while Triton is stopped; we report when
+the first edge answer came, the slowest answer around the switch, and errors (should be none).
 """
 
 from __future__ import annotations
