@@ -90,16 +90,17 @@ def open_loop(target: str | list[str], method: str, message: bytes, rate: float,
 
 def _run(targets: list[str], method: str, message: bytes, headers: dict[str, str] | None,
          per_target: list[tuple[list[str], int]]) -> np.ndarray:
-    """One h2load per target with its own load arguments and number of calls, all at once: the log rows of all (start us
-    since the epoch, HTTP status, us to the response's end)."""
+    """One h2load per target with its own load arguments and number of calls, all at once: the log
+    rows of all (start us since the epoch, HTTP status, us to the response's end)."""
     with tempfile.TemporaryDirectory(prefix="recserve-h2load-") as tmp:
         body = Path(tmp) / "body"
         body.write_bytes(grpc_frame(message))
         runs = []
         for i, (t, (load, n)) in enumerate(zip(targets, per_target)):
             log = Path(tmp) / f"log{i}"
-            cmd = [find(), "--threads=1", *load, f"--requests={n}", f"--data={body}", "--header=content-type: application/grpc",
-                   "--header=te: trailers", *(f"--header={k}: {v}" for k, v in (headers or {}).items()),
+            cmd = [find(), "--threads=1", *load, f"--requests={n}", f"--data={body}",
+                   "--header=content-type: application/grpc", "--header=te: trailers",
+                   *(f"--header={k}: {v}" for k, v in (headers or {}).items()),
                    f"--log-file={log}", f"http://{t}/{method.lstrip('/')}"]
             runs.append((t, n, log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         return np.concatenate([_read(t, method, n, log, proc) for t, n, log, proc in runs])
