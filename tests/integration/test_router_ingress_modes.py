@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -112,22 +115,20 @@ def test_route_command_starts_triton_and_the_router_and_stops_both_on_sigterm(ro
     proc = subprocess.Popen([sys.executable, "-c", "from recserve.cli import main; main()", "route",
                              f"--config={config}", f"--triton-repo={router_repo.triton_repo}", "--drain-s=5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
-    lines: list[str] = []
+    lines: queue.Queue[str] = queue.Queue()  # its output, read by a thread: a hung start fails, not blocks
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("router ready") or proc.poll() is not None:
-                break
-        assert lines and lines[-1].startswith("router ready"), "".join(lines)
-        triton_grpc = next(ln for ln in lines if ln.startswith("Triton ready")).split("gRPC ")[1].split(",")[0]
+        triton = _line_starting(lines, "Triton ready", 60)
+        _line_starting(lines, "router ready", 120)
+        triton_grpc = triton.split("gRPC ")[1].split(",")[0]
         with RouterClient(cfg.grpc_targets()) as client:
             r = wait_until(lambda: _rank_or_none(client), 30, 0.2, "a cloud answer through `recserve route`")
             assert (r.served_by, r.version) == ("cloud", "1")
             proc.send_signal(signal.SIGTERM)
-            assert any(line.startswith("SIGTERM: still answering for 5 s") for line in proc.stdout)
+            _line_starting(lines, "SIGTERM: still answering for 5 s", 10)
             assert _rank_or_none(client, user="6") is not None  # draining: still served, by the cloud (not the cache)
-        assert proc.wait(timeout=90) == 0, proc.stdout.read()
-        assert "stopping the router" in proc.stdout.read()
+        assert proc.wait(timeout=90) == 0
+        _line_starting(lines, "stopping the router", 10)
         assert not _listening(int(triton_grpc.rsplit(":", 1)[1]))
     finally:
         if proc.poll() is None:
@@ -146,6 +147,20 @@ def _rank_or_none(client: RouterClient, user: str = "5"):
     except grpc.RpcError:
         return None
     return r if r.served_by == "cloud" else None
+
+
+def _line_starting(lines: queue.Queue, prefix: str, timeout: float) -> str:
+    """The next output line that starts with ``prefix`` (the ones before it are skipped)."""
+    deadline, seen = time.monotonic() + timeout, []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line.startswith(prefix):
+            return line
+        seen.append(line)
+    raise AssertionError(f"no line starting {prefix!r} within {timeout:.0f} s; output:\n{''.join(seen)[-3000:]}")
 
 
 def _listening(port: int) -> bool:
