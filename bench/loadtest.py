@@ -50,8 +50,7 @@ def run(workdir: Path) -> dict:
     pre = model_dir / "preprocessing.json"
     common = {"catalog": str(catalog), "slo_p99_ms": 10, "requests": {"candidates_min": 20, "candidates_max": 100},
               "arrivals": {"process": "poisson", "duration_s": 5, "warmup_s": 1}}
-    triton = EmbeddedTriton(ServerSettings(repo, grpc_port=free_port(), http_port=free_port(),
-                                           metrics_port=free_port())).start()
+    triton = EmbeddedTriton(ServerSettings.on_free_ports(repo)).start()
     try:
         direct = generator.sweep(Scenario.model_validate(
             common | {"name": "triton", "target": "triton", "url": triton.grpc_url, "preprocessing": str(pre)}),

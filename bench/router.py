@@ -37,7 +37,7 @@ from recserve.serving.config import RouterConfig
 from recserve.serving.protos.recommender_pb2 import RankRequest
 from recserve.triton.client import TritonClient
 from recserve.triton.retrieval import ItemIndex, build_catalog_dir, context_encoder
-from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port, free_ports
+from recserve.triton.server import EmbeddedTriton, ServerSettings, free_ports
 
 CANDIDATES = 50
 INGRESS = os.environ.get("BENCH_ROUTER_INGRESS", "direct")
@@ -185,7 +185,7 @@ def run(workdir: Path) -> dict:
     catalog = ItemIndex(catalog_dir)
     encoder = context_encoder(model_dir / "preprocessing.json", catalog.layout)
     ranks, rows = _requests(catalog, encoder)
-    settings = ServerSettings(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    settings = ServerSettings.on_free_ports(repo)
     triton = EmbeddedTriton(settings).start()
     cfg = RouterConfig.model_validate({
         "triton_url": triton.grpc_url, "grpc_port": free_ports(REPLICAS),

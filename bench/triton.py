@@ -26,7 +26,7 @@ from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
 from recserve.data import load_dataset
 from recserve.triton.client import TritonClient
-from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+from recserve.triton.server import EmbeddedTriton, ServerSettings
 
 CONCURRENCY = 64
 QUEUE_DELAY_US = 0
@@ -126,7 +126,7 @@ def run(workdir: Path) -> dict:
     t = data.ranking_test
     rows = [(t.sparse[i:i + 1], t.dense[i:i + 1]) for i in range(512)]
     messages = {m: infer_request(m, *rows[0]).SerializeToString() for m in ("ranker_batched", "ranker_nobatch")}
-    settings = ServerSettings(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    settings = ServerSettings.on_free_ports(repo)
     with EmbeddedTriton(settings) as server, TritonClient(server.grpc_url) as client:
         latency = {m: server_vs_client(client, server.grpc_url, m, rows) for m in ("ranker_nobatch", "ranker_batched")}
         results: dict[str, list[dict]] = {"ranker_batched": [], "ranker_nobatch": []}

@@ -255,11 +255,10 @@ def route(
     stop = threading.Event()
     with contextlib.ExitStack() as running:
         if triton_repo is not None:
-            from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+            from recserve.triton.server import EmbeddedTriton, ServerSettings
 
             with console.status("starting tritonserver"):
-                triton = running.enter_context(EmbeddedTriton(ServerSettings(
-                    triton_repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())))
+                triton = running.enter_context(EmbeddedTriton(ServerSettings.on_free_ports(triton_repo)))
             console.print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}")
             cfg = cfg.model_copy(update={"triton_url": triton.grpc_url})
         running.callback(serve_app.stop)  # also after a failed start: Ray's processes go with it

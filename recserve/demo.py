@@ -65,7 +65,7 @@ def serve_demo(console: Console, workdir: Path, data_spec: str) -> None:
     from recserve.triton.client import TritonClient
     from recserve.triton.ensembles import write_ensembles
     from recserve.triton.features import FeatureEncoder, read_columns
-    from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+    from recserve.triton.server import EmbeddedTriton, ServerSettings
 
     console.rule("3. build the Triton repository and serve it")
     repo = workdir / "model_repository"
@@ -78,9 +78,8 @@ def serve_demo(console: Console, workdir: Path, data_spec: str) -> None:
     data = load_dataset(data_spec, preprocessing=pre)
     test = data.ranking_test
     encoder = FeatureEncoder.load(pre, read_columns(pre)["ranking_sparse"])
-    settings = ServerSettings(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                              model_control="explicit", load_models=["ranker", "recommend_preprocess",
-                                                                     "recommend_topk", "recommend"])
+    settings = ServerSettings.on_free_ports(repo, model_control="explicit",
+                                            load_models=["ranker", "recommend_preprocess", "recommend_topk", "recommend"])
     with console.status("starting tritonserver"):
         server = EmbeddedTriton(settings).start()
     try:

@@ -55,6 +55,11 @@ class ServerSettings:
     cache_mb: int = 0
     """Size of Triton's local response cache (used by models built with ``response_cache: true``); 0: none."""
 
+    @classmethod
+    def on_free_ports(cls, repository: Path, **kw) -> ServerSettings:
+        """Settings whose gRPC, HTTP and metrics ports are free local ports (a Triton beside others)."""
+        return cls(Path(repository), grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kw)
+
 
 @dataclass(frozen=True)
 class TritonInstall:

@@ -47,7 +47,7 @@ from recserve.errors import RecserveError
 from recserve.serving.metrics import RouterMetrics
 from recserve.serving.policy import RoutingPolicy, choose_version, parse_policy, shadow_version
 from recserve.triton.client import TritonClient
-from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+from recserve.triton.server import EmbeddedTriton, ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "synthetic:6000,users=300,items=500"
@@ -329,8 +329,7 @@ class Triton:
     def __init__(self, repo: Path, ranker: Path):
         self.repo, self.ranker = repo, ranker
         repo.mkdir(parents=True, exist_ok=True)
-        self.server = EmbeddedTriton(ServerSettings(repo, grpc_port=free_port(), http_port=free_port(),
-                                                    metrics_port=free_port(), model_control="explicit"))
+        self.server = EmbeddedTriton(ServerSettings.on_free_ports(repo, model_control="explicit"))
         from recserve.data import load_dataset
 
         t = load_dataset(SPEC, preprocessing=ranker / "preprocessing.json").ranking_test

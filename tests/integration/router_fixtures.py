@@ -91,7 +91,7 @@ def router_config(repo: RouterRepo, triton_url: str, **over: Any) -> RouterConfi
 
 
 def triton_settings(repository: Path) -> ServerSettings:
-    return ServerSettings(Path(repository), grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    return ServerSettings.on_free_ports(Path(repository))
 
 
 @dataclass

@@ -21,7 +21,7 @@ from router_fixtures import CANDIDATES, listener_of, policy, start_stack, stop_s
 
 from recserve.serving.client import RouterClient
 from recserve.serving.policy import write_policy
-from recserve.triton.server import free_ports
+from recserve.triton.server import free_ports, port_free
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def test_route_command_starts_triton_and_the_router_and_stops_both_on_sigterm(ro
             assert _rank_or_none(client, user="6") is not None  # draining: still served, by the cloud (not the cache)
         assert proc.wait(timeout=90) == 0
         _line_starting(lines, "stopping the router", 10)
-        assert not _listening(int(triton_grpc.rsplit(":", 1)[1]))
+        assert port_free(int(triton_grpc.rsplit(":", 1)[1]))  # Triton stopped with the router
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -162,9 +162,3 @@ def _line_starting(lines: queue.Queue, prefix: str, timeout: float) -> str:
         seen.append(line)
     raise AssertionError(f"no line starting {prefix!r} within {timeout:.0f} s; output:\n{''.join(seen)[-3000:]}")
 
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -8,7 +8,7 @@ import pytest
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
 from recserve.triton.client import TritonClient
-from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+from recserve.triton.server import EmbeddedTriton, ServerSettings
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_repeated_request_is_served_from_the_response_cache(tmp_path, ranker_dir):
     repo = tmp_path / "repo"
     build(ranker_dir, "ranker", "onnxruntime", repo, BuildProfile(response_cache=True))
-    settings = ServerSettings(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), cache_mb=8)
+    settings = ServerSettings.on_free_ports(repo, cache_mb=8)
     with EmbeddedTriton(settings) as server, TritonClient(server.grpc_url) as client:
         n_sparse = client.config("ranker")["input"][0]["dims"][0]
         n_dense = client.config("ranker")["input"][1]["dims"][0]

@@ -24,7 +24,7 @@ import pytest
 from recserve.data import load_dataset
 from recserve.data.schema import Dataset, load_preprocessing
 from recserve.triton.features import read_columns
-from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
+from recserve.triton.server import EmbeddedTriton, ServerSettings
 
 SPEC = "synthetic:6000,users=300,items=500"
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def two_tower_data(triton_models: TrainedModels) -> Dataset:
 
 
 def settings(repository: Path, **kw) -> ServerSettings:
-    return ServerSettings(Path(repository), grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kw)
+    return ServerSettings.on_free_ports(Path(repository), **kw)
 
 
 def start_triton(repository: Path, **kw) -> EmbeddedTriton:
