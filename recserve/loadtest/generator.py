@@ -20,7 +20,7 @@ from hdrh.histogram import HdrHistogram
 from recserve.loadtest.payloads import build_payloads, make_call
 from recserve.loadtest.scenario import Scenario
 from recserve.loadtest.schedule import schedule
-from recserve.serving.client import channel_args
+from recserve.serving.client import aio_channel
 
 MAX_US = 60_000_000
 SPIN_S = 0.0015
@@ -71,8 +71,7 @@ async def _open_loop(s: Scenario, times: np.ndarray, payloads: list) -> WorkerRe
     rec = _Recorder()
     timeout = s.timeout_ms / 1e3
     warmup = s.arrivals.warmup_s
-    address, options = channel_args(s.url)
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    async with aio_channel(s.url) as channel:
         call = make_call(s, channel)
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Task] = set()
@@ -103,8 +102,7 @@ async def _open_loop(s: Scenario, times: np.ndarray, payloads: list) -> WorkerRe
 async def _closed_loop(s: Scenario, payloads: list) -> WorkerResult:
     rec = _Recorder()
     timeout = s.timeout_ms / 1e3
-    address, options = channel_args(s.url)
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    async with aio_channel(s.url) as channel:
         call = make_call(s, channel)
         loop = asyncio.get_running_loop()
         measure_from = loop.time() + s.arrivals.warmup_s

@@ -28,6 +28,12 @@ def channel_args(target: str | list[str]) -> tuple[str, list[tuple[str, str]]]:
     return "ipv4:" + ",".join(target), [("grpc.lb_policy_name", "round_robin")]
 
 
+def aio_channel(target: str | list[str]) -> grpc.aio.Channel:
+    """An asyncio channel to one address, or round robin over a list of ip:port (see :func:`channel_args`)."""
+    address, options = channel_args(target)
+    return grpc.aio.insecure_channel(address, options=options)
+
+
 def budget_metadata(timeout_s: float | None) -> tuple[tuple[str, str], ...]:
     return ((BUDGET_HEADER, f"{timeout_s * 1e3:.3f}"),) if timeout_s is not None else ()
 
@@ -54,8 +60,7 @@ class RouterClient:
 
 class AsyncRouterClient:
     def __init__(self, target: str | list[str] = "127.0.0.1:9000"):
-        address, options = channel_args(target)
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.channel = aio_channel(target)
         self.stub = RecommenderStub(self.channel)
 
     async def rank(self, request: RankRequest, timeout_s: float | None = 1.0) -> RankResponse:
