@@ -2,7 +2,7 @@
 
 1. The generator itself: open loop at 5,000 requests/s from ONE process against the trivial gRPC
    server; its p99 scheduling lag must stay under 1 ms for the run to count.
-2. The highest rate meeting p99 <= 10 ms for the INT8 ranker (ranker-8x) on the embedded Triton,
+2. The highest rate meeting p99 <= 10 ms for the compressed ranker on the embedded Triton,
    directly and through the Ray Serve router (open-loop Poisson rate sweeps, 20-100 Zipf-drawn
    candidates per request).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from bench.compression import SERVED
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
 from recserve.loadtest import generator, trivial
@@ -41,7 +42,7 @@ def generator_check() -> dict:
 def run(workdir: Path) -> dict:
     import json
 
-    model_dir = workdir / "ranker-8x"
+    model_dir = workdir / SERVED
     spec = json.loads((model_dir / "report.json").read_text())["data"]
     gen = generator_check()
     repo = workdir / "loadtest-repo"

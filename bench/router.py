@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 
 from bench import h2load
+from bench.compression import SERVED
 from bench.triton import METHOD, counted, counted_load, infer_request
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
@@ -177,7 +178,7 @@ def failover(triton: EmbeddedTriton, router_url: str | list[str], ranks) -> dict
 
 
 def run(workdir: Path) -> dict:
-    model_dir = workdir / "ranker-8x"
+    model_dir = workdir / SERVED
     spec = json.loads((model_dir / "report.json").read_text())["data"]
     repo = workdir / "router-repo"
     build(model_dir, "ranker", "onnxruntime", repo, BuildProfile(max_queue_delay_us=200, preferred_batch_sizes=[64]))

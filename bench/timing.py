@@ -7,22 +7,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from recserve.timing import interleaved, paired_ratio
 
-def interleaved(candidates: dict[str, Callable[[], object]], *, rounds: int = 7, seconds: float = 0.3) -> dict[str, list[float]]:
-    """Per candidate, the median seconds per call in each round (one list entry a round)."""
-    for fn in candidates.values():  # warm-up
-        for _ in range(3):
-            fn()
-    out: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            times, end = [], time.perf_counter() + seconds
-            while time.perf_counter() < end or len(times) < 5:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name].append(float(np.median(times)))
-    return out
+__all__ = ["interleaved", "paired_ratio", "percentiles", "split"]
 
 
 def percentiles(candidates: dict[str, Callable[[], object]], *, calls: int = 2000) -> dict[str, dict[str, float]]:
@@ -38,11 +25,6 @@ def percentiles(candidates: dict[str, Callable[[], object]], *, calls: int = 200
             samples[name].append(time.perf_counter() - t0)
     return {name: {"p50_ms": float(np.percentile(s, 50) * 1e3), "p99_ms": float(np.percentile(s, 99) * 1e3)}
             for name, s in samples.items()}
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median over rounds of a[i] / b[i]."""
-    return float(np.median(np.asarray(a) / np.asarray(b)))
 
 
 def split(n: int, parts: int) -> list[int]:

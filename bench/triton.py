@@ -21,6 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
 from bench import h2load
+from bench.compression import SERVED
 from bench.timing import paired_ratio
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
@@ -112,9 +113,9 @@ def server_vs_client(client: TritonClient, url: str, model: str, rows, n: int = 
 
 
 def run(workdir: Path) -> dict:
-    model_dir = workdir / "ranker-8x"
+    model_dir = workdir / SERVED
     if not (model_dir / "model.onnx").exists():
-        raise RuntimeError("run the compression benchmark first (it writes ranker-8x)")
+        raise RuntimeError(f"run the compression benchmark first (it writes {SERVED})")
     repo = workdir / "triton-repo"
     # No queue delay and no preferred size: the batcher never holds a request back for a fuller batch
     # (a 1 ms delay waiting for 64 left the one instance idle between batches), and batches form from
@@ -138,7 +139,7 @@ def run(workdir: Path) -> dict:
         stats = {m: client.statistics(m)["model_stats"][0] for m in results}
     med = {m: {k: float(np.median([r[k] for r in rs])) for k in ("rps", "p50_ms", "p99_ms")} for m, rs in results.items()}
     return {
-        "model": "ranker-8x (INT8 QDQ + INT4 embeddings)", "concurrency": CONCURRENCY, "requests_per_round": REQUESTS,
+        "model": "the compressed MovieLens ranker (budgeted search)", "concurrency": CONCURRENCY, "requests_per_round": REQUESTS,
         "load_generator": f"h2load, {CONNECTIONS} HTTP/2 connections", "cores": os.cpu_count(), "queue_delay_us": QUEUE_DELAY_US,
         "rounds": ROUNDS, "dynamic_batching": med["ranker_batched"], "no_batching": med["ranker_nobatch"],
         "throughput_ratio": paired_ratio([r["rps"] for r in results["ranker_batched"]],
@@ -160,7 +161,7 @@ def _compute_ns(model_stats: dict) -> int:
 def _spec(workdir: Path) -> str:
     import json
 
-    return json.loads((workdir / "ranker-8x" / "report.json").read_text())["data"]
+    return json.loads((workdir / SERVED / "report.json").read_text())["data"]
 
 
 def markdown(r: dict) -> str:

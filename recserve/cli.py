@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
@@ -46,28 +47,83 @@ def train(
                   f"{result['parameters']:,} parameters, {result['size_bytes'] / 1024:,.1f} KiB -> {out}/model.onnx")
 
 
+class ObjectiveOpt(str, Enum):
+    size = "size"
+    throughput = "throughput"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``1200``, ``90s``, ``20m`` or ``1h``; ConfigError otherwise."""
+    t = text.strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    number = t[:-1] if unit else t
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ConfigError(f"--time-budget {text!r} is not a positive duration; write e.g. 20m, 90s or 1h")
+    return value
+
+
 @app.command()
 def compress(
     model: Annotated[Path, typer.Argument(help="a `recserve train` output directory or a plain .onnx file")],
-    recipe: Annotated[Path, typer.Option(help="compression recipe (YAML); see recipes/")],
-    out: Annotated[Path, typer.Option(help="output directory (model.onnx, report.json, report.png)")],
+    out: Annotated[Path, typer.Option(help="new (or empty) output directory: model.onnx, report.json, report.png")],
+    recipe: Annotated[Path | None, typer.Option(help="compression recipe (YAML); see recipes/")] = None,
+    max_auc_loss: Annotated[float | None, typer.Option(
+        min=0.0, help="quality budget (relative AUC loss); without --recipe it searches for the best model within it")] = None,
     data: Annotated[str | None, typer.Option(help="dataset spec; defaults to the recipe's, then the model's")] = None,
-    speed: Annotated[bool, typer.Option(help="measure onnxruntime latency and throughput per stage")] = True,
+    objective: Annotated[ObjectiveOpt | None, typer.Option(help="search: smallest model (size) or fastest")] = None,
+    time_budget: Annotated[str | None, typer.Option(help="search: stop after this long, e.g. 20m (default)")] = None,
+    min_size_ratio: Annotated[float | None, typer.Option(min=0.0, help="gate: at least this many times smaller")] = None,
+    min_throughput_ratio: Annotated[float | None, typer.Option(min=0.0, help="gate: at least this many times faster "
+                                                                            "at batch 256")] = None,
+    score_output: Annotated[str | None, typer.Option(help="the output holding the score (models with several)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an earlier `recserve compress` output in --out")] = False,
+    speed: Annotated[bool, typer.Option(help="measure onnxruntime latency and throughput")] = True,
 ) -> None:
-    """Compress a recommender stage by stage, evaluate every stage on held-out data, and gate the result."""
+    """Compress a recommender to a quality budget, choosing on validation and gating on held-out data."""
     from recserve.converters.pipeline import compress as run
-    from recserve.converters.recipe import load_recipe
-    from recserve.converters.report import report_table
+    from recserve.converters.recipe import Gate, Recipe, SearchSpec, load_recipe
+    from recserve.converters.report import pareto_table, report_table
 
-    spec = load_recipe(recipe)
-    with console.status("compressing") as status:
-        report = run(model, spec, out, data_spec=data, speed=speed, on_stage=lambda s: status.update(s))
+    searching = dict(objective=objective.value if objective else None,
+                     time_budget_s=parse_duration(time_budget) if time_budget is not None else None)
+    gate = dict(max_relative_auc_loss=max_auc_loss, min_size_ratio=min_size_ratio,
+                min_throughput_ratio=min_throughput_ratio)
+    if recipe is not None:
+        spec = load_recipe(recipe)
+        if spec.search is None and any(v is not None for v in searching.values()):
+            raise ConfigError(f"--objective and --time-budget tune a search; {recipe} runs fixed stages")
+    elif max_auc_loss is None:
+        raise ConfigError("say what to keep: --max-auc-loss 0.001 (search for the best model within it) "
+                          "or --recipe FILE (run its stages)")
+    else:
+        spec = Recipe(name="search", search=SearchSpec(), gate=Gate(max_relative_auc_loss=max_auc_loss))
+    if spec.search is not None:
+        spec.search = spec.search.model_copy(update={k: v for k, v in searching.items() if v is not None})
+    spec.gate = spec.gate.model_copy(update={k: v for k, v in gate.items() if v is not None})
+    live = console.is_terminal
+
+    def progress(line: str) -> None:
+        if line.startswith(("stage ", "loading ", "evaluating ", "scoring ")):
+            if live:
+                status.update(line)
+            return
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    with console.status("compressing") if live else contextlib.nullcontext() as status:
+        report = run(model, spec, out, data_spec=data, speed=speed, score_output=score_output, force=force,
+                     on_stage=progress)
     console.print(report_table(report))
-    console.print(f"report: {out}/report.json, plot: {out}/report.png")
-    if not report["gate"]["passed"]:
-        raise GateFailed(report["gate"]["reasons"])
-    console.print(f"[green]gate passed[/green]: {out}/model.onnx is {report['size_ratio']:.1f}x smaller, "
-                  f"relative AUC loss {report['relative_auc_loss']:+.4%}")
+    if report.pareto:
+        console.print(pareto_table(report))
+    console.print(f"report: {out}/report.json, plot: {out}/report.png", soft_wrap=True)
+    if not report.gate.passed:
+        raise GateFailed(report.gate.reasons)
+    console.print(f"[green]gate passed[/green]: {out}/model.onnx is {report.size_ratio:.1f}x smaller, relative AUC "
+                  f"loss {report.relative_auc_loss:+.4%} on the test split", soft_wrap=True)
 
 
 class TargetOpt(str, Enum):
@@ -141,7 +197,7 @@ def trt_check(
     from recserve.converters.pipeline import load_model
     from recserve.converters.trt_check import check
 
-    findings = check(load_model(model).state.graph, max_batch_size)
+    findings = check(load_model(model).graph, max_batch_size)
     for f in findings:
         console.print(str(f), style="red" if f.severity == "error" else "yellow", highlight=False)
     if any(f.severity == "error" for f in findings):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from recserve.converters.pipeline import load_model
 from recserve.converters.repository import add_version
+from recserve.converters.storage import densify
 from recserve.converters.tensorrt import build_engine
 from recserve.converters.triton_config import TARGETS, BuildProfile, graph_io, model_config, to_pbtxt
 from recserve.converters.trt_check import Finding, check
@@ -35,7 +36,8 @@ def build(model_path: Path, name: str, target: str, repository: Path, profile: B
     if target not in TARGETS:
         raise ConfigError(f"unknown --target {target!r}; use one of {', '.join(TARGETS)}")
     loaded = load_model(model_path)
-    graph = loaded.state.graph
+    # TensorRT reads no sparse initializers (pruned weights stored sparse): build from dense ones
+    graph = densify(loaded.graph) if target != "onnxruntime" else loaded.graph
     findings = check(graph, profile.max_batch_size) if target != "onnxruntime" else []
     errors = [f for f in findings if f.severity == "error"]
     if target == "tensorrt" and errors:

@@ -11,10 +11,14 @@ from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
+import torch
+from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict, Field
 
 from recserve.converters.evaluate import predict, session
+from recserve.converters.graph import embedding_gathers, initializers
 from recserve.converters.stage import ModelState, StageContext, StageSpec
+from recserve.data.schema import RankingData
 from recserve.errors import StageError
 from recserve.models.ranker import Ranker, RankerConfig
 from recserve.models.train import Distillation, fit_ranker, predict_logits
@@ -38,26 +42,74 @@ class DistillStage(StageSpec):
     student: StudentSpec = Field(default_factory=StudentSpec)
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the label loss; 1 - alpha goes to the teacher")
-    epochs: int = Field(4, ge=1)
+    loss: Literal["bce", "mse"] = Field("bce", description="the teacher part: BCE on softened scores, or MSE of logits")
+    select: Literal["auc", "agreement"] = Field(
+        "auc", description="best epoch by validation AUC, or by agreement with the teacher on the validation rows "
+        "(reads no validation label: the validation AUC stays an unbiased judge)")
+    epochs: int = Field(4, ge=1, description="at most this many epochs; the best on validation is kept")
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better validation AUC")
     learning_rate: float = Field(2e-3, gt=0.0)
+    decay_on_plateau: bool = Field(False, description="halve the learning rate after an epoch without improvement")
+    init_embeddings: bool = Field(False, description="start the student's embedding table from the teacher's "
+                                  "(its leading principal components when the student's is narrower)")
 
     def apply(self, state: ModelState, ctx: StageContext) -> tuple[ModelState, dict[str, Any]]:
         if state.kind != "ranker":
             raise StageError("distill: only rankers can be distilled for now; drop this stage for a two-tower model")
-        train = ctx.data.ranking_train
-        if state.module is not None:
-            teacher = predict_logits(state.module, train)
-            source = "pytorch"
-        else:
-            (p,) = predict(session(state.graph, ctx.train.threads), train.inputs())
-            p = np.clip(p.ravel().astype(np.float64), 1e-7, 1 - 1e-7)
-            teacher = np.log(p / (1 - p)).astype(np.float32)
-            source = "onnxruntime"
+        train, validation = ctx.recserve_rows("distill")
+        teacher, source = teacher_logits(state, ctx, train)
         config = RankerConfig(cardinalities=[f.cardinality for f in train.sparse_features],
                               num_dense=len(train.dense_names), **self.student.model_dump())
         student = Ranker(config)
-        settings = replace(ctx.train, epochs=self.epochs, learning_rate=self.learning_rate)
-        history = fit_ranker(student, train, settings, label="distill",
-                             distill=Distillation(teacher, self.temperature, self.alpha))
+        details: dict[str, Any] = {}
+        if self.init_embeddings:
+            details["embeddings_from_teacher"] = init_from_teacher(student, teacher_table(state))
+        settings = replace(ctx.train, epochs=self.epochs, learning_rate=self.learning_rate, patience=self.patience,
+                           decay_on_plateau=self.decay_on_plateau)
+        val_logits = teacher_logits(state, ctx, validation)[0] if self.select == "agreement" else None
+        history = fit_ranker(student, train, settings, validation=validation, label="distill",
+                             distill=Distillation(teacher, self.temperature, self.alpha, self.loss, val_logits))
         return replace(state, module=student).with_module(student, ctx.data), {
-            "teacher": source, "student": config.to_json(), "training": history}
+            "teacher": source, "student": config.to_json(), "training": history, **details}
+
+
+def teacher_table(state: ModelState) -> np.ndarray | None:
+    """The teacher's embedding table (rows in the student's layout), or None when it has no single one."""
+    embedding = getattr(state.module, "embedding", None)
+    if isinstance(embedding, torch.nn.Embedding):
+        return embedding.weight.detach().numpy()
+    tables = [t for t in (initializers(state.graph)[g.input[0]] for g in embedding_gathers(state.graph))]
+    return numpy_helper.to_array(tables[0]).astype(np.float32) if len(tables) == 1 else None
+
+
+def init_from_teacher(student: Ranker, table: np.ndarray | None) -> str:
+    """Copy the teacher's rows into the student's table (projected on their leading principal axes when
+    the student is narrower); says what was done."""
+    target = student.embedding.weight
+    if table is None or table.shape[0] != target.shape[0]:
+        return "no: the teacher has no embedding table with the student's rows"
+    d = target.shape[1]
+    if table.shape[1] > d:
+        centered = table - table.mean(axis=0, keepdims=True)
+        _, _, vt = np.linalg.svd(centered, full_matrices=False)
+        table = table @ vt[:d].T
+        how = f"projected {vt.shape[1]} -> {d} dimensions (PCA)"
+    elif table.shape[1] < d:
+        return "no: the teacher's table is narrower than the student's"
+    else:
+        how = "copied"
+    with torch.no_grad():
+        target.copy_(torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32)))
+    return how
+
+
+def teacher_logits(state: ModelState, ctx: StageContext, rows: RankingData) -> tuple[np.ndarray, str]:
+    """The teacher's logits on ``rows`` (float32) and where they came from (its module or its graph)."""
+    if state.module is not None:
+        return predict_logits(state.module, rows), "pytorch"
+    (p,) = predict(session(state.graph, ctx.train.threads), rows.inputs(), [ctx.scoring.score_output])
+    p = p.ravel().astype(np.float64)
+    if not ctx.scoring.logits:
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        p = np.log(p / (1 - p))
+    return p.astype(np.float32), "onnxruntime"

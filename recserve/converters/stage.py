@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import onnx
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from recserve.data.schema import Dataset
+from recserve.converters.evaluate import HeldOut, Scoring, held_out
+from recserve.data.schema import Dataset, RankingData, Rows
+from recserve.errors import StageError
 from recserve.models.artifact import sample_feed
 from recserve.models.export import export_onnx
 from recserve.models.train import TrainSettings, fit_ranker, fit_two_tower
@@ -38,20 +41,44 @@ class ModelState:
 
 @dataclass
 class StageContext:
+    """What every stage may use: the data's splits, training settings and how models are scored.
+
+    Stages learn from the fit rows and make every choice (best epoch, kept layers) on the
+    validation split; the test split is not theirs to see.
+    """
+
     data: Dataset
+    scoring: Scoring
     train: TrainSettings = field(default_factory=TrainSettings)
+
+    @cached_property
+    def validation(self) -> HeldOut:
+        return held_out(self.data, self.scoring.kind, "validation")
+
+    @cached_property
+    def fit(self) -> Rows:
+        """Ranking rows to learn and calibrate from (training rows without the validation rows)."""
+        return self.data.ranking_fit()
+
+    def recserve_rows(self, what: str) -> tuple[RankingData, RankingData]:
+        """(fit, validation) rows in recserve's feature layout; StageError for a model of the user's own."""
+        if not isinstance(self.fit, RankingData):
+            raise StageError(f"{what} trains a recserve ranker, which needs recserve's sparse/dense features; with "
+                             "--data tensors:PATH only post-training stages run (quantize, embeddings, low_rank, prune)")
+        return self.fit, self.validation.rows
 
     def fine_tune(self, state: ModelState, epochs: int, label: str) -> dict[str, Any]:
         """Train the state's module for ``epochs`` more epochs (no-op at 0); returns the history.
 
         Fine-tuning repairs a trained model: a quarter of the training learning rate, so it does not
-        undo the best-epoch choice of the original training.
+        undo the best-epoch choice of the original training; the best epoch is kept on validation.
         """
         if epochs <= 0 or state.module is None:
             return {}
         settings = replace(self.train, epochs=epochs, learning_rate=self.train.learning_rate / 4)
         if state.kind == "ranker":
-            return fit_ranker(state.module, self.data.ranking_train, settings, label=label)
+            fit, validation = self.recserve_rows("fine-tuning")
+            return fit_ranker(state.module, fit, settings, validation=validation, label=label)
         return fit_two_tower(state.module, self.data.retrieval, settings, label=label)
 
 

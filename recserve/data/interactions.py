@@ -14,7 +14,7 @@ import numpy as np
 
 from recserve.data.features import Preprocessor, no_rows, ranking_data, require_file, table
 from recserve.data.schema import Dataset
-from recserve.data.splits import build_retrieval, rng_for, sample_negatives
+from recserve.data.splits import build_retrieval, rng_for, sample_negatives, validation_of
 from recserve.errors import DataError
 
 USER_KEYS = ("user", "user_id")
@@ -193,6 +193,9 @@ def load(
         )
         for u, it, label in ranking_split
     ]
+    # Validation rows: the ranking rows of each user's last training positive (carved like the test split).
+    _, val = validation_of(users, times, train)
+    val_rows = np.searchsorted(train, val)[:, None] * (1 + neg_ratio) + np.arange(1 + neg_ratio)
     return Dataset(
         name="interactions",
         spec=f"interactions:{path}" + (f",meta={meta}" if meta is not None else ""),
@@ -202,4 +205,5 @@ def load(
         ranking_test=ranking[1],
         retrieval=retrieval,
         corrupt_rows=corrupt,
+        validation_index=np.sort(val_rows.ravel()),
     )

@@ -119,6 +119,34 @@ class RankingData:
 
 
 @dataclass
+class TensorRows:
+    """Rows already in a model's input form (bring-your-own model): one array per graph input, plus labels.
+
+    Duck-types :class:`RankingData` where only the feed and the labels matter (evaluation,
+    calibration, row counts); it has no recserve feature layout, so nothing that trains a recserve
+    ranker (distillation, fine-tuning) can use it.
+    """
+
+    features: dict[str, np.ndarray]
+    """Graph input name -> array, axis 0 the rows."""
+    label: np.ndarray
+    """float32 [N], 0 or 1."""
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def take(self, index: np.ndarray) -> TensorRows:
+        return TensorRows({k: v[index] for k, v in self.features.items()}, self.label[index])
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        return self.features
+
+
+Rows = RankingData | TensorRows
+"""Labelled rows a ranker is scored on."""
+
+
+@dataclass
 class RetrievalData:
     """Positive user-item pairs for a two-tower retriever, split leave-last-out.
 
@@ -138,6 +166,10 @@ class RetrievalData:
     """int64 [T, 2]: each evaluated user's last positive."""
     eval_negatives: np.ndarray
     """int64 [T, K]: item rows the user never interacted with, sampled deterministically."""
+    validation_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    """int64 [V, 2]: each user's last training positive, held out of ``train_pairs`` for choices."""
+    validation_negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    """int64 [V, K]: sampled like ``eval_negatives``, for ``validation_pairs``."""
 
 
 @dataclass
@@ -148,11 +180,27 @@ class Dataset:
     spec: str
     vocabularies: dict[str, Vocabulary]
     dense_transforms: list[DenseTransform] = field(default_factory=list)
-    ranking_train: RankingData | None = None
-    ranking_test: RankingData | None = None
+    ranking_train: Rows | None = None
+    ranking_test: Rows | None = None
     retrieval: RetrievalData | None = None
     corrupt_rows: int = 0
     """Rows that could not be parsed and were skipped."""
+    validation_index: np.ndarray | None = None
+    """Rows of ``ranking_train`` held back for every choice made on data (best epoch, kept layers, the
+    compression search), carved the way the reader carved the test split; None until
+    :func:`recserve.data.load_dataset` or the reader sets it."""
+
+    def ranking_fit(self) -> Rows:
+        """The training rows models learn from: ``ranking_train`` without the validation rows."""
+        keep = np.ones(len(self.ranking_train), dtype=bool)
+        if self.validation_index is not None:
+            keep[self.validation_index] = False
+        return self.ranking_train.take(np.flatnonzero(keep))
+
+    def ranking_validation(self) -> Rows:
+        """The validation rows (empty when none were carved)."""
+        index = self.validation_index if self.validation_index is not None else np.zeros(0, np.int64)
+        return self.ranking_train.take(index)
 
     def columns(self) -> dict[str, list[str]]:
         """Feature names in model-input column order: ranking sparse/dense, retrieval user/item."""

@@ -5,21 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recserve.data import criteo, interactions, movielens, synthetic
+from recserve.data import criteo, interactions, movielens, synthetic, tensors
 from recserve.data.schema import Dataset
+from recserve.data.splits import carve_validation
 from recserve.errors import DataError
 
 VALID_FORMS = (
     "criteo:PATH[,min_freq=N] | movielens:DIR | interactions:PATH[,meta=PATH][,neg_ratio=N] | "
-    "synthetic[:ROWS][,users=N][,items=N][,seed=N]"
+    "synthetic[:ROWS][,users=N][,items=N][,seed=N] | tensors:PATH.npz|PATH.parquet"
 )
 OPTIONS = {
     "criteo": {"min_freq": int},
     "movielens": {},
     "interactions": {"meta": str, "neg_ratio": int},
     "synthetic": {"users": int, "items": int, "seed": int},
+    "tensors": {},
 }
-NEEDS_PATH = {"criteo", "movielens", "interactions"}
+NEEDS_PATH = {"criteo", "movielens", "interactions", "tensors"}
 
 
 @dataclass
@@ -69,12 +71,15 @@ def load_dataset(
     test_fraction: float = 0.2,
     eval_negatives: int = 100,
     preprocessing: Path | None = None,
+    validation_fraction: float = 0.1,
 ) -> Dataset:
     """Load the dataset a spec names; splits are deterministic given ``seed``.
 
     ``preprocessing``: a JSON written by :meth:`Dataset.save_preprocessing`; its vocabularies and dense
     transforms are reused instead of fitted, so ids match the model trained with it.
     For ``synthetic``, the spec's ``seed=`` draws the data (default: ``seed``), ``seed`` the split.
+    Readers whose test split is random get a random validation carve of ``validation_fraction`` of
+    the training rows; readers that split by time carve validation by time too.
     """
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction={test_fraction} must be between 0 and 1 (exclusive), e.g. 0.2")
@@ -95,6 +100,8 @@ def load_dataset(
             eval_negatives=eval_negatives,
             **common,
         )
+    elif s.kind == "tensors":
+        ds = tensors.load(Path(s.path), seed=seed, test_fraction=test_fraction)
     else:
         ds = synthetic.generate(
             int(s.path) if s.path else 100_000,
@@ -107,4 +114,6 @@ def load_dataset(
             preprocessing=preprocessing,
         )
     ds.spec = spec
+    if ds.ranking_train is not None and ds.validation_index is None:
+        ds.validation_index = carve_validation(len(ds.ranking_train), validation_fraction, seed)
     return ds

@@ -25,6 +25,18 @@ def random_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
+def carve_validation(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of ``int(n * fraction)`` of ``n`` training rows held back for validation.
+
+    The same rows ``recserve train`` held back before validation became part of the dataset
+    (the first rows of ``default_rng(seed).permutation(n)``), so models trained then keep an honest
+    validation split.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"validation_fraction={fraction} must be in [0, 1), e.g. 0.1")
+    return np.sort(np.random.default_rng(seed).permutation(n)[: int(n * fraction)])
+
+
 def leave_last_out(users: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) interaction indices: each user's latest interaction (ties: later in the input) is test.
 
@@ -109,20 +121,36 @@ def build_retrieval(
     eval_negatives: int,
     seed: int,
 ) -> tuple[RetrievalData, np.ndarray, np.ndarray]:
-    """Leave-last-out RetrievalData from interactions (user row, item row, time), plus the (train, test) indices."""
+    """Leave-last-out RetrievalData from interactions (user row, item row, time), plus the (train, test) indices.
+
+    Validation is carved from ``train`` the same way (each user's last training positive), and
+    ``train_pairs`` holds the rest; ``train`` (returned) still holds the validation positives.
+    """
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
     train, test = leave_last_out(users, times)
     negatives = sample_negatives(
         users[test], len(item_table), users, items, eval_negatives, rng_for(seed, "eval_negatives")
     )
+    fit, val = validation_of(users, times, train)
+    val_negatives = sample_negatives(
+        users[val], len(item_table), users, items, eval_negatives, rng_for(seed, "validation_negatives")
+    )
     data = RetrievalData(
         list(user_features),
         list(item_features),
         np.ascontiguousarray(user_table, dtype=np.int64),
         np.ascontiguousarray(item_table, dtype=np.int64),
-        np.ascontiguousarray(np.stack([users[train], items[train]], axis=1)),
+        np.ascontiguousarray(np.stack([users[fit], items[fit]], axis=1)),
         np.ascontiguousarray(np.stack([users[test], items[test]], axis=1)),
         np.ascontiguousarray(negatives),
+        np.ascontiguousarray(np.stack([users[val], items[val]], axis=1)),
+        np.ascontiguousarray(val_negatives),
     )
     return data, train, test
+
+
+def validation_of(users: np.ndarray, times: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) interaction indices within ``train``: leave-last-out applied once more."""
+    fit, val = leave_last_out(users[train], times[train])
+    return train[fit], train[val]

@@ -56,9 +56,9 @@ def build_module(kind: str, config: RankerConfig | TwoTowerConfig) -> nn.Module:
 
 
 def sample_feed(kind: str, data: Dataset, n: int = 64) -> dict[str, np.ndarray]:
-    """A few real held-out inputs, used to trace the export and check it against PyTorch."""
+    """A few real training inputs, used to trace the export and check it against PyTorch."""
     if kind == "ranker":
-        t = data.ranking_test if data.ranking_test is not None and len(data.ranking_test) else data.ranking_train
+        t = data.ranking_train
         return {"sparse": t.sparse[:n], "dense": t.dense[:n]}
     r = data.retrieval
     return {"user_sparse": r.user_table[:n], "item_sparse": r.item_table[:n]}

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from recserve.converters.evaluate import evaluate
+from recserve.converters.evaluate import Scoring, evaluate, held_out
 from recserve.data import load_dataset
+from recserve.data.schema import RankingData
 from recserve.errors import ConfigError, DataError
 from recserve.models.artifact import TrainedModel, build_module
 from recserve.models.ranker import RankerConfig
@@ -23,10 +24,13 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
     if kind == "ranker":
         if data.ranking_train is None or not len(data.ranking_train):
             raise DataError(f"{data_spec} has no labelled rows to train a ranker on")
+        if not isinstance(data.ranking_train, RankingData):
+            raise DataError(f"{data_spec}: tensors data is for compressing a model of your own (recserve compress "
+                            "--data tensors:PATH); recserve train reads raw data (movielens:, interactions:, ...)")
         t = data.ranking_train
         config = RankerConfig([f.cardinality for f in t.sparse_features], len(t.dense_names), embedding_dim=embedding_dim)
         module = build_module(kind, config)
-        history = fit_ranker(module, t, train)
+        history = fit_ranker(module, data.ranking_fit(), train, validation=data.ranking_validation())
     else:
         r = data.retrieval
         if r is None or not len(r.train_pairs):
@@ -38,7 +42,7 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
         history = fit_two_tower(module, r, train)
     trained = TrainedModel(kind, config, module, data_spec, train.seed)
     graph = trained.export(data)
-    ev = evaluate(graph, kind, data, speed=False)
+    ev = evaluate(graph, Scoring(kind), held_out(data, kind, "test"), speed=False)
     trained.metrics = {"held_out": ev.quality, "history": history, "corrupt_rows": data.corrupt_rows}
     trained.save(out, data, graph)
     return {"quality": ev.quality, "parameters": ev.parameters, "size_bytes": ev.size_bytes}

@@ -6,6 +6,7 @@ pruned model (masks from ``torch.nn.utils.prune`` stay applied through its forwa
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +29,13 @@ class TrainSettings:
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     seed: int = 0
-    validation_fraction: float = 0.1
-    """Share of the training rows kept back to pick the best epoch (ranker only)."""
+    patience: int | None = None
+    """Rankers: stop after this many epochs without a better validation score (None: run every epoch)."""
+    decay_on_plateau: bool = False
+    """Rankers: halve the learning rate after each epoch that does not improve the validation score."""
     threads: int = 2
+    deadline: float | None = None
+    """``time.monotonic()`` after which ranker training stops at the end of the epoch (a time budget)."""
     logq_correction: bool = False
     """Two-tower only: subtract log(item frequency) from the in-batch logits (sampled-softmax
     correction; popular items are in-batch negatives more often) and mask repeats of the positive
@@ -41,11 +46,20 @@ class TrainSettings:
 
 @dataclass
 class Distillation:
-    """Soft targets for a student: ``alpha * BCE(labels) + (1 - alpha) * T^2 * BCE(teacher / T)``."""
+    """Soft targets for a student: ``alpha * BCE(labels) + (1 - alpha) * soft loss``.
+
+    The soft loss is ``T^2 * BCE(student / T, sigmoid(teacher / T))`` (``bce``) or the mean squared
+    difference of the logits (``mse``: every row's order counts alike, which is what AUC reads).
+    """
 
     teacher_logits: np.ndarray
     temperature: float = 2.0
     alpha: float = 0.5
+    loss: str = "bce"
+    validation_logits: np.ndarray | None = None
+    """The teacher's logits on the validation rows: with them, the best epoch is the one whose
+    scores agree most with the teacher's there (mean squared logit difference), which reads no
+    validation label, so the validation AUC stays an unbiased judge of the student."""
 
 
 def _progress() -> Progress:
@@ -64,48 +78,69 @@ def predict_logits(model: Ranker, data: RankingData, batch_size: int = 8192) -> 
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def fit_ranker(model: Ranker, data: RankingData, settings: TrainSettings, *,
+def fit_ranker(model: Ranker, data: RankingData, settings: TrainSettings, *, validation: RankingData | None = None,
                distill: Distillation | None = None, label: str = "train") -> dict:
-    """Train ``model`` in place; keeps the epoch with the best validation AUC. Returns a history dict."""
+    """Train ``model`` in place on ``data``; returns a history dict.
+
+    With ``validation`` rows (never trained on), the epoch with the best validation AUC is kept and
+    ``settings.patience`` stops the run early; without, the last epoch is kept.
+    """
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     rng = np.random.default_rng(settings.seed)
-    order = rng.permutation(len(data))
-    n_val = int(len(order) * settings.validation_fraction) if settings.epochs > 0 else 0
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    val = data.take(val_idx)
+    judged = validation is not None and len(validation) > 0
     sparse, dense, y = (torch.from_numpy(a) for a in (data.sparse, data.dense, data.label))
-    soft = None
+    soft = teacher = None
     if distill is not None:
-        soft = torch.sigmoid(torch.from_numpy(distill.teacher_logits.astype(np.float32)) / distill.temperature)
+        teacher = torch.from_numpy(distill.teacher_logits.astype(np.float32))
+        soft = torch.sigmoid(teacher / distill.temperature)
+    by_agreement = judged and distill is not None and distill.validation_logits is not None
     opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     bce = nn.functional.binary_cross_entropy_with_logits
-    best_auc, best_state, history = -1.0, None, []
+    best_score, best_auc, best_epoch, best_state, history = -np.inf, -1.0, 0, None, []
     with _progress() as progress:
-        task = progress.add_task(label, total=settings.epochs * max(1, len(train_idx) // settings.batch_size), info="")
+        task = progress.add_task(label, total=settings.epochs * max(1, len(data) // settings.batch_size), info="")
         for epoch in range(settings.epochs):
             model.train()
-            perm = torch.from_numpy(rng.permutation(train_idx))
+            perm = torch.from_numpy(rng.permutation(len(data)))
             for s in range(0, len(perm), settings.batch_size):
                 b = perm[s:s + settings.batch_size]
                 logit = model(sparse[b], dense[b]).squeeze(1)
                 loss = bce(logit, y[b])
                 if distill is not None:
                     t = distill.temperature
-                    loss = distill.alpha * loss + (1 - distill.alpha) * t * t * bce(logit / t, soft[b])
+                    if distill.loss == "mse":
+                        soft_loss = nn.functional.mse_loss(logit, teacher[b])
+                    else:
+                        soft_loss = t * t * bce(logit / t, soft[b])
+                    loss = distill.alpha * loss + (1 - distill.alpha) * soft_loss
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 progress.update(task, advance=1, info=f"epoch {epoch + 1}/{settings.epochs} loss {loss.item():.4f}")
-            val_auc = auc_score(val.label, predict_logits(model, val)) if n_val else float("nan")
-            history.append({"epoch": epoch + 1, "validation_auc": val_auc})
-            if n_val == 0 or val_auc > best_auc:
-                best_auc = val_auc
+            val_logits = predict_logits(model, validation) if judged else None
+            val_auc = auc_score(validation.label, val_logits) if judged else float("nan")
+            entry = {"epoch": epoch + 1, "validation_auc": val_auc}
+            score = val_auc
+            if by_agreement:
+                score = -float(np.mean((val_logits - distill.validation_logits) ** 2))
+                entry["validation_logit_mse"] = -score
+            history.append(entry)
+            if not judged or score > best_score:
+                best_score, best_auc, best_epoch = score, val_auc, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                if settings.patience is not None and epoch + 1 - best_epoch >= settings.patience:
+                    break
+                if settings.decay_on_plateau:
+                    for group in opt.param_groups:
+                        group["lr"] /= 2
+            if settings.deadline is not None and time.monotonic() >= settings.deadline:
+                break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return {"epochs": history, "best_validation_auc": best_auc}
+    return {"epochs": history, "best_epoch": best_epoch, "best_validation_auc": best_auc}
 
 
 def fit_two_tower(model: TwoTower, data: RetrievalData, settings: TrainSettings, *, label: str = "train") -> dict:

@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from pydantic import ValidationError
+
+from recserve.converters.report import GateReport
 from recserve.operator.spec import ModelRolloutSpec
 
 TERMINAL = ("Promoted", "RolledBack", "Aborted", "Rejected")
@@ -172,11 +175,12 @@ def gate_failure(report: dict[str, Any] | None) -> str | None:
     """Why the candidate's compression report refuses it, or None."""
     if not report:
         return None
-    gate = report.get("gate")
-    if not isinstance(gate, dict) or "passed" not in gate:
+    try:
+        gate = GateReport.model_validate(report.get("gate"))
+    except ValidationError:
         return "compressionReport has no gate result: attach the report.json of `recserve compress`"
-    if not gate["passed"]:
-        return "the candidate failed its compression quality gate: " + "; ".join(gate.get("reasons") or ["(no reasons)"])
+    if not gate.passed:
+        return "the candidate failed its compression quality gate: " + "; ".join(gate.reasons or ["(no reasons)"])
     return None
 
 

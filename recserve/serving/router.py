@@ -66,7 +66,7 @@ class Retriever:
     """Candidates for a user: the user tower in process, then exact nearest neighbours in the catalog."""
 
     def __init__(self, route: RetrieverRoute, threads: int = 1):
-        from recserve.converters.evaluate import session
+        from recserve.onnxrt import session
 
         self.route = route
         self.tower = session(route.user_tower.read_bytes(), threads)

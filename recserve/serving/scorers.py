@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recserve.converters.evaluate import session
+from recserve.onnxrt import session
 
 
 class CloudError(Exception):

@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import onnx.utils
 
-from recserve.converters.evaluate import session
 from recserve.data.schema import Dataset
 from recserve.errors import ConfigError, DataError, InferenceError, ModelError
+from recserve.onnxrt import session
 
 
 def extract_user_tower(two_tower: onnx.ModelProto) -> onnx.ModelProto:
@@ -217,19 +217,19 @@ def build_retrieval(retriever: Path, ranker: Path, data_spec: str | None, reposi
             raise ConfigError(f"--candidates {candidates} is more than the ranker's max_batch_size {limit}: "
                               "the ranker could not score them in one request; lower --candidates")
     retr, rank = load_model(retriever), load_model(ranker)
-    if retr.state.kind != "two-tower" or rank.state.kind != "ranker":
+    if retr.recserve_kind != "two-tower" or rank.recserve_kind != "ranker":
         raise ModelError("recserve index takes a two-tower retriever and a ranker (in that order)")
     spec = data_spec or retr.data_spec or rank.data_spec
     if not spec:
         raise DataError("pass --data: the dataset both models were trained on")
     retr_data = load_dataset(spec, preprocessing=retr.preprocessing)
     rank_data = load_dataset(spec, preprocessing=rank.preprocessing)
-    tower = extract_user_tower(retr.state.graph)
+    tower = extract_user_tower(retr.graph)
     files = {"model.onnx": tower.SerializeToString()}
     if retr.preprocessing is not None:
         files["preprocessing.json"] = retr.preprocessing.read_bytes()
     tower_dir = add_version(repository, model_config(user_tower, tower, "onnxruntime", BuildProfile()), files)
-    arrays = build_index(retr.state.graph, retr_data, rank_data)
+    arrays = build_index(retr.graph, retr_data, rank_data)
     index_dir = add_version(repository, item_index_config(index, candidates),
                             {"model.py": python_model_shim("item_index").encode()})
     save_index(arrays, index_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from recserve.converters.evaluate import evaluate
+from recserve.converters.evaluate import Scoring, evaluate, held_out
 from recserve.converters.stage import ModelState, StageContext
 from recserve.data import load_dataset
 from recserve.data.schema import Dataset
@@ -37,7 +37,8 @@ def tiny_ranker_config(data: Dataset, **overrides) -> RankerConfig:
 
 def _save(trained: TrainedModel, data: Dataset, out: Path) -> Path:
     graph = trained.export(data)
-    trained.metrics = {"held_out": evaluate(graph, trained.kind, data, speed=False).quality}
+    test = held_out(data, trained.kind, "test")
+    trained.metrics = {"held_out": evaluate(graph, Scoring(trained.kind), test, speed=False).quality}
     trained.save(out, data, graph)
     return out
 
@@ -58,7 +59,7 @@ def ranker_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data: Dataset) -> 
     """A `recserve train`-style directory holding a tiny trained ranker (do not write into it)."""
     config = tiny_ranker_config(tiny_data)
     module = build_module("ranker", config)
-    fit_ranker(module, tiny_data.ranking_train, TINY_TRAIN)
+    fit_ranker(module, tiny_data.ranking_fit(), TINY_TRAIN, validation=tiny_data.ranking_validation())
     return _save(TrainedModel("ranker", config, module, TINY_SPEC), tiny_data, tmp_path_factory.mktemp("ranker"))
 
 
@@ -95,4 +96,4 @@ def ranker_graph_state(ranker_dir: Path) -> ModelState:
 
 @pytest.fixture
 def ctx(tiny_data: Dataset) -> StageContext:
-    return StageContext(tiny_data, FINE_TUNE)
+    return StageContext(tiny_data, Scoring("ranker"), FINE_TUNE)

@@ -13,7 +13,7 @@ from torch import nn
 
 from recserve.converters.distill import DistillStage, StudentSpec
 from recserve.converters.embeddings import EmbeddingStage, quantize_rows
-from recserve.converters.evaluate import count_parameters, quality, session
+from recserve.converters.evaluate import Scoring, count_parameters, evaluate, held_out, session
 from recserve.converters.graph import embedding_gathers, initializers, linear_layers, set_initializer
 from recserve.converters.lowrank import LowRankStage, svd_factor
 from recserve.converters.metrics import auc_score
@@ -25,6 +25,11 @@ from recserve.errors import StageError
 from recserve.models.artifact import sample_feed
 from recserve.models.export import export_onnx
 from recserve.models.ranker import Ranker
+
+
+def quality(graph: onnx.ModelProto, kind: str, data: Dataset) -> dict[str, float]:
+    """Test-split quality (these tests check stages, not choices)."""
+    return evaluate(graph, Scoring(kind), held_out(data, kind, "test"), speed=False).quality
 
 
 def run(graph: onnx.ModelProto, data: Dataset, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
@@ -262,7 +267,8 @@ def _initializer_feeding(graph: onnx.ModelProto, name: str) -> onnx.NodeProto | 
 def int8_static(ranker_dir: Path, tiny_data: Dataset) -> tuple[ModelState, ModelState, dict]:
     """(float state, int8 static state, details), quantized once for the tests below."""
     state = ModelState("ranker", onnx.load(ranker_dir / "model.onnx"))
-    new, details = QuantizeStage(mode="int8_static", calibration_rows=1024).apply(state, StageContext(tiny_data))
+    ctx = StageContext(tiny_data, Scoring("ranker"))
+    new, details = QuantizeStage(mode="int8_static", calibration_rows=1024).apply(state, ctx)
     return state, new, details
 
 
@@ -273,7 +279,8 @@ def _dequantized_weight(q: onnx.ModelProto, node: onnx.NodeProto) -> onnx.NodePr
 
 def test_int8_static_is_symmetric_per_channel_qdq(int8_static, tiny_data: Dataset) -> None:
     state, new, details = int8_static
-    assert new.module is None and details["mode"] == "int8_static" and details["excluded"] == []
+    last = "/ranker/top/top.4/Gemm"  # the layer that makes the score stays float (scores stay distinct)
+    assert new.module is None and details["mode"] == "int8_static" and details["excluded"] == [last]
     q = new.graph
     onnx.checker.check_model(q)
     qs, dqs = ops(q, "QuantizeLinear"), ops(q, "DequantizeLinear")
@@ -283,6 +290,8 @@ def test_int8_static_is_symmetric_per_channel_qdq(int8_static, tiny_data: Datase
     float_shapes = {lay.node.name: arrays(state.graph)[lay.weight].shape for lay in linear_layers(state.graph)}
     gemms = {n.name: n for n in ops(q, "Gemm") + ops(q, "MatMul")}
     assert set(gemms) == set(float_shapes)
+    assert inits[gemms.pop(last).input[1]].dtype == np.float32
+    float_shapes.pop(last)
     weight_dqs = [_dequantized_weight(q, gemms[name]) for name in float_shapes]
     activation_dqs = [_initializer_feeding(q, gemms[name].input[0]) for name in float_shapes]
     for node in qs + weight_dqs + activation_dqs:
@@ -304,8 +313,8 @@ def test_int8_static_is_symmetric_per_channel_qdq(int8_static, tiny_data: Datase
         assert next((a.i for a in dq.attribute if a.name == "axis"), 1) == 0
         if out_channels > 1:
             assert len(np.unique(scale)) > 1, "per-channel scales differ between channels"
-    # no float copy of a dense weight is left
-    assert not any(lay.weight in inits for lay in linear_layers(state.graph))
+    # no float copy of a quantized dense weight is left
+    assert not any(lay.weight in inits for lay in linear_layers(state.graph) if lay.node.name != last)
     # outputs stay close to float
     f, got = run(state.graph, tiny_data), run(q, tiny_data)
     assert np.abs(got - f).max() < 0.05
@@ -347,21 +356,23 @@ def test_sensitivity_ranks_layers_and_keeps_most_sensitive_float(ranker_graph_st
     stage = QuantizeStage(mode="int8_static", calibration_rows=256, sensitivity=True, exclude_most_sensitive=1)
     new, details = stage.apply(state, ctx)
     rows = details["sensitivity"]
-    names = [lay.node.name for lay in linear_layers(state.graph)]
+    last = "/ranker/top/top.4/Gemm"  # float anyway (keep_output_float): not ranked
+    names = [lay.node.name for lay in linear_layers(state.graph) if lay.node.name != last]
     assert sorted(r["node"] for r in rows) == sorted(names)
     losses = [r["auc_loss"] for r in rows]
     assert losses == sorted(losses, reverse=True)
     for r in rows:
-        assert set(r) == {"node", "auc", "auc_loss"} and 0.0 < r["auc"] <= 1.0
+        assert set(r) == {"node", "auc", "auc_loss", "relative_loss", "relative_loss_se"} and 0.0 < r["auc"] <= 1.0
+        assert r["relative_loss_se"] >= 0
     kept = rows[0]["node"]
-    assert details["excluded"] == [kept]
+    assert details["excluded"] == [last, kept]
     float_weights = {lay.node.name: lay.weight for lay in linear_layers(state.graph)}
     inits = arrays(new.graph)
     node = next(n for n in new.graph.graph.node if n.name == kept)
     # the most sensitive layer still reads its float weight; the others read dequantized int8
     assert node.input[1] == float_weights[kept] and inits[node.input[1]].dtype == np.float32
     for n in new.graph.graph.node:
-        if n.name in float_weights and n.name != kept:
+        if n.name in float_weights and n.name not in (kept, last):
             assert _initializer_feeding(new.graph, n.input[1]).op_type == "DequantizeLinear", n.name
 
 
@@ -371,14 +382,20 @@ def test_quantize_unknown_exclude_node(ranker_graph_state: ModelState, ctx: Stag
 
 
 def test_fp16_exclude_nodes_stay_float(ranker_graph_state: ModelState, ctx: StageContext) -> None:
-    new, details = QuantizeStage(mode="fp16", exclude_nodes=["/ranker/top/top.4/Gemm"]).apply(ranker_graph_state, ctx)
-    assert details["excluded"] == ["/ranker/top/top.4/Gemm"]
+    new, details = QuantizeStage(mode="fp16", exclude_nodes=["/ranker/top/top.2/Gemm"]).apply(ranker_graph_state, ctx)
+    # the excluded layer, then the output layer and what follows it (the sigmoid): scores stay float
+    assert details["excluded"][:2] == ["/ranker/top/top.2/Gemm", "/ranker/top/top.4/Gemm"]
+    assert inits_dtype(new.graph, "ranker.top.2.weight") == np.float32
     inits = arrays(new.graph)
     assert inits["ranker.top.4.weight"].dtype == np.float32
     assert inits["ranker.top.0.weight"].dtype == np.float16
 
 
 # ----------------------------------------------------------------------------------------- embeddings
+
+
+def inits_dtype(graph: onnx.ModelProto, name: str) -> np.dtype:
+    return arrays(graph)[name].dtype
 
 
 def _with_table(graph: onnx.ModelProto, name: str, table: np.ndarray) -> onnx.ModelProto:
@@ -429,10 +446,12 @@ def test_embedding_quantization_matches_numpy_reference(ranker_graph_state: Mode
 
 
 def _row_counts(state: ModelState, data: Dataset) -> np.ndarray:
+    """Reads of each row on the fit rows (the training rows without the validation rows)."""
     name, table = table_of(state.graph)
-    card = [f.cardinality for f in data.ranking_train.sparse_features]
+    fit = data.ranking_fit()
+    card = [f.cardinality for f in fit.sparse_features]
     offsets = np.concatenate([[0], np.cumsum(card)[:-1]])
-    return np.bincount((data.ranking_train.sparse + offsets).ravel(), minlength=table.shape[0])
+    return np.bincount((fit.sparse + offsets).ravel(), minlength=table.shape[0])
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -492,3 +511,27 @@ def test_embeddings_after_fp16_keep_output_dtype(ranker_graph_state: ModelState,
     got = run(new.graph, ctx.data)
     assert got.dtype == np.float32
     assert np.abs(got - run(ranker_graph_state.graph, ctx.data)).max() < 0.05
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_mixed_dimension_rare_rows_match_the_plan(ranker_graph_state: ModelState, ctx: StageContext, bits) -> None:
+    from recserve.converters.embeddings import plan_table
+
+    state = ranker_graph_state
+    name, table = table_of(state.graph)
+    counts = _row_counts(state, ctx.data)
+    stage = EmbeddingStage(bits=bits, min_count=2, rare_threshold=10, rare_dim=3)
+    new, details = stage.apply(state, ctx)
+    info = details["tables"][name]
+    plan = plan_table(table, counts, min_count=2, rare_threshold=10, rare_dim=3)
+    assert info["rows_low_dim"] == len(plan.low) > 0 and info["low_dim"] == 3 and info["shared_rows"] == plan.shared
+    onnx.checker.check_model(new.graph)
+    reference = _with_table(state.graph, name, plan.lookup(np.arange(len(table))).astype(np.float32))
+    got, want = run(new.graph, ctx.data), run(reference, ctx.data)
+    if bits is None:
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert info["bytes_after"] < table.nbytes
+    else:
+        assert np.abs(got - want).max() < (0.02 if bits == 8 else 0.1)
+    # the remap table is int16 here (few rows): 2 bytes a row
+    assert arrays(new.graph)[f"{name}_remap"].dtype == np.int16

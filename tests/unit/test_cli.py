@@ -40,7 +40,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, code: int, *needles
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("cli") / "ranker"
-    proc = recserve("train", "--data", TINY, "--out", out, "--epochs", "1", "--embedding-dim", "4")
+    proc = recserve("train", "--data", TINY, "--out", out, "--epochs", "2", "--batch-size", "128", "--embedding-dim", "4")
     return out, proc
 
 
@@ -62,8 +62,8 @@ def test_compress_prints_the_table_and_passes(trained, tmp_path: Path) -> None:
     proc = recserve("compress", model, "--recipe", recipe, "--out", out, "--no-speed")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    for needle in ("cli-fp16 on " + TINY, "gate PASSED", "stage", "AUC", "baseline", "1. quantize", "size ratio",
-                   "gate passed", f"{out}/model.onnx is"):
+    for needle in ("cli-fp16 on " + TINY, "gate PASSED", "stage", "AUC", "baseline", "1. quantize", "ratio",
+                   "result", "gate passed", f"{out}/model.onnx is"):
         assert needle in proc.stdout, needle
     assert (out / "model.onnx").exists() and (out / "report.json").exists() and (out / "report.png").exists()
 
@@ -77,6 +77,27 @@ def test_gate_failure_exits_3(trained, tmp_path: Path) -> None:
     assert_one_error_line(proc, 3, "quality gate failed", "min_size_ratio 1000")
     assert "gate FAILED" in proc.stdout
     assert not (out / "model.onnx").exists() and (out / "report.json").exists()
+
+
+def test_compress_with_a_budget_searches(trained, tmp_path: Path) -> None:
+    model, _ = trained
+    out = tmp_path / "out"
+    proc = recserve("compress", model, "--out", out, "--max-auc-loss", "0.05", "--time-budget", "90s", "--no-speed")
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    # no TTY: a line per candidate on stderr, the same lines in search.log
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("search: objective size, budget 5.000% relative AUC loss, 95% confidence")
+    assert any(" accepted " in line or " rejected " in line for line in lines)
+    assert any(line.startswith("chose: ") for line in lines)
+    log = (out / "search.log").read_text().splitlines()
+    assert log[0] == lines[0] and any(line.startswith("chose: ") for line in log)
+    assert "Pareto front" in proc.stdout and "gate" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "search" and report["search"]["time_budget_s"] == 90
+    assert report["gate"]["limits"]["max_relative_auc_loss"] == 0.05
+    # the out directory is not reused without --force
+    again = recserve("compress", model, "--out", out, "--max-auc-loss", "0.05", "--no-speed")
+    assert_one_error_line(again, 2, "not empty", "--force")
 
 
 def _bad_recipe(tmp: Path) -> list[str]:
@@ -108,6 +129,13 @@ MISTAKES = {
     "missing-model": (lambda tmp: ["compress", str(tmp / "nothing"), "--recipe", str(ROOT / "recipes/ranker-fp16.yaml"),
                                    "--out", str(tmp / "o")], ["does not exist"]),
     "route-missing-triton-repo": (_route_without_triton_repo, ["--triton-repo", "no-repo", "no such directory"]),
+    "compress-without-budget-or-recipe": (lambda tmp: ["compress", str(tmp), "--out", str(tmp / "o")],
+                                          ["--max-auc-loss", "--recipe"]),
+    "bad-time-budget": (lambda tmp: ["compress", str(tmp), "--out", str(tmp / "o"), "--max-auc-loss", "0.01",
+                                     "--time-budget", "soon"], ["--time-budget 'soon'", "20m"]),
+    "objective-with-fixed-stages": (lambda tmp: ["compress", str(tmp), "--out", str(tmp / "o"), "--recipe",
+                                                 str(ROOT / "recipes/ranker-fp16.yaml"), "--objective", "size"],
+                                    ["--objective", "fixed stages"]),
 }
 
 

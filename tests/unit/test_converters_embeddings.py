@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from recserve.converters.embeddings import pack_int4, quantize_rows, unpack_int4
+from recserve.converters.embeddings import pack_int4, plan_table, quantize_rows, unpack_int4
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -79,3 +79,35 @@ def test_quantize_then_pack_round_trip_property(table: np.ndarray) -> None:
     q, scale = quantize_rows(table, 4)
     deq = unpack_int4(pack_int4(q), table.shape[1]).astype(np.float32) * scale.astype(np.float32)
     assert (np.abs(deq - table) <= scale.astype(np.float32) / 2 * 1.01 + 1e-6).all()
+
+
+# ------------------------------------------------------------------- tiers of rows by frequency
+
+
+def test_plan_table_tiers() -> None:
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(10, 6)).astype(np.float32)
+    counts = np.array([50, 0, 3, 30, 1, 7, 0, 100, 4, 20])
+    plan = plan_table(table, counts, min_count=1, rare_threshold=5, rare_dim=2)
+    shared, low = counts < 1, (counts >= 1) & (counts < 5)
+    assert plan.shared == 2 and len(plan.low) == int(low.sum()) and plan.low.shape[1] == 2
+    assert len(plan.full) == int((counts >= 5).sum()) + 1  # the frequent rows, then the shared row
+    got = plan.lookup(np.arange(10))
+    np.testing.assert_array_equal(got[counts >= 5], table[counts >= 5])  # frequent rows exactly
+    np.testing.assert_allclose(got[shared], np.broadcast_to(table[shared].mean(0), (2, 6)), rtol=1e-6)
+    # rare rows: their best rank-2 approximation
+    u, s, vt = np.linalg.svd(table[low].astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(got[low], (u[:, :2] * s[:2]) @ vt[:2], rtol=1e-4, atol=1e-5)
+    # with as many dimensions as rare rows the projection is exact
+    exact = plan_table(table, counts, rare_threshold=5, rare_dim=5).lookup(np.arange(10))
+    np.testing.assert_allclose(exact, table, rtol=1e-4, atol=1e-5)
+
+
+def test_plan_table_without_counts_or_tiers_keeps_the_table() -> None:
+    table = np.ones((4, 3), np.float32)
+    for plan in (plan_table(table, None, min_count=3), plan_table(table, np.array([9, 9, 9, 9]), min_count=3),
+                 plan_table(table, np.array([1, 1, 1, 1]), rare_threshold=5, rare_dim=3)):
+        assert plan.remap is None and plan.full is table
+    # every row rare: one is kept whole so the lookup has a table
+    plan = plan_table(table * np.arange(4)[:, None], np.array([1, 2, 3, 4]), rare_threshold=9, rare_dim=1)
+    assert len(plan.full) == 1 and len(plan.low) == 3

@@ -11,8 +11,10 @@ from recserve.converters.pipeline import check_gate, relative_loss
 from recserve.converters.recipe import Gate
 
 
-def ranker_eval(auc: float, logloss: float = 0.4, size: int = 1000, thr: float | None = None) -> Evaluation:
-    return Evaluation({"auc": auc, "logloss": logloss, "calibration": 1.0}, size, 10, throughput_b256=thr)
+def ranker_eval(auc: float, logloss: float = 0.4, size: int = 1000, thr: float | None = None,
+                distinct: float = 1.0) -> Evaluation:
+    return Evaluation({"auc": auc, "logloss": logloss, "calibration": 1.0, "distinct_score_ratio": distinct}, size, 10,
+                      throughput_b256=thr)
 
 
 def retriever_eval(auc: float, recall: float, size: int = 1000) -> Evaluation:
@@ -30,7 +32,22 @@ def test_relative_loss() -> None:
 
 
 def test_empty_gate_passes_anything() -> None:
-    assert check_gate(Gate(), BASE, ranker_eval(0.1, 9.0, 10_000, thr=1.0)) == []
+    assert check_gate(Gate(min_distinct_score_ratio=None), BASE, ranker_eval(0.1, 9.0, 10_000, thr=1.0,
+                                                                           distinct=0.0)) == []
+
+
+def test_distinct_score_ratio_is_on_by_default() -> None:
+    assert Gate().min_distinct_score_ratio == 0.5
+    assert check_gate(Gate(), BASE, ranker_eval(0.8, distinct=0.5)) == []  # the boundary passes
+    (reason,) = check_gate(Gate(), BASE, ranker_eval(0.8, distinct=0.01))
+    assert "distinct score ratio 0.010 < min_distinct_score_ratio 0.5" in reason and "rank" in reason
+
+
+def test_paired_throughput_ratio_wins_over_the_evaluations() -> None:
+    gate = Gate(min_throughput_ratio=2.0)
+    assert check_gate(gate, BASE, ranker_eval(0.8, thr=30_000.0)) == []
+    (reason,) = check_gate(gate, BASE, ranker_eval(0.8, thr=30_000.0), thr_ratio=1.5)
+    assert "throughput ratio 1.50x" in reason
 
 
 def test_auc_loss_limit() -> None:

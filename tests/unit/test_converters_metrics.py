@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from recserve.converters.metrics import auc_score, ranking_metrics, retrieval_metrics
+from recserve.converters.metrics import (
+    auc_score,
+    distinct_ratio,
+    midranks,
+    paired_auc_difference,
+    paired_mean_difference,
+    ranking_metrics,
+    retrieval_metrics,
+)
 
 
 def test_auc_score_known_example() -> None:
@@ -95,3 +103,66 @@ def test_retrieval_metrics_perfect_embeddings() -> None:
     negs = np.stack([np.arange(n, 2 * n)] * 5, axis=1)
     m = retrieval_metrics(users, items, pairs, negs)
     assert m == {"auc": 1.0, "recall@10": 1.0, "ndcg@10": 1.0}
+
+
+# ------------------------------------------------------------------ AUC without scikit-learn, DeLong
+
+
+def test_auc_matches_scikit_learn_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 3000)
+    s = np.round(rng.normal(size=3000) + y, 1)  # many ties
+    assert auc_score(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_midranks_share_ties() -> None:
+    np.testing.assert_array_equal(midranks(np.array([3.0, 1.0, 3.0, 2.0])), [3.5, 1.0, 3.5, 2.0])
+
+
+def test_paired_auc_difference_matches_the_bootstrap() -> None:
+    rng = np.random.default_rng(1)
+    n = 4000
+    y = rng.integers(0, 2, n)
+    a = y + rng.normal(size=n)
+    b = a + 0.3 * rng.normal(size=n)  # a correlated second model
+    diff, se = paired_auc_difference(y, a, b)
+    assert diff == pytest.approx(auc_score(y, a) - auc_score(y, b))
+    boots = []
+    for _ in range(300):
+        i = rng.integers(0, n, n)
+        boots.append(auc_score(y[i], a[i]) - auc_score(y[i], b[i]))
+    assert se == pytest.approx(np.std(boots), rel=0.2)
+    # the same model twice: no difference and no error; an independent one: a much larger error
+    assert paired_auc_difference(y, a, a) == (0.0, 0.0)
+    _, se_independent = paired_auc_difference(y, a, y + rng.normal(size=n))
+    assert se_independent > 2 * se
+
+
+def test_paired_auc_difference_needs_two_of_each_class() -> None:
+    assert all(math.isnan(v) for v in paired_auc_difference(np.array([1, 0, 0]), np.ones(3), np.ones(3)))
+
+
+def test_paired_mean_difference() -> None:
+    d, se = paired_mean_difference(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 2.0, 2.0, 4.0]))
+    assert d == pytest.approx(0.5) and se == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)
+
+
+def test_distinct_ratio_counts_distinct_inputs() -> None:
+    scores = np.array([0.1, 0.2, 0.2, 0.3])
+    assert distinct_ratio(scores) == pytest.approx(0.75)
+    # rows 1 and 2 are the same input: the same score for them is no loss of ranking
+    feed = {"x": np.array([[1, 2], [3, 4], [3, 4], [5, 6]], np.int64), "d": np.zeros((4, 1), np.float32)}
+    assert distinct_ratio(scores, feed) == pytest.approx(1.0)
+    # a quantized final layer: 4 scores for 1,000 distinct rows
+    coarse = np.repeat([0.1, 0.4, 0.6, 0.9], 250)
+    assert distinct_ratio(coarse, {"x": np.arange(1000)[:, None]}) == pytest.approx(0.004)
+
+
+def test_ranking_metrics_of_logits() -> None:
+    y = np.array([1, 0, 0, 1])
+    logits = np.array([2.0, -1.0, 0.5, 0.0])
+    m = ranking_metrics(y, logits, logits=True)
+    p = 1 / (1 + np.exp(-logits))
+    assert m == pytest.approx(ranking_metrics(y, p))

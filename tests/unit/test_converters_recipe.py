@@ -26,7 +26,8 @@ def test_shipped_recipes_parse(path: Path) -> None:
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     assert recipe.name == path.stem
-    assert recipe.stages
+    assert recipe.stages or recipe.search
+    assert recipe.gate.min_distinct_score_ratio == 0.5, "every shipped recipe checks that scores still rank"
     assert recipe.gate.model_dump(exclude_none=True), "every shipped recipe should gate something"
 
 
@@ -49,6 +50,18 @@ def test_defaults_and_discrimination() -> None:
     assert recipe.seed == 0 and recipe.data is None and recipe.gate.max_relative_auc_loss is None
 
 
+def test_search_recipe_defaults() -> None:
+    recipe = parse_recipe("search: {}\ngate: {max_relative_auc_loss: 0.001}\n")
+    assert recipe.stages == [] and recipe.search is not None
+    s = recipe.search
+    assert (s.objective, s.time_budget_s, s.confidence, s.students) == ("size", 1200.0, 0.95, "auto")
+    assert s.embedding_bits == [4, 8] and s.mixed_dimension and s.quantize == ["int8_static", "fp16"]
+    assert recipe.gate.min_distinct_score_ratio == 0.5
+    custom = parse_recipe("search:\n  objective: throughput\n  students: [{embedding_dim: 4, top_mlp: [8]}]\n"
+                          "gate: {max_relative_auc_loss: 0.01, min_distinct_score_ratio: null}\n")
+    assert custom.search.students[0].embedding_dim == 4 and custom.gate.min_distinct_score_ratio is None
+
+
 def test_embeddings_bits_null_keeps_float() -> None:
     assert parse_recipe("stages: [{type: embeddings, bits: null, min_count: 3}]").stages[0].bits is None
 
@@ -68,8 +81,16 @@ def test_embeddings_bits_null_keeps_float() -> None:
         ("stages:\n  - type: low_rank\n    rank: 4\n    energy: 0.9\n", ["stages.0.low_rank", "exactly one"]),
         ("stages:\n  - type: low_rank\n", ["stages.0.low_rank", "exactly one"]),
         ("stages:\n  - type: low_rank\n    energy: 1.5\n", ["stages.0.low_rank.energy"]),
-        ("stagez:\n  - type: prune\n", ["stagez", "Extra inputs", "stages"]),
-        ("stages: []\n", ["stages", "at least 1"]),
+        ("stagez:\n  - type: prune\n", ["stagez", "Extra inputs"]),
+        ("stages: []\n", ["either 'stages'", "'search'"]),
+        ("stages: [{type: prune}]\nsearch: {}\ngate: {max_relative_auc_loss: 0.01}\n", ["not both"]),
+        ("search: {}\n", ["quality budget", "max_relative_auc_loss"]),
+        ("search: {objective: latency}\ngate: {max_relative_auc_loss: 0.01}\n", ["search.objective"]),
+        ("search: {confidence: 1.5}\ngate: {max_relative_auc_loss: 0.01}\n", ["search.confidence"]),
+        ("search: {students: some}\ngate: {max_relative_auc_loss: 0.01}\n", ["search.students"]),
+        ("search: {embedding_bits: [2]}\ngate: {max_relative_auc_loss: 0.01}\n", ["search.embedding_bits"]),
+        ("stages:\n  - type: embeddings\n    rare_dim: 0\n", ["stages.0.embeddings.rare_dim"]),
+        ("stages:\n  - type: prune\ngate:\n  min_distinct_score_ratio: 1.5\n", ["gate.min_distinct_score_ratio"]),
         ("stages:\n  - type: prune\ngate:\n  min_size_ratio: 0\n", ["gate.min_size_ratio"]),
         ("stages:\n  - type: prune\ngate:\n  max_auc_loss: 0.1\n", ["gate.max_auc_loss", "Extra inputs"]),
         ("stages:\n  - type: prune\ngate:\n  max_relative_auc_loss: -0.1\n", ["gate.max_relative_auc_loss"]),

@@ -66,9 +66,14 @@ def test_with_meta(tmp_path: Path, delimiter: str) -> None:
     assert brand == {"a": "acme", "b": "bolt", "c": "", "d": "acme", "e": "", "f": "zeta"}
 
     assert {users[u]: items[i] for u, i in r.test_pairs} == LAST
-    assert sorted((users[u], items[i]) for u, i in r.train_pairs) == sorted(
+    # validation: each user's last training positive, carved the same way as the test split
+    fit_and_val = np.concatenate([r.train_pairs, r.validation_pairs])
+    assert sorted((users[u], items[i]) for u, i in fit_and_val) == sorted(
         (u, i) for u, i, _ in LOG if LAST.get(u) != i
     )
+    assert len(r.validation_pairs) and len(r.validation_negatives) == len(r.validation_pairs)
+    val = ds.ranking_validation()
+    assert len(val) == 3 * len(r.validation_pairs) and val.label.tolist()[:3] == [1.0, 0.0, 0.0]
     for (u, _), negs in zip(r.test_pairs, r.eval_negatives, strict=True):
         assert len(set(negs)) == 2 and not {items[n] for n in negs} & SEEN[users[u]]
 
@@ -129,4 +134,6 @@ def test_real_grocery() -> None:
     ds = load_dataset(f"interactions:{folder}/train.csv,meta={folder}/item_meta.csv", eval_negatives=10)
     assert [f.name for f in ds.retrieval.item_features] == ["item_id", "i_category"]
     assert ds.retrieval.test_pairs.shape == (14681, 2)
-    assert len(ds.ranking_train) == 5 * len(ds.retrieval.train_pairs)  # default neg_ratio=4
+    r = ds.retrieval
+    assert len(ds.ranking_train) == 5 * (len(r.train_pairs) + len(r.validation_pairs))  # default neg_ratio=4
+    assert len(ds.ranking_validation()) == 5 * len(r.validation_pairs)

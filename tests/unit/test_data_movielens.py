@@ -111,8 +111,8 @@ def test_retrieval_leave_last_out(ds: Dataset) -> None:
     assert sorted(user_tok) == ["1", "2", "3", "4", "5"] and sorted(item_tok) == ["1", "2", "3", "4", "5", "6"]
     test = {user_tok[u]: item_tok[i] for u, i in r.test_pairs}
     assert test == LAST
-    assert len(r.train_pairs) == len(RATINGS) - len(LAST)
-    train = {(user_tok[u], item_tok[i]) for u, i in r.train_pairs}
+    assert len(r.train_pairs) + len(r.validation_pairs) == len(RATINGS) - len(LAST)
+    train = {(user_tok[u], item_tok[i]) for u, i in np.concatenate([r.train_pairs, r.validation_pairs])}
     assert ("3", "5") in train
     genre = dict(zip(item_tok, decode(ds, "primary_genre", r.item_table[:, 2]), strict=True))
     assert genre == {"1": "animation", "2": "action", "3": "unknown", "4": "", "5": "sci_fi", "6": "drama"}

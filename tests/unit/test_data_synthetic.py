@@ -58,7 +58,7 @@ def test_shapes_and_features(ds: Dataset) -> None:
     assert len(np.unique(r.item_table[:, 0])) == ITEMS and (r.item_table[:, 0] > 0).all()
     assert ds.vocabularies["user_id"].lookup(["7"])[0] == r.user_table[7, 0]
     clicks = int(train.label.sum() + test.label.sum())
-    assert len(r.train_pairs) + len(r.test_pairs) == clicks
+    assert len(r.train_pairs) + len(r.validation_pairs) + len(r.test_pairs) == clicks
 
 
 def test_click_rate_and_ground_truth_auc() -> None:
