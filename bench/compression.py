@@ -80,7 +80,7 @@ def run(workdir: Path) -> dict:
     for name, spec in datasets().items():
         teacher = workdir / f"teacher-{name}"
         t0 = time.perf_counter()
-        trained = train_model(spec, "ranker", teacher, epochs=6)
+        trained = train_model(spec, "ranker", teacher, epochs=6, force=True)
         train_s = time.perf_counter() - t0
         out = workdir / (SERVED if name == "movielens" else f"search-{name}")
         t0 = time.perf_counter()

@@ -35,13 +35,14 @@ def train(
     learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,
     seed: int = 0,
     logq_correction: Annotated[bool, typer.Option(help="two-tower: correct the in-batch softmax for item popularity")] = False,
+    force: Annotated[bool, typer.Option(help="replace an earlier `recserve train` output in --out")] = False,
 ) -> None:
     """Train a reference ranker or two-tower retriever on CPU and export it to ONNX."""
     from recserve.models.pipeline import train_model
 
     settings = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                     logq_correction=logq_correction)
-    result = train_model(data, model.value, out, embedding_dim=embedding_dim, **settings)
+    result = train_model(data, model.value, out, embedding_dim=embedding_dim, force=force, **settings)
     quality = ", ".join(f"{k} {v:.4f}" for k, v in result["quality"].items())
     console.print(f"[green]trained[/green] {model.value} on {data}: held-out {quality}; "
                   f"{result['parameters']:,} parameters, {result['size_bytes'] / 1024:,.1f} KiB -> {out}/model.onnx")
@@ -82,11 +83,11 @@ def compress(
     score_output: Annotated[str | None, typer.Option(help="the output holding the score (models with several)")] = None,
     force: Annotated[bool, typer.Option(help="replace an earlier `recserve compress` output in --out")] = False,
     speed: Annotated[bool, typer.Option(help="measure onnxruntime latency and throughput")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON instead of tables")] = False,
 ) -> None:
     """Compress a recommender to a quality budget, choosing on validation and gating on held-out data."""
     from recserve.converters.pipeline import compress as run
     from recserve.converters.recipe import Gate, Recipe, SearchSpec, load_recipe
-    from recserve.converters.report import pareto_table, report_table
 
     searching = dict(objective=objective.value if objective else None,
                      time_budget_s=parse_duration(time_budget) if time_budget is not None else None)
@@ -113,17 +114,51 @@ def compress(
             return
         err.print(line, highlight=False, markup=False, soft_wrap=True)
 
-    with console.status("compressing") if live else contextlib.nullcontext() as status:
+    with console.status("compressing") if live and not as_json else contextlib.nullcontext() as status:
         report = run(model, spec, out, data_spec=data, speed=speed, score_output=score_output, force=force,
                      on_stage=progress)
+    show_report(report, as_json)
+    if not as_json:
+        console.print(f"report: {out}/report.json, plot: {out}/report.png", soft_wrap=True)
+    if not report.gate.passed:
+        raise GateFailed(report.gate.reasons)
+    if not as_json:
+        console.print(f"[green]gate passed[/green]: {out}/model.onnx is {report.size_ratio:.1f}x smaller, relative "
+                      f"AUC loss {report.relative_auc_loss:+.4%} on the test split", soft_wrap=True)
+
+
+def show_report(report, as_json: bool) -> None:
+    from recserve.converters.report import pareto_table, report_table
+
+    if as_json:
+        print(report.model_dump_json(indent=2))
+        return
     console.print(report_table(report))
     if report.pareto:
         console.print(pareto_table(report))
-    console.print(f"report: {out}/report.json, plot: {out}/report.png", soft_wrap=True)
+
+
+@app.command(name="report")
+def show(
+    path: Annotated[Path, typer.Argument(help="a `recserve compress` output directory or its report.json")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON instead of tables")] = False,
+) -> None:
+    """Print a saved compression report again (exit 3 when its gate failed)."""
+    from pydantic import ValidationError
+
+    from recserve.converters.report import CompressionReport
+    from recserve.specs import read_text
+
+    file = path / "report.json" if path.is_dir() else path
+    text = read_text(file, "report", "pass a `recserve compress` output directory")
+    try:
+        report = CompressionReport.model_validate_json(text)
+    except ValidationError as e:
+        raise ConfigError(f"{file} is not a `recserve compress` report ({e.error_count()} problems, first: "
+                          f"{'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']})") from e
+    show_report(report, as_json)
     if not report.gate.passed:
         raise GateFailed(report.gate.reasons)
-    console.print(f"[green]gate passed[/green]: {out}/model.onnx is {report.size_ratio:.1f}x smaller, relative AUC "
-                  f"loss {report.relative_auc_loss:+.4%} on the test split", soft_wrap=True)
 
 
 class TargetOpt(str, Enum):

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         console.rule("1. train the reference ranker")
-        result = train_model(args.data, "ranker", args.workdir / "ranker", epochs=6)
+        result = train_model(args.data, "ranker", args.workdir / "ranker", epochs=6, force=True)
         console.print(f"held-out AUC {result['quality']['auc']:.4f}, {result['parameters']:,} parameters, "
                       f"{result['size_bytes'] / 1024:,.0f} KiB")
         console.rule(f"2. compress with {args.recipe.name}")

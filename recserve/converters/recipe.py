@@ -38,9 +38,9 @@ class Gate(BaseModel):
 
 class DistillSettings(BaseModel):
     """How the search trains each student. By default a student learns only the teacher's scores, starts
-    from the teacher's embedding table, and keeps the epoch that agrees most with the teacher on the
-    validation rows (reading no validation label): a faithful copy whose loss the validation split
-    measures without bias and with a small error, so it predicts the test split."""
+    from the teacher's embedding table, and keeps the epoch that agrees most with the teacher on a slice
+    of the training rows it does not learn from: a faithful copy, and the validation split is not read
+    while it trains, so its validation loss predicts its test loss without bias and with a small error."""
 
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(40, ge=1, description="a ceiling: the best validation epoch is kept")

@@ -187,12 +187,14 @@ def report_table(report: CompressionReport) -> Table:
 
 def pareto_table(report: CompressionReport) -> Table:
     """The search's Pareto front: size, speed and quality per candidate (validation, and test after)."""
-    t = Table(title="Pareto front (val: chosen on; test: measured after)", title_justify="left", pad_edge=False)
-    for col in ("candidate", "KiB", "rows/s", "val loss", "± se", "test AUC"):
-        t.add_column(col, justify="left" if col == "candidate" else "right", overflow="fold")
+    t = Table(title="Pareto front (val: chosen on; test: measured after; * chosen)", title_justify="left",
+              pad_edge=False)
+    for col in ("candidate", "ok", "KiB", "rows/s", "val loss", "± se", "test AUC"):
+        t.add_column(col, justify="left" if col in ("candidate", "ok") else "right", overflow="fold")
     for c in report.pareto:
         name = ("* " if c.chosen else "") + c.name
-        t.add_row(name, _f((c.size_bytes or 0) / 1024, "{:,.0f}"), _f(c.throughput_b256, "{:,.0f}"),
+        t.add_row(name, "yes" if c.status == CandidateStatus.ACCEPTED else "no",
+                  _f((c.size_bytes or 0) / 1024, "{:,.0f}"), _f(c.throughput_b256, "{:,.0f}"),
                   _f(c.validation_relative_loss, "{:+.2%}"), _f(c.validation_relative_loss_se, "{:.2%}"),
                   _f(c.test_auc, "{:.4f}"))
     return t

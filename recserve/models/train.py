@@ -57,9 +57,8 @@ class Distillation:
     alpha: float = 0.5
     loss: str = "bce"
     validation_logits: np.ndarray | None = None
-    """The teacher's logits on the validation rows: with them, the best epoch is the one whose
-    scores agree most with the teacher's there (mean squared logit difference), which reads no
-    validation label, so the validation AUC stays an unbiased judge of the student."""
+    """The teacher's logits on the rows given as ``validation``: with them, the best epoch is the one
+    whose scores agree most with the teacher's there (mean squared logit difference), reading no label."""
 
 
 def _progress() -> Progress:

@@ -137,3 +137,15 @@ def test_throughput_objective_needs_speed(ranker_dir: Path, tmp_path: Path) -> N
     recipe = parse_recipe("search: {objective: throughput}\ngate: {max_relative_auc_loss: 0.01}\n")
     with pytest.raises(ConfigError, match="throughput needs speed"):
         compress(ranker_dir, recipe, tmp_path / "out", speed=False)
+
+
+def test_two_tower_search_runs_post_training_steps(two_tower_dir: Path, tiny_data: Dataset, tmp_path: Path) -> None:
+    recipe = parse_recipe("search: {time_budget_s: 120}\ngate: {max_relative_auc_loss: 0.02}\n")
+    report = compress(two_tower_dir, recipe, tmp_path / "out", speed=False)
+    assert report.kind == "two-tower" and report.validation.rows == len(tiny_data.retrieval.validation_pairs)
+    names = [c.name for c in report.search.candidates]
+    assert len(names) > 2 and not any(n.startswith("student") for n in names)
+    for c in report.search.candidates[1:]:
+        if c.status != CandidateStatus.FAILED:
+            assert c.validation_relative_loss_se > 0, "paired per-pair AUCs give the retriever's error"
+    assert report.size_ratio > 1.0

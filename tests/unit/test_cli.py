@@ -100,6 +100,39 @@ def test_compress_with_a_budget_searches(trained, tmp_path: Path) -> None:
     assert_one_error_line(again, 2, "not empty", "--force")
 
 
+def test_report_prints_a_saved_report_and_json(trained, tmp_path: Path) -> None:
+    model, _ = trained
+    recipe = tmp_path / "fp16.yaml"
+    recipe.write_text(FP16 + "gate:\n  min_size_ratio: 1.5\n")
+    out = tmp_path / "out"
+    proc = recserve("compress", model, "--recipe", recipe, "--out", out, "--no-speed", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)  # nothing but the report on stdout
+    assert printed == json.loads((out / "report.json").read_text())
+    again = recserve("report", out)
+    assert again.returncode == 0 and "cli-fp16 on " + TINY in again.stdout and "1. quantize" in again.stdout
+    assert json.loads(recserve("report", out / "report.json", "--json").stdout)["gate"]["passed"] is True
+    # a failed gate reads back as a failure
+    report = json.loads((out / "report.json").read_text())
+    report["gate"] = {"passed": False, "reasons": ["size ratio 1.00x < min_size_ratio 9x"], "limits": {}}
+    (tmp_path / "failed.json").write_text(json.dumps(report))
+    assert_one_error_line(recserve("report", tmp_path / "failed.json"), 3, "quality gate failed", "min_size_ratio 9x")
+
+
+def test_train_out_must_be_new_or_empty(trained, tmp_path: Path) -> None:
+    model, _ = trained
+    before = {p.name: p.stat().st_mtime_ns for p in model.iterdir()}
+    proc = recserve("train", "--data", TINY, "--out", model, "--epochs", "1")
+    assert_one_error_line(proc, 2, "not empty", "--force")
+    assert {p.name: p.stat().st_mtime_ns for p in model.iterdir()} == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep")
+    proc = recserve("train", "--data", TINY, "--out", notes, "--epochs", "1", "--force")
+    assert_one_error_line(proc, 2, "did not write (mine.txt)")
+    assert sorted(p.name for p in notes.iterdir()) == ["mine.txt"]
+
+
 def _bad_recipe(tmp: Path) -> list[str]:
     (tmp / "bad.yaml").write_text("stages:\n  - type: prune\n    sparsity: 1.5\n")
     return ["compress", str(tmp), "--recipe", str(tmp / "bad.yaml"), "--out", str(tmp / "out")]
