@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,12 +12,28 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from recserve.errors import ConfigError, GateFailed, RecserveError, ServerError
+from recserve.errors import ConfigError, GateFailed, LoadTestFailed, RecserveError, ServerError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Compress, compile, serve, route and roll out large recommendation models.")
 console = Console()
 err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"recserve {version('recserve')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False,
+) -> None:
+    """Compress, compile, serve, route and roll out large recommendation models."""
 
 
 class ModelKindOpt(str, Enum):
@@ -191,8 +208,8 @@ def build(
     result = run(model, name, target.value, repository, load_profile(profile, overrides), version)
     if result.findings:
         err.print("TensorRT will not take these parts; onnxruntime runs them on CUDA/CPU instead:")
-    for f in result.findings:
-        err.print(f"  [yellow]{f}[/yellow]", highlight=False)
+    for f in result.findings:  # not errors here: the model is built and serves (those parts off TensorRT)
+        err.print(f"  note: {f.node}: {f.message}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"[green]built[/green] {result.version_dir} ({target.value})")
 
 
@@ -265,6 +282,8 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with console.status("starting tritonserver"):
         server = EmbeddedTriton(settings).start()
+    for name, why in server.skipped.items():
+        err.print(f"left out {name}: {why}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"Triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}")
     try:
         while not stop.wait(0.5):
@@ -289,6 +308,8 @@ def infer(
     repository: Annotated[Path | None, typer.Option(help="repository holding the model's preprocessing.json")] = None,
 ) -> None:
     """Send one KServe v2 gRPC request to Triton and print the outputs."""
+    import numpy as np
+
     from recserve.triton.client import TritonClient
     from recserve.triton.inputs import inputs_from_data, inputs_from_json
 
@@ -301,7 +322,39 @@ def infer(
             raise ConfigError("give the inputs: --json '{...}' or --data SPEC")
         outputs = client.infer(model, feed, version=version)
     for name, value in outputs.items():
-        console.print(f"{name} {list(value.shape)}: {value.tolist()}", highlight=False, soft_wrap=True)
+        shown = [v.decode(errors="replace") if isinstance(v, bytes) else v for v in value.ravel().tolist()]
+        shown = np.asarray(shown, dtype=object).reshape(value.shape).tolist() if value.dtype == object else value.tolist()
+        console.print(f"{name} {list(value.shape)}: {shown}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def rank(
+    target: Annotated[str, typer.Option("--url", help="the router: host:port (gRPC) or http://host:port with --http")] =
+    "127.0.0.1:9000",
+    request_json: Annotated[str | None, typer.Option("--request", help="the whole RankRequest as JSON (or @FILE)")] = None,
+    user: Annotated[list[str] | None, typer.Option(help="a raw user feature, NAME=VALUE (repeatable)")] = None,
+    items: Annotated[str | None, typer.Option(help="candidate item ids, comma-separated (none: retrieve)")] = None,
+    query: Annotated[str, typer.Option(help="the search query feature")] = "",
+    numeric: Annotated[list[str] | None, typer.Option(help="a numeric context feature, NAME=VALUE (repeatable)")] = None,
+    top_k: Annotated[int, typer.Option(min=0, help="items to return (0: all, ranked)")] = 10,
+    model: Annotated[str, typer.Option(help="model name in the router's config (empty: its default)")] = "",
+    budget_ms: Annotated[float, typer.Option(min=1, help="the latency budget (the call's deadline)")] = 100.0,
+    http: Annotated[bool, typer.Option("--http", help="POST /v1/rank as JSON instead of gRPC")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
+) -> None:
+    """Send one Rank request to the router and print the answer (items, scores, served_by, version)."""
+    from recserve.serving.rank_cli import build_request, send
+
+    request = build_request(request_json, user or [], items, query, numeric or [], top_k, model)
+    answer = send(target, request, budget_ms, http)
+    if as_json:
+        print(json.dumps(answer, indent=2))
+        return
+    console.print(f"served_by {answer.get('served_by', '')}, model {answer.get('model', '')} version "
+                  f"{answer.get('version', '') or '-'}" + (f" ({answer['reason']})" if answer.get("reason") else ""),
+                  highlight=False, markup=False, soft_wrap=True)
+    for i, (item, score) in enumerate(zip(answer.get("items", []), answer.get("scores", [])), start=1):
+        console.print(f"{i:>3}. {item}  {score:.6f}", highlight=False, markup=False)
 
 
 @app.command()
@@ -333,7 +386,7 @@ def route(
     import threading
     import time
 
-    from recserve.serving.config import load_router_config
+    from recserve.serving.config import load_router_config, missing_files, ports_in_use
     from recserve.serving.policy import parse_policy
 
     cfg = load_router_config(config)
@@ -341,6 +394,15 @@ def route(
     if triton_repo is not None and not triton_repo.is_dir():
         raise ConfigError(f"--triton-repo {triton_repo}: no such directory; give a Triton model repository "
                           "(`recserve build`)")
+    # what can be checked before Ray and Triton take their seconds to start
+    missing = missing_files(cfg)
+    if missing:
+        raise ConfigError(f"{config}: not found: {'; '.join(missing)} (build them: `recserve compress`, "
+                          "`recserve catalog`, `recserve index`)")
+    busy = ports_in_use(cfg)
+    if busy:
+        raise ConfigError(f"{config}: port {', '.join(map(str, busy))} is in use; set grpc_port/http_port to free ones "
+                          "or stop what listens there")
     from recserve.serving import app as serve_app
 
     stop = threading.Event()
@@ -350,6 +412,8 @@ def route(
 
             with console.status("starting tritonserver"):
                 triton = running.enter_context(EmbeddedTriton(ServerSettings.on_free_ports(triton_repo)))
+            for name, why in triton.skipped.items():
+                err.print(f"left out {name}: {why}", highlight=False, markup=False, soft_wrap=True)
             console.print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}")
             cfg = cfg.model_copy(update={"triton_url": triton.grpc_url})
         running.callback(serve_app.stop)  # also after a failed start: Ray's processes go with it
@@ -377,8 +441,12 @@ def loadtest(
     sweep: Annotated[str | None, typer.Option(help="comma-separated rates: find the highest meeting the SLO")] = None,
     url: Annotated[str | None, typer.Option(help="override the target address")] = None,
     out: Annotated[Path | None, typer.Option(help="write report.json (and report.png for a sweep) here")] = None,
+    max_error_rate: Annotated[float, typer.Option(min=0, max=1, help="exit 3 when a run's errors exceed this share "
+                                                                     "of its requests")] = 0.01,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON instead of a table")] = False,
 ) -> None:
-    """Open-loop (or closed-loop) load test against Triton or the router, with HDR histograms."""
+    """Open-loop (or closed-loop) load test against Triton or the router, with HDR histograms; exits 3 when a
+    run is invalid (no success, rate not reached, schedule lost) or has too many errors."""
     import json
 
     from rich.progress import Progress
@@ -404,17 +472,26 @@ def loadtest(
             runs = [generator.run(s).report()]
             result = {"run": runs[0]}
         progress.update(task, completed=len(rates) or 1)
-    console.print(runs_table(runs, f"{s.name}: {s.target} {s.url if isinstance(s.url, str) else ', '.join(s.url)}"))
-    if rates:
-        console.print(f"highest rate with p99 <= {s.slo_p99_ms} ms: {result['sweep']['max_rate_meeting_slo']}")
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(runs_table(runs, f"{s.name}: {s.target} {s.url if isinstance(s.url, str) else ', '.join(s.url)}"))
+        if rates:
+            console.print(f"highest rate with p99 <= {s.slo_p99_ms} ms: {result['sweep']['max_rate_meeting_slo']}")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(result, indent=2))
         if rates:
             plot_sweep({s.target: result["sweep"]}, out / "report.png")
-        console.print(f"report: {out}/report.json")
-    if any(not r["valid"] for r in runs):
-        console.print("[yellow]some runs are invalid: the generator fell behind its schedule[/yellow]")
+        if not as_json:
+            console.print(f"report: {out}/report.json")
+    problems = [f"rate {r['rate'] or r['concurrency']}: {r['invalid_reason']}" for r in runs if not r["valid"]]
+    problems += [f"rate {r['rate'] or r['concurrency']}: errors {sum(r['errors'].values()) / r['requests']:.1%} of "
+                 f"{r['requests']:,} requests ({', '.join(f'{k} {v}' for k, v in r['errors'].items())}) > "
+                 f"--max-error-rate {max_error_rate:.1%}"
+                 for r in runs if r["requests"] and sum(r["errors"].values()) / r["requests"] > max_error_rate]
+    if problems:
+        raise LoadTestFailed("; ".join(problems))
 
 
 operator_app = typer.Typer(help="The canary rollout operator (kopf) and its CRD.", no_args_is_help=True)

@@ -39,6 +39,12 @@ class GateFailed(RecserveError):
         super().__init__("quality gate failed: " + "; ".join(self.reasons))
 
 
+class LoadTestFailed(RecserveError):
+    """A load test ran, but did not load the target as asked or got too many errors."""
+
+    exit_code = 3
+
+
 class ServerError(RecserveError):
     """A server (Triton, the router) could not start, or stopped answering."""
 

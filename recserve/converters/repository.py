@@ -32,7 +32,12 @@ def add_version(repository: Path, config: mc.ModelConfig, files: dict[str, bytes
     """
     if not NAME.match(config.name):
         raise ConfigError(f"model name {config.name!r}: use letters, digits, '_', '-' and '.'")
-    model_dir = Path(repository) / config.name
+    repository = Path(repository)
+    blocked = next((p for p in [repository, *repository.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"--repository {repository}: {blocked} is a file, not a directory; give a model repository "
+                          "directory (it is created if missing)")
+    model_dir = repository / config.name
     existing = versions(model_dir)
     version = version if version is not None else (existing[-1] + 1 if existing else 1)
     if version < 1:

@@ -145,8 +145,9 @@ class RunResult:
         s = self.scenario
         ms = lambda h, q: h.get_value_at_percentile(q) / 1e3 if h.get_total_count() else None  # noqa: E731
         lag_p99 = ms(self.lag, 99) if s.mode == "open" else None
-        valid = lag_p99 is None or lag_p99 <= s.max_lag_p99_ms
         measured = self.recorded + sum(self.errors.values())
+        reasons = invalid_reasons(s, lag_p99, self.recorded, self.seconds)
+        valid = not reasons
         return {
             "scenario": s.name, "target": s.target, "model": s.model, "mode": s.mode,
             "rate": s.arrivals.rate if s.mode == "open" else None,
@@ -158,10 +159,22 @@ class RunResult:
             "lag_ms": {"p50": ms(self.lag, 50), "p99": lag_p99, "max": self.lag.get_max_value() / 1e3}
             if s.mode == "open" else None,
             "valid": valid,
-            "invalid_reason": None if valid else
-            f"p99 scheduling lag {lag_p99:.2f} ms > max_lag_p99_ms {s.max_lag_p99_ms}: the generator could not keep "
-            "the schedule (add workers or lower the rate)",
+            "invalid_reason": "; ".join(reasons) or None,
         }
+
+
+def invalid_reasons(s: Scenario, lag_p99: float | None, ok: int, seconds: float) -> list[str]:
+    """Why a run does not measure what it claims: no successful request, the rate not reached, the schedule lost."""
+    reasons = []
+    if ok == 0:
+        reasons.append("no request succeeded (is the target up, and the model name right?)")
+    elif s.mode == "open" and seconds and ok / seconds < (1 - s.rate_tolerance) * s.arrivals.rate:
+        reasons.append(f"{ok / seconds:,.0f} successful requests/s against a rate of {s.arrivals.rate:,.0f}/s "
+                       f"(more than {s.rate_tolerance:.0%} short)")
+    if lag_p99 is not None and lag_p99 > s.max_lag_p99_ms:
+        reasons.append(f"p99 scheduling lag {lag_p99:.2f} ms > max_lag_p99_ms {s.max_lag_p99_ms}: the generator could "
+                       "not keep the schedule (add workers or lower the rate)")
+    return reasons
 
 
 def run(s: Scenario) -> RunResult:

@@ -62,6 +62,8 @@ class Scenario(_Spec):
     timeout_ms: float = Field(1000.0, gt=0, description="per-request deadline (also the router's budget)")
     workers: int = Field(1, ge=1, description="generator processes (use more when one cannot keep the schedule)")
     max_lag_p99_ms: float = Field(1.0, gt=0, description="a run whose p99 scheduling lag exceeds this is invalid")
+    rate_tolerance: float = Field(0.1, gt=0, lt=1, description="an open-loop run whose successful requests/s fall "
+                                  "short of the rate by more than this share is invalid (it did not load the target)")
     slo_p99_ms: float = Field(10.0, gt=0, description="latency objective for rate sweeps")
     seed: int = 0
 

@@ -83,6 +83,27 @@ class RouterConfig(BaseModel):
         return self
 
 
+def missing_files(cfg: RouterConfig) -> list[str]:
+    """Each file or directory the config names that is not there, as ``what: path`` (checked before Ray starts)."""
+    wanted: list[tuple[str, Path, bool]] = []
+    for name, m in cfg.models.items():
+        wanted += [(f"models.{name}.rankers[{i}].edge_model", r.edge_model, False) for i, r in enumerate(m.rankers)]
+        wanted += [(f"models.{name}.catalog", m.catalog, True), (f"models.{name}.preprocessing", m.preprocessing, False)]
+    if cfg.retriever:
+        r = cfg.retriever
+        wanted += [("retriever.user_tower", r.user_tower, False), ("retriever.preprocessing", r.preprocessing, False),
+                   ("retriever.catalog", r.catalog, True)]
+    return [f"{what}: {path}" for what, path, is_dir in wanted
+            if not (path.is_dir() if is_dir else path.is_file())]
+
+
+def ports_in_use(cfg: RouterConfig) -> list[int]:
+    """The router's own gRPC/HTTP ports that something already listens on."""
+    from recserve.triton.server import port_free
+
+    return [p for p in [*cfg._ports(cfg.grpc_port), *cfg._ports(cfg.http_port)] if not port_free(p)]
+
+
 def load_router_config(path: Path) -> RouterConfig:
     raw = read_mapping(read_text(path, "router config"), str(path), "a router config is a YAML mapping")
     cfg = validate(RouterConfig, raw, str(path))

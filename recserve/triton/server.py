@@ -136,6 +136,8 @@ class EmbeddedTriton:
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.log_path: Path | None = None
+        self.skipped: dict[str, str] = {}
+        """Models of the repository left out because they (or a model they use) are not built."""
 
     @property
     def grpc_url(self) -> str:
@@ -182,6 +184,8 @@ class EmbeddedTriton:
         for port in (self.settings.grpc_port, self.settings.http_port, self.settings.metrics_port):
             if not port_free(port):
                 raise ServerError(f"port {port} is in use; choose other --grpc-port/--http-port/--metrics-port")
+        if self.settings.model_control == "none":
+            self.settings = self._only_servable(repo)
         self._tmp = tempfile.TemporaryDirectory(prefix="recserve-triton-")
         backend_dir = prepare_backends(Path(self._tmp.name) / "backends", install)
         self.log_path = self.settings.log_file or Path(self._tmp.name) / "triton.log"
@@ -195,6 +199,25 @@ class EmbeddedTriton:
             self.stop()
             raise
         return self
+
+    def _only_servable(self, repo: Path) -> ServerSettings:
+        """Load every servable model (explicitly, when some are left out); ServerError when none is."""
+        from dataclasses import replace
+
+        from recserve.triton.repository_plan import plan
+
+        p = plan(repo)
+        if p.broken:
+            name, why = next(iter(p.broken.items()))
+            raise ServerError(f"model {name}: {why}; fix it or move the model out of the repository")
+        self.skipped = p.skipped
+        if not p.servable:
+            first = next(iter(p.skipped.items()), None)
+            raise ServerError(f"model repository {repo} has nothing to serve"
+                              + (f" ({first[0]}: {first[1]})" if first else "; build a model into it with `recserve build`"))
+        if not p.skipped:
+            return self.settings
+        return replace(self.settings, model_control="explicit", load_models=p.servable)
 
     def log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():

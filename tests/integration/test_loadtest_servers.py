@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -94,6 +95,25 @@ def test_sweep_finds_the_highest_rate_meeting_the_slo(trivial_server):
     result = generator.sweep(s, [40, 300])
     assert [x["rate"] for x in result["runs"]] == [40, 300]
     assert result["max_rate_meeting_slo"] == 40
+
+
+def test_cli_exits_3_when_nothing_succeeds_or_errors_are_too_many(tmp_path, trivial_server):
+    def cli(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "from recserve.cli import main; main()", "loadtest", *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("target: trivial\nurl: 127.0.0.1:1\ntimeout_ms: 200\nmax_lag_p99_ms: 50\n"
+                        "arrivals: {process: constant, rate: 50, duration_s: 1, warmup_s: 0}\n")
+    dead = cli(scenario, "--url", f"127.0.0.1:{free_port()}")
+    assert dead.returncode == 3, dead.stderr
+    (line,) = [x for x in dead.stderr.splitlines() if x.startswith("error:")]
+    assert "no request succeeded" in line and "UNAVAILABLE" in line
+    alive = cli(scenario, "--url", trivial_server(), "--json")
+    assert alive.returncode == 0, alive.stderr
+    assert json.loads(alive.stdout)["run"]["valid"] is True
+    slow = cli(scenario, "--url", trivial_server(service_ms=300), "--max-error-rate", "0.05")
+    assert slow.returncode == 3 and "DEADLINE_EXCEEDED" in slow.stderr and "--max-error-rate 5.0%" in slow.stderr
 
 
 def test_cli_rejects_a_bad_scenario_with_one_line(tmp_path):

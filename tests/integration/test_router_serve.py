@@ -9,6 +9,7 @@ The tests that stop Triton run last (the last one starts it again on the same po
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -132,6 +133,34 @@ def test_rank_is_served_by_the_cloud_and_http_agrees(stack: RouterStack, client:
     assert stack.metric("recserve_router_requests_total", model="ranker", route="cloud", version="1", code="OK") >= 2
     assert stack.metric("recserve_router_cache_hits_total") >= 1
     assert stack.http("/healthz") == (200, b"ok")
+
+
+def test_recserve_rank_over_grpc_and_http(stack: RouterStack, client: RouterClient) -> None:
+    """The CLI a newcomer sends a first request with: flags or JSON, gRPC or HTTP, the version in the answer."""
+    import subprocess
+    import sys
+
+    serving(client, stack, version="1")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "from recserve.cli import main; main()", "rank", *args],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+
+    items = ",".join(CANDIDATES[:6])
+    by_flags = cli("--url", stack.grpc_target, "--user", "user_id=5", "--query", "3", "--items", items,
+                   "--top-k", "3", "--numeric", "query_category_match=0.5", "--budget-ms", "2000", "--json")
+    assert by_flags.returncode == 0, by_flags.stderr
+    doc = json.loads(by_flags.stdout)
+    assert doc["served_by"] == "cloud" and doc["version"] == "1" and len(doc["items"]) == 3
+    assert set(doc["items"]) <= set(CANDIDATES[:6])
+    body = json.dumps({"user": {"user_id": "6"}, "query": "3", "candidate_item_ids": CANDIDATES[:6], "top_k": 2})
+    over_http = cli("--http", "--url", stack.http_base, "--request", body, "--budget-ms", "2000")
+    assert over_http.returncode == 0, over_http.stderr
+    lines = over_http.stdout.splitlines()
+    assert lines[0].startswith("served_by cloud, model ranker version 1")
+    assert [line.split()[0] for line in lines[1:]] == ["1.", "2."] and lines[1].split()[1] in CANDIDATES[:6]
+    refused = cli("--url", stack.grpc_target, "--items", items, "--top-k", "2", "--model", "nope")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: the router at") and "NOT_FOUND" in refused.stderr
 
 
 def test_direct_ingress_the_router_replica_itself_listens_on_both_ports(stack: RouterStack) -> None:

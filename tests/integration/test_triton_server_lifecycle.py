@@ -147,11 +147,16 @@ def test_sigint_during_startup_does_not_leave_tritonserver_running(tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def broken_start(tmp_path_factory: pytest.TempPathFactory, ranker_repo: Path):
-    """Start Triton in the default mode on a repository holding a good ranker and a garbage config.pbtxt."""
+    """Start Triton in the default mode on a repository holding a good ranker and a model whose config reads
+    fine but whose model file is garbage: Triton itself fails to load it."""
     repo = tmp_path_factory.mktemp("broken-repo")
     shutil.copytree(ranker_repo / "ranker", repo / "ranker")
-    (repo / "broken" / "1").mkdir(parents=True)
-    (repo / "broken" / "config.pbtxt").write_text("this is { not a model config")
+    shutil.copytree(ranker_repo / "ranker", repo / "broken")
+    (repo / "broken" / "config.pbtxt").write_text(
+        (repo / "broken" / "config.pbtxt").read_text().replace('name: "ranker"', 'name: "broken"'))
+    for version in (repo / "broken").iterdir():
+        if version.is_dir():
+            (version / "model.onnx").write_bytes(b"this is not an onnx model")
     s = settings(repo)
     server = EmbeddedTriton(s)
     started = time.monotonic()
@@ -174,10 +179,35 @@ def test_broken_model_config_is_a_server_error_with_the_log_tail(broken_start) -
     assert tritonserver_pids(grpc) == []
 
 
-def test_broken_model_config_error_names_the_broken_model(broken_start) -> None:
+def test_broken_model_error_names_the_broken_model(broken_start) -> None:
     error, *_ = broken_start
     assert "broken" in str(error)
-    assert "config.pbtxt" in str(error)
+
+
+def test_an_unreadable_config_is_one_line_before_triton_starts(tmp_path: Path, ranker_repo: Path) -> None:
+    shutil.copytree(ranker_repo / "ranker", tmp_path / "ranker")
+    (tmp_path / "garbled" / "1").mkdir(parents=True)
+    (tmp_path / "garbled" / "config.pbtxt").write_text("this is { not a model config")
+    s = settings(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ServerError) as info:
+        EmbeddedTriton(s).start()
+    message = str(info.value)
+    assert "\n" not in message and "model garbled" in message and "config.pbtxt does not parse" in message
+    assert time.monotonic() - started < 5 and tritonserver_pids(s.grpc_port) == []
+
+
+def test_models_that_are_not_built_are_left_out_with_a_reason(tmp_path: Path, ranker_repo: Path) -> None:
+    """The checked-in ensembles beside a built ranker: recommend serves, retrieve (no user_tower) is left out."""
+    from recserve.triton.ensembles import write_ensembles
+
+    shutil.copytree(ranker_repo / "ranker", tmp_path / "ranker")
+    write_ensembles(tmp_path, "ranker")
+    with EmbeddedTriton(settings(tmp_path)) as server, TritonClient(server.grpc_url) as client:
+        assert set(server.skipped) == {"retrieve", "retrieve_preprocess"}
+        assert "user_tower" in server.skipped["retrieve"] and "recserve index" in server.skipped["retrieve"]
+        assert client.model_ready("recommend") and client.model_ready("ranker")
+        assert not client.model_ready("retrieve")
 
 
 def test_start_refuses_an_http_port_another_server_answers_on(ranker_repo: Path) -> None:

@@ -119,6 +119,31 @@ def test_report_prints_a_saved_report_and_json(trained, tmp_path: Path) -> None:
     assert_one_error_line(recserve("report", tmp_path / "failed.json"), 3, "quality gate failed", "min_size_ratio 9x")
 
 
+def test_route_refuses_a_port_in_use_before_starting_anything(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    for name in ("m.onnx", "p.json"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "catalog").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        (tmp_path / "router.yaml").write_text(
+            f"grpc_port: {port}\nmodels:\n  ranker:\n    rankers:\n      - {{triton_model: ranker, edge_model: m.onnx}}\n"
+            "    catalog: catalog\n    preprocessing: p.json\n")
+        started = time.monotonic()
+        proc = recserve("route", "--config", tmp_path / "router.yaml")
+        assert_one_error_line(proc, 2, f"port {port} is in use", "grpc_port")
+        assert time.monotonic() - started < 30  # before Ray's start-up (a few seconds at least)
+
+
+def test_version() -> None:
+    proc = recserve("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("recserve 0.")
+
+
 def test_train_out_must_be_new_or_empty(trained, tmp_path: Path) -> None:
     model, _ = trained
     before = {p.name: p.stat().st_mtime_ns for p in model.iterdir()}
@@ -152,6 +177,12 @@ def _route_without_triton_repo(tmp: Path) -> list[str]:
     return ["route", "--config", str(tmp / "router.yaml"), "--triton-repo", str(tmp / "no-repo")]
 
 
+def _route_with_missing_files(tmp: Path) -> list[str]:
+    (tmp / "router.yaml").write_text("models:\n  ranker:\n    rankers:\n      - {triton_model: ranker, edge_model: m.onnx}\n"
+                                     "    catalog: catalog\n    preprocessing: p.json\n")
+    return ["route", "--config", str(tmp / "router.yaml")]
+
+
 MISTAKES = {
     "missing-recipe": (lambda tmp: ["compress", str(tmp), "--recipe", str(tmp / "nope.yaml"), "--out", str(tmp / "o")],
                        ["cannot read recipe", "nope.yaml"]),
@@ -162,6 +193,8 @@ MISTAKES = {
     "missing-model": (lambda tmp: ["compress", str(tmp / "nothing"), "--recipe", str(ROOT / "recipes/ranker-fp16.yaml"),
                                    "--out", str(tmp / "o")], ["does not exist"]),
     "route-missing-triton-repo": (_route_without_triton_repo, ["--triton-repo", "no-repo", "no such directory"]),
+    "route-missing-edge-model": (_route_with_missing_files, ["not found", "rankers[0].edge_model", "m.onnx",
+                                                             "models.ranker.catalog"]),
     "compress-without-budget-or-recipe": (lambda tmp: ["compress", str(tmp), "--out", str(tmp / "o")],
                                           ["--max-auc-loss", "--recipe"]),
     "bad-time-budget": (lambda tmp: ["compress", str(tmp), "--out", str(tmp / "o"), "--max-auc-loss", "0.01",

@@ -106,6 +106,21 @@ def test_a_run_that_fell_behind_its_schedule_is_invalid():
     assert bad["lag_ms"]["p99"] == pytest.approx(5.0, rel=0.01)
 
 
+def test_a_run_without_success_or_short_of_its_rate_is_invalid():
+    lat, lag = histogram(), histogram()
+    lag.record_value(100)
+    s = Scenario(target="trivial", arrivals={"process": "constant", "rate": 1000, "duration_s": 1})
+    none = RunResult(s, lat, lag, {"UNAVAILABLE": 1000}, 1000, 0, 1.0).report()
+    assert none["valid"] is False and "no request succeeded" in none["invalid_reason"]
+    for _ in range(850):
+        lat.record_value(1000)
+    short = RunResult(s, lat, lag, {"UNAVAILABLE": 150}, 1000, 850, 1.0).report()
+    assert short["valid"] is False and "850 successful requests/s against a rate of 1,000/s" in short["invalid_reason"]
+    for _ in range(100):
+        lat.record_value(1000)
+    assert RunResult(s, lat, lag, {"UNAVAILABLE": 50}, 1000, 950, 1.0).report()["valid"] is True  # within 10%
+
+
 def test_report_percentiles_come_from_the_histogram():
     r = _result([10] * 10)
     assert r["latency_ms"]["p50"] == pytest.approx(1.0, rel=0.01)
