@@ -6,7 +6,10 @@
 #   docker build --target triton -t <registry>/recserve:0.1.0-triton .   # Triton + recserve (python models, engine builds)
 #
 # The Helm chart (helm/recserve) runs the first as image.repository:image.tag (router, operator) and the
-# second as triton.image (Triton, the engine-compile Job).
+# second as triton.image (Triton, the engine-compile Job). `make test` lints this file with hadolint;
+# each `hadolint ignore` below says why: DL3013 (pin pip packages) for installing the project itself,
+# whose dependencies pyproject.toml pins; DL3008 (pin apt packages) for wget, whose version the base
+# image's Debian release (and its security updates) decides.
 
 ARG PYTHON_VERSION=3.11
 # The official Triton image the `triton` target builds on (nvcr.io/nvidia/tritonserver:<tag>-py3).
@@ -23,13 +26,15 @@ ARG TORCH_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+ARG PIP_VERSION=26.3
 RUN python -m venv /opt/recserve
 ENV PATH=/opt/recserve/bin:$PATH
-RUN pip install --upgrade pip \
+RUN pip install "pip==${PIP_VERSION}" \
  && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY recserve ./recserve
+# hadolint ignore=DL3013
 RUN pip install ".[compress,serve,operator]" \
  && recserve --help >/dev/null
 
@@ -49,16 +54,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONDONTWRITEBYTECODE=1
-USER root
+USER 0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY recserve ./recserve
+# recserve build (the engine Job) needs the compress extra and tritonclient's model_config_pb2
+# hadolint ignore=DL3013
 RUN python3 -m pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
- && python3 -m pip install ".[compress]" \
+ && python3 -m pip install ".[compress]" "tritonclient[grpc]==2.73.0" \
  && version="${TENSORRT_VERSION:-${TRT_VERSION:-}}" \
  && if [ -z "$version" ]; then echo "set --build-arg TENSORRT_VERSION to this Triton image's TensorRT version" >&2; exit 1; fi \
  && python3 -m pip install "${TENSORRT_PACKAGE}==${version}" \
- && python3 -c "import recserve, tensorrt" \
+ && python3 -c "import recserve, tensorrt; from recserve.converters import build" \
  && rm -rf /src
 WORKDIR /
 # the image's non-root triton-server user (the chart runs it as 1000:1000 with a read-only root filesystem);
@@ -70,6 +77,7 @@ ENV HOME=/tmp
 # runtime (the default target): a slim image running `recserve` as a non-root user. wget is there for
 # KubeRay's probes of the Ray head and workers (RayService mode).
 FROM python:${PYTHON_VERSION}-slim AS runtime
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends wget \
  && rm -rf /var/lib/apt/lists/* \

@@ -47,10 +47,10 @@ def train(
     out: Annotated[Path, typer.Option(help="output directory (model.onnx, model.pt, model.json, preprocessing.json)")],
     model: Annotated[ModelKindOpt, typer.Option(help="which reference model")] = ModelKindOpt.ranker,
     epochs: Annotated[int, typer.Option(min=1, help="the epoch with the best validation AUC is kept")] = 6,
-    embedding_dim: Annotated[int, typer.Option(min=1)] = 32,
-    batch_size: Annotated[int, typer.Option(min=1)] = 1024,
-    learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-3,
-    seed: int = 0,
+    embedding_dim: Annotated[int, typer.Option(min=1, help="width of every embedding row")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="rows per optimizer step")] = 1024,
+    learning_rate: Annotated[float, typer.Option(min=0.0, help="Adam's learning rate")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="the split, the validation carve and the initialization")] = 0,
     logq_correction: Annotated[bool, typer.Option(help="two-tower: correct the in-batch softmax for item popularity")] = False,
     force: Annotated[bool, typer.Option(help="replace an earlier `recserve train` output in --out")] = False,
 ) -> None:
@@ -62,7 +62,11 @@ def train(
     result = train_model(data, model.value, out, embedding_dim=embedding_dim, force=force, **settings)
     quality = ", ".join(f"{k} {v:.4f}" for k, v in result["quality"].items())
     console.print(f"[green]trained[/green] {model.value} on {data}: held-out {quality}; "
-                  f"{result['parameters']:,} parameters, {result['size_bytes'] / 1024:,.1f} KiB -> {out}/model.onnx")
+                  f"{result['parameters']:,} parameters, {result['size_bytes'] / 1024:,.1f} KiB -> {out}/model.onnx",
+                  soft_wrap=True)
+    if result.get("corrupt_rows"):
+        err.print(f"skipped {result['corrupt_rows']:,} corrupt rows of {data} (counted in {out}/model.json)",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 class ObjectiveOpt(str, Enum):
@@ -135,6 +139,9 @@ def compress(
         report = run(model, spec, out, data_spec=data, speed=speed, score_output=score_output, force=force,
                      on_stage=progress)
     show_report(report, as_json)
+    if report.corrupt_rows:
+        err.print(f"skipped {report.corrupt_rows:,} corrupt rows of {report.data}", highlight=False, markup=False,
+                  soft_wrap=True)
     if not as_json:
         console.print(f"report: {out}/report.json, plot: {out}/report.png", soft_wrap=True)
     if not report.gate.passed:
@@ -193,10 +200,11 @@ def build(
                                               "onnxruntime-trt (engine built on the GPU node at load)")] = TargetOpt.onnxruntime,
     profile: Annotated[Path | None, typer.Option(help="YAML build profile (see recserve.converters.triton_config)")] = None,
     version: Annotated[int | None, typer.Option(help="version number (default: the next free one)")] = None,
-    max_batch_size: Annotated[int | None, typer.Option(min=0)] = None,
-    max_queue_delay_us: Annotated[int | None, typer.Option(min=0)] = None,
-    instance_count: Annotated[int | None, typer.Option(min=1)] = None,
-    dynamic_batching: Annotated[bool | None, typer.Option()] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=0, help="largest batch Triton may form (profile: 256)")] = None,
+    max_queue_delay_us: Annotated[int | None, typer.Option(
+        min=0, help="how long the dynamic batcher may hold a request for a fuller batch (profile: 200)")] = None,
+    instance_count: Annotated[int | None, typer.Option(min=1, help="model instances per GPU/CPU (profile: 1)")] = None,
+    dynamic_batching: Annotated[bool | None, typer.Option(help="Triton's dynamic batcher (profile: on)")] = None,
     precision: Annotated[str | None, typer.Option(help="TensorRT precision: fp32, fp16 or int8")] = None,
 ) -> None:
     """Add a new version of a model to a Triton repository, with its config.pbtxt."""
@@ -243,7 +251,7 @@ def index(
 @app.command(name="trt-check")
 def trt_check(
     model: Annotated[Path, typer.Argument(help="an ONNX model (or a directory holding model.onnx)")],
-    max_batch_size: int = 256,
+    max_batch_size: Annotated[int, typer.Option(help="the batch the engine must take")] = 256,
 ) -> None:
     """Check on CPU what would stop TensorRT from building an engine for this model."""
     from recserve.converters.pipeline import load_model
@@ -260,9 +268,9 @@ def trt_check(
 @app.command()
 def serve(
     repository: Annotated[Path, typer.Option(help="Triton model repository")] = Path("model_repository"),
-    grpc_port: int = 8001,
-    http_port: int = 8000,
-    metrics_port: int = 8002,
+    grpc_port: Annotated[int, typer.Option(help="Triton's KServe v2 gRPC port")] = 8001,
+    http_port: Annotated[int, typer.Option(help="Triton's HTTP port (also /v2/health/ready)")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Triton's Prometheus metrics port")] = 8002,
     model_control: Annotated[str, typer.Option(help="none, poll or explicit")] = "none",
     load_model: Annotated[list[str] | None, typer.Option(help="with explicit: model to load at start")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's verbose log level (0: off)")] = 0,
@@ -304,16 +312,22 @@ def infer(
     json_inputs: Annotated[str | None, typer.Option(
         "--json", help='inputs as JSON, e.g. {"sparse": [[1,2]], "dense": [[0.5]]}')] = None,
     data: Annotated[str | None, typer.Option(help="send held-out rows of this dataset spec instead")] = None,
-    rows: Annotated[int, typer.Option(min=1)] = 4,
+    rows: Annotated[int, typer.Option(min=1, help="with --data: how many held-out rows to send")] = 4,
     repository: Annotated[Path | None, typer.Option(help="repository holding the model's preprocessing.json")] = None,
+    wait: Annotated[float, typer.Option(min=0, help="wait up to this many seconds for the model to be ready")] = 0.0,
 ) -> None:
     """Send one KServe v2 gRPC request to Triton and print the outputs."""
+    import time
+
     import numpy as np
 
     from recserve.triton.client import TritonClient
     from recserve.triton.inputs import inputs_from_data, inputs_from_json
 
     with TritonClient(url) as client:
+        deadline = time.monotonic() + wait
+        while wait and not client.model_ready(model, version) and time.monotonic() < deadline:
+            time.sleep(0.5)
         if json_inputs is not None:
             feed = inputs_from_json(json_inputs, client.config(model, version))
         elif data is not None:
@@ -341,12 +355,14 @@ def rank(
     budget_ms: Annotated[float, typer.Option(min=1, help="the latency budget (the call's deadline)")] = 100.0,
     http: Annotated[bool, typer.Option("--http", help="POST /v1/rank as JSON instead of gRPC")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
+    wait: Annotated[float, typer.Option(min=0, help="retry for up to this many seconds while the router is "
+                                                    "not up yet (UNAVAILABLE, connection refused)")] = 0.0,
 ) -> None:
     """Send one Rank request to the router and print the answer (items, scores, served_by, version)."""
     from recserve.serving.rank_cli import build_request, send
 
     request = build_request(request_json, user or [], items, query, numeric or [], top_k, model)
-    answer = send(target, request, budget_ms, http)
+    answer = send(target, request, budget_ms, http, wait_s=wait)
     if as_json:
         print(json.dumps(answer, indent=2))
         return
@@ -515,8 +531,27 @@ def operator_run(
 
     if not namespace and not all_namespaces:
         raise ConfigError("choose what to watch: --namespace NS (repeatable) or --all-namespaces")
+    check_kube_credentials()
     kopf.run(clusterwide=all_namespaces, namespaces=namespace or [], standalone=True,
              liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None)
+
+
+def check_kube_credentials() -> None:
+    """ConfigError (one line) when neither a kubeconfig nor an in-cluster ServiceAccount is there: kopf would
+    otherwise retry its login with a page of tracebacks."""
+    from kubernetes import config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        config.load_incluster_config()
+        return
+    except ConfigException:
+        pass
+    try:
+        config.load_kube_config()
+    except (ConfigException, OSError, TypeError, ValueError) as e:
+        raise ConfigError(f"no Kubernetes credentials: {str(e).splitlines()[0]}; set KUBECONFIG (or ~/.kube/config), "
+                          "or run in a pod with a ServiceAccount") from e
 
 
 @operator_app.command("crd")

@@ -290,7 +290,7 @@ def compress(model_path: Path, recipe: Recipe, out: Path, *, data_spec: str | No
     pareto = _pareto(candidates, p, test, search_report)
     report = CompressionReport(
         model=str(p.model.source), kind=p.ctx.scoring.kind, mode="search" if recipe.search else "recipe",
-        recipe=recipe.name, data=p.data.spec,
+        recipe=recipe.name, data=p.data.spec, corrupt_rows=p.data.corrupt_rows,
         score_output=p.ctx.scoring.score_output if p.ctx.scoring.kind == "ranker" else None,
         score_kind="logit" if p.ctx.scoring.logits else "probability",
         held_out_rows=len(test), baseline=_ev(base_test), stages=stages, result=_ev(result_test),

@@ -125,6 +125,8 @@ class CompressionReport(_Report):
     """``recipe`` (the stages given) or ``search`` (the stages found)."""
     recipe: str
     data: str
+    corrupt_rows: int = 0
+    """Rows of the data that could not be parsed and were skipped."""
     score_output: str | None = None
     score_kind: str = "probability"
     held_out_rows: int

@@ -134,7 +134,8 @@ class Search:
         self.shape, self.log, self.clock = shape, log, clock
         self.start = clock()
         self.deadline = self.start + spec.time_budget_s
-        ctx.train = replace(ctx.train, deadline=self.deadline)  # training stops at the epoch that passes it
+        # training stops at the epoch that passes the deadline; the search's own line per candidate is the log
+        ctx.train = replace(ctx.train, deadline=self.deadline, epoch_lines=False)
         self.ref = Reference(baseline.size_bytes, baseline.throughput_b256)
         self.root = Built("baseline", [], CandidateStatus.ACCEPTED, teacher, baseline,
                           Measure(baseline.size_bytes, baseline.throughput_b256, 0.0, 0.0,

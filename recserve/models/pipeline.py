@@ -63,4 +63,5 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
     ev = evaluate(graph, Scoring(kind), held_out(data, kind, "test"), speed=False)
     trained.metrics = {"held_out": ev.quality, "history": history, "corrupt_rows": data.corrupt_rows}
     trained.save(out, data, graph)
-    return {"quality": ev.quality, "parameters": ev.parameters, "size_bytes": ev.size_bytes}
+    return {"quality": ev.quality, "parameters": ev.parameters, "size_bytes": ev.size_bytes,
+            "corrupt_rows": data.corrupt_rows}

@@ -6,6 +6,7 @@ pruned model (masks from ``torch.nn.utils.prune`` stay applied through its forwa
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ class TrainSettings:
     threads: int = 2
     deadline: float | None = None
     """``time.monotonic()`` after which ranker training stops at the end of the epoch (a time budget)."""
+    epoch_lines: bool = True
+    """Without a terminal (CI, a log file), print a line per epoch to stderr (a bar needs a TTY)."""
     logq_correction: bool = False
     """Two-tower only: subtract log(item frequency) from the in-batch logits (sampled-softmax
     correction; popular items are in-batch negatives more often) and mask repeats of the positive
@@ -62,8 +65,14 @@ class Distillation:
 
 
 def _progress() -> Progress:
+    """A bar on a terminal; nothing elsewhere (:func:`_epoch_line` reports instead)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), transient=True)
+                    TimeElapsedColumn(), transient=True, disable=not sys.stderr.isatty())
+
+
+def _epoch_line(settings: TrainSettings, label: str, started: float, text: str) -> None:
+    if settings.epoch_lines and not sys.stderr.isatty():
+        print(f"{label}: {text} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
 def predict_logits(model: Ranker, data: RankingData, batch_size: int = 8192) -> np.ndarray:
@@ -97,6 +106,7 @@ def fit_ranker(model: Ranker, data: RankingData, settings: TrainSettings, *, val
     opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     bce = nn.functional.binary_cross_entropy_with_logits
     best_score, best_auc, best_epoch, best_state, history = -np.inf, -1.0, 0, None, []
+    started = time.monotonic()
     with _progress() as progress:
         task = progress.add_task(label, total=settings.epochs * max(1, len(data) // settings.batch_size), info="")
         for epoch in range(settings.epochs):
@@ -125,6 +135,8 @@ def fit_ranker(model: Ranker, data: RankingData, settings: TrainSettings, *, val
                 score = -float(np.mean((val_logits - distill.validation_logits) ** 2))
                 entry["validation_logit_mse"] = -score
             history.append(entry)
+            _epoch_line(settings, label, started, f"epoch {epoch + 1}/{settings.epochs}, loss {loss.item():.4f}"
+                        + (f", validation AUC {val_auc:.4f}" if judged else ""))
             if not judged or score > best_score:
                 best_score, best_auc, best_epoch = score, val_auc, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -144,6 +156,7 @@ def fit_ranker(model: Ranker, data: RankingData, settings: TrainSettings, *, val
 
 def fit_two_tower(model: TwoTower, data: RetrievalData, settings: TrainSettings, *, label: str = "train") -> dict:
     """In-batch-negative softmax training on the positive pairs."""
+    started = time.monotonic()
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     rng = np.random.default_rng(settings.seed)
@@ -175,5 +188,7 @@ def fit_two_tower(model: TwoTower, data: RetrievalData, settings: TrainSettings,
                 total += loss.item()
                 progress.update(task, advance=1, info=f"epoch {epoch + 1}/{settings.epochs} loss {loss.item():.4f}")
             history.append({"epoch": epoch + 1, "mean_loss": total / max(1, -(-len(perm) // settings.batch_size))})
+            _epoch_line(settings, label, started, f"epoch {epoch + 1}/{settings.epochs}, "
+                                                  f"mean loss {history[-1]['mean_loss']:.4f}")
     model.eval()
     return {"epochs": history}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -48,10 +49,26 @@ def build_request(request_json: str | None, user: list[str], items: str | None, 
                        model=model)
 
 
-def send(target: str, request: RankRequest, budget_ms: float, http: bool) -> dict:
-    """The router's answer as a dict (the RankResponse's JSON fields); InferenceError with its status if refused."""
-    if http:
-        return _send_http(target, request, budget_ms)
+class NotUp(InferenceError):
+    """The router is not there (yet): nothing listens, or it is still starting."""
+
+
+def send(target: str, request: RankRequest, budget_ms: float, http: bool, wait_s: float = 0.0) -> dict:
+    """The router's answer as a dict (the RankResponse's JSON fields); InferenceError with its status if refused.
+
+    ``wait_s``: while the router is not up, try again for that long (a script that just started it).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _send_http(target, request, budget_ms) if http else _send_grpc(target, request, budget_ms)
+        except NotUp:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _send_grpc(target: str, request: RankRequest, budget_ms: float) -> dict:
     import grpc
 
     from recserve.serving.client import RouterClient
@@ -60,7 +77,8 @@ def send(target: str, request: RankRequest, budget_ms: float, http: bool) -> dic
         try:
             response = client.rank(request, timeout_s=budget_ms / 1e3)
         except grpc.RpcError as e:
-            raise InferenceError(f"the router at {target} answered {e.code().name}: {e.details()}") from e
+            kind = NotUp if e.code() == grpc.StatusCode.UNAVAILABLE else InferenceError
+            raise kind(f"the router at {target} answered {e.code().name}: {e.details()}") from e
     return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
 
@@ -77,6 +95,7 @@ def _send_http(target: str, request: RankRequest, budget_ms: float) -> dict:
             detail = json.loads(e.read())
         except ValueError:
             detail = {"error": str(e.code), "message": e.reason}
-        raise InferenceError(f"the router at {base} answered {detail.get('error')}: {detail.get('message')}") from e
+        kind = NotUp if e.code in (502, 503) else InferenceError
+        raise kind(f"the router at {base} answered {detail.get('error')}: {detail.get('message')}") from e
     except (urllib.error.URLError, OSError) as e:
-        raise InferenceError(f"cannot reach the router at {base}: {getattr(e, 'reason', e)}") from e
+        raise NotUp(f"cannot reach the router at {base}: {getattr(e, 'reason', e)}") from e

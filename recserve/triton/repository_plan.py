@@ -58,7 +58,8 @@ def has_version(model_dir: Path, config: mc.ModelConfig) -> bool:
 
 def uses(config: mc.ModelConfig) -> list[str]:
     steps = [s.model_name for s in config.ensemble_scheduling.step]
-    named = [p.string_value for k, p in config.parameters.items() if k.endswith("_model") and p.string_value]
+    named = [config.parameters[k].string_value for k in sorted(config.parameters)
+             if k.endswith("_model") and config.parameters[k].string_value]
     return list(dict.fromkeys(steps + named))
 
 

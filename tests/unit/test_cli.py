@@ -52,6 +52,21 @@ def test_train_writes_the_artifact(trained) -> None:
     meta = json.loads((out / "model.json").read_text())
     assert meta["kind"] == "ranker" and meta["data_spec"] == TINY and meta["config"]["embedding_dim"] == 4
     assert 0.0 < meta["metrics"]["held_out"]["auc"] <= 1.0
+    # no TTY: a line per epoch instead of a bar
+    epochs = [line for line in proc.stderr.splitlines() if line.startswith("train: epoch ")]
+    assert [line.split(",")[0] for line in epochs] == ["train: epoch 1/2", "train: epoch 2/2"]
+    assert "validation AUC" in epochs[0]
+
+
+def test_train_says_how_many_corrupt_rows_it_skipped(tmp_path: Path) -> None:
+    rows = ["user\titem\ttime"] + [f"u{i % 40}\ti{i % 300}\t{i}" for i in range(600)]
+    rows[10] = "u1\ti2"  # a field missing
+    rows[20] = "u1\ti2\tyesterday"  # not a time
+    (tmp_path / "log.tsv").write_text("\n".join(rows) + "\n")
+    proc = recserve("train", "--data", f"interactions:{tmp_path}/log.tsv", "--out", tmp_path / "m", "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipped 2 corrupt rows of interactions:" in proc.stderr
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["metrics"]["corrupt_rows"] == 2
 
 
 def test_compress_prints_the_table_and_passes(trained, tmp_path: Path) -> None:
@@ -137,6 +152,15 @@ def test_route_refuses_a_port_in_use_before_starting_anything(tmp_path: Path) ->
         proc = recserve("route", "--config", tmp_path / "router.yaml")
         assert_one_error_line(proc, 2, f"port {port} is in use", "grpc_port")
         assert time.monotonic() - started < 30  # before Ray's start-up (a few seconds at least)
+
+
+def test_operator_without_a_kubeconfig_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "none"), "HOME": str(tmp_path), "COLUMNS": "250"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.run([sys.executable, "-c", "from recserve.cli import main; main()", "operator", "run",
+                           "--namespace", "shop"], capture_output=True, text=True, timeout=120, env=env)
+    assert_one_error_line(proc, 2, "no Kubernetes credentials", "KUBECONFIG")
+    assert len(proc.stderr.splitlines()) == 1
 
 
 def test_version() -> None:

@@ -816,3 +816,10 @@ def test_fetch_helm_script_is_sound():
     text = script.read_text()
     assert "--require-hashes" in text and re.search(r'SHA256="[0-9a-f]{64}"', text)
     assert ".tools/bin" in text
+
+
+def test_the_model_pvc_is_read_write_once_by_default(helm):
+    (pvc,) = find(render(helm, "default"), "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"], "what every default storage class offers"
+    many = template(helm, "--set", "modelRepository.pvc.accessModes={ReadWriteMany}")
+    assert "ReadWriteMany" in many.stdout
