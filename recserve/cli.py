@@ -417,8 +417,8 @@ def route(
                           "`recserve catalog`, `recserve index`)")
     busy = ports_in_use(cfg)
     if busy:
-        raise ConfigError(f"{config}: port {', '.join(map(str, busy))} is in use; set grpc_port/http_port to free ones "
-                          "or stop what listens there")
+        raise ConfigError(f"{config}: port {', '.join(f'{p} is in use ({why})' for p, why in busy.items())}; set "
+                          "grpc_port/http_port to free ones")
     from recserve.serving import app as serve_app
 
     stop = threading.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 
@@ -11,17 +12,33 @@ def _f(v, fmt="{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _ms(v: float | None) -> str:
+    """Three significant figures at most: 0.64, 7.65, 12.3, 1,238."""
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
+
 def runs_table(runs: list[dict], title: str = "load test") -> Table:
-    t = Table(title=title)
-    for col in ("target", "rate", "achieved/s", "ok", "errors", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
-                "lag p99 ms", "valid"):
-        t.add_column(col, justify="left" if col == "target" else "right")
+    """One row per run, numbers only (errors by status and why a run is invalid go in the caption), with
+    short headers and light borders: it fits 80 columns without cutting a cell."""
+    t = Table(title=f"{title} (latency ms, from the intended send time)", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False, show_edge=False, caption_justify="left", padding=0)
+    for col in ("target", "rate", "got/s", "ok", "errors", "p50", "p90", "p99", "p99.9", "lag99", "valid"):
+        t.add_column(col, justify="left" if col == "target" else "right", no_wrap=True)
+    notes = []
     for r in runs:
         lat, lag = r["latency_ms"], r["lag_ms"] or {}
-        errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
-        t.add_row(r["target"], _f(r["rate"], "{:,.0f}") if r["rate"] else f"c={r['concurrency']}",
-                  _f(r["achieved_rps"], "{:,.0f}"), f"{r['ok']:,}", errors, _f(lat["p50"]), _f(lat["p90"]),
-                  _f(lat["p99"]), _f(lat["p99_9"]), _f(lag.get("p99")), "yes" if r["valid"] else "NO")
+        rate = _f(r["rate"], "{:,.0f}") if r["rate"] else f"c={r['concurrency']}"
+        t.add_row(r["target"], rate, _f(r["achieved_rps"], "{:,.0f}"), f"{r['ok']:,}", f"{sum(r['errors'].values()):,}",
+                  _ms(lat["p50"]), _ms(lat["p90"]), _ms(lat["p99"]), _ms(lat["p99_9"]), _ms(lag.get("p99")),
+                  "yes" if r["valid"] else "NO")
+        if r["errors"]:
+            notes.append(f"rate {rate}: errors " + ", ".join(f"{k} {v:,}" for k, v in r["errors"].items()))
+        if not r["valid"]:
+            notes.append(f"rate {rate}: invalid: {r.get('invalid_reason') or ''}")
+    if notes:
+        t.caption = "\n".join(notes)
     return t
 
 

@@ -97,11 +97,13 @@ def missing_files(cfg: RouterConfig) -> list[str]:
             if not (path.is_dir() if is_dir else path.is_file())]
 
 
-def ports_in_use(cfg: RouterConfig) -> list[int]:
-    """The router's own gRPC/HTTP ports that something already listens on."""
-    from recserve.triton.server import port_free
+def ports_in_use(cfg: RouterConfig) -> dict[int, str]:
+    """The router's own gRPC/HTTP ports it could not bind, with why (a server there, or TCP's TIME_WAIT)."""
+    from recserve.triton.server import port_free, port_listening
 
-    return [p for p in [*cfg._ports(cfg.grpc_port), *cfg._ports(cfg.http_port)] if not port_free(p)]
+    return {p: "a server listens there" if port_listening(p) else
+            "connections of a server that stopped less than a minute ago still hold it (TCP TIME_WAIT): wait a minute"
+            for p in [*cfg._ports(cfg.grpc_port), *cfg._ports(cfg.http_port)] if not port_free(p)}
 
 
 def load_router_config(path: Path) -> RouterConfig:

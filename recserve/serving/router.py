@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -161,11 +161,12 @@ class Router:
         scores = None
         if decision.route == "cloud":
             version = choose_version(self.policy.current(), primary, self.rng())
-            parts = await self._cloud(model, version, sparse, dense, decision.cloud_timeout_ms / 1e3)
-            if parts is None:
+            answers = await self._cloud(model, version, sparse, dense, decision.cloud_timeout_ms / 1e3)
+            if answers is None:
                 reason = "cloud failed: answered from edge"
             else:
-                served = "cloud"
+                served, version = "cloud", answers[0].version or version
+                parts = [a.scores for a in answers]
                 scores = sum(r.weight * p for r, p in zip(model.route.rankers, parts))
         if scores is None:
             scores = sum(r.weight * self.edge.score(r.edge_model, sparse, dense) for r in model.route.rankers)
@@ -208,11 +209,11 @@ class Router:
         self.inflight += 1
         t0 = self.clock()
         try:
-            parts = await asyncio.gather(*(
+            answers = await asyncio.gather(*(
                 self.cloud.score(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
                 for i, r in enumerate(model.route.rankers)))
-            parts = [checked_scores(p, len(sparse), r.triton_model, version if i == 0 else "")
-                     for i, (r, p) in enumerate(zip(model.route.rankers, parts))]
+            answers = [replace(a, scores=checked_scores(a.scores, len(sparse), r.triton_model, version if i == 0 else ""))
+                       for i, (r, a) in enumerate(zip(model.route.rankers, answers))]
         except CloudError as e:
             self.breaker.record_failure()
             self.metrics.cloud_failures.labels(primary, version, e.kind).inc()
@@ -224,7 +225,7 @@ class Router:
         self.breaker.record_success()
         self.estimate.observe(took * 1e3)
         self.metrics.cloud_latency.labels(primary, version).observe(took)
-        return parts
+        return answers
 
     def _maybe_shadow(self, triton_model: str, served_version: str, sparse, dense, scores, k: int) -> None:
         target = shadow_version(self.policy.current(), triton_model, served_version, self.rng())
@@ -237,8 +238,8 @@ class Router:
     async def _shadow(self, triton_model: str, version: str, sparse, dense, served, k: int) -> None:
         self.metrics.shadow_requests.labels(triton_model, version).inc()
         try:
-            shadow = checked_scores(await self.cloud.score(triton_model, version, sparse, dense, 1.0), len(sparse),
-                                    triton_model, version)
+            shadow = checked_scores((await self.cloud.score(triton_model, version, sparse, dense, 1.0)).scores,
+                                    len(sparse), triton_model, version)
         except CloudError:
             self.metrics.shadow_failures.labels(triton_model, version).inc()
             return

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from recserve.onnxrt import session
+
+
+@dataclass(frozen=True)
+class CloudAnswer:
+    """Triton's scores for the candidates and the version of the model that produced them."""
+
+    scores: np.ndarray
+    version: str
 
 
 class CloudError(Exception):
@@ -52,7 +61,9 @@ class CloudScorer:
             self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
-    async def score(self, model: str, version: str, sparse: np.ndarray, dense: np.ndarray, timeout_s: float) -> np.ndarray:
+    async def score(self, model: str, version: str, sparse: np.ndarray, dense: np.ndarray,
+                    timeout_s: float) -> CloudAnswer:
+        """The scores and the version that answered (Triton's own choice when ``version`` is empty)."""
         import grpc
         from tritonclient.grpc import service_pb2
 
@@ -72,7 +83,7 @@ class CloudScorer:
             raise CloudError("timeout", f"{model} v{version or '-'}: no answer in {timeout_s * 1e3:.1f} ms") from e
         for out, raw in zip(resp.outputs, resp.raw_output_contents):
             if out.name == "score":
-                return np.frombuffer(raw, dtype=np.float32).copy()
+                return CloudAnswer(np.frombuffer(raw, dtype=np.float32).copy(), resp.model_version or version)
         raise CloudError("error", f"{model}: the response has no 'score' output")
 
     async def close(self) -> None:

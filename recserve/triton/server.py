@@ -128,6 +128,13 @@ def port_free(port: int) -> bool:
     return True
 
 
+def port_listening(port: int) -> bool:
+    """Whether a server accepts connections on the local port (a bind may still fail without one: TIME_WAIT)."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 class EmbeddedTriton:
     """The real tritonserver as a child process; a context manager that waits for readiness."""
 

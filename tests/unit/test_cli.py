@@ -150,7 +150,7 @@ def test_route_refuses_a_port_in_use_before_starting_anything(tmp_path: Path) ->
             "    catalog: catalog\n    preprocessing: p.json\n")
         started = time.monotonic()
         proc = recserve("route", "--config", tmp_path / "router.yaml")
-        assert_one_error_line(proc, 2, f"port {port} is in use", "grpc_port")
+        assert_one_error_line(proc, 2, f"port {port} is in use (a server listens there)", "grpc_port")
         assert time.monotonic() - started < 30  # before Ray's start-up (a few seconds at least)
 
 

@@ -19,7 +19,7 @@ from recserve.serving.config import RouterConfig
 from recserve.serving.policy import RoutingPolicy, write_policy
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
 from recserve.serving.router import HTTP_STATUS, RankError, Router
-from recserve.serving.scorers import CloudError
+from recserve.serving.scorers import CloudAnswer, CloudError
 
 SPEC = "synthetic:6000,users=300,items=500"
 ITEM_COL, USER_COL, QUERY_COL = 1, 0, 2
@@ -118,6 +118,8 @@ class FakeCloud:
     """Matches CloudScorer: ``async score(model, version, sparse, dense, timeout_s)`` and ``async close()``."""
 
     def __init__(self, clock: Clock | None = None, took_s: float = 0.0):
+        self.default_version = "1"
+        """The version that answers a request naming none (Triton's version policy: the newest)."""
         self.calls: list[Call] = []
         self.fail: CloudError | None = None
         self.fail_versions: set[str] = set()
@@ -129,7 +131,7 @@ class FakeCloud:
         self.broken: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
         """Per version: what that version does to its scores (a broken model's output)."""
 
-    async def score(self, model, version, sparse, dense, timeout_s) -> np.ndarray:
+    async def score(self, model, version, sparse, dense, timeout_s) -> CloudAnswer:
         self.calls.append(Call(model, version, sparse.copy(), dense.copy(), timeout_s))
         if self.gate is not None and (self.gate_versions is None or version in self.gate_versions):
             await self.gate.wait()
@@ -137,7 +139,8 @@ class FakeCloud:
             self.clock.t += self.took_s
         if self.fail is not None or version in self.fail_versions:
             raise self.fail or CloudError("error", f"version {version} failed")
-        return self.broken.get(version, lambda x: x)(cloud_scores(model, version, sparse, dense))
+        scores = self.broken.get(version, lambda x: x)(cloud_scores(model, version, sparse, dense))
+        return CloudAnswer(scores, version or self.default_version)
 
     async def close(self) -> None:
         self.closed = True
@@ -215,11 +218,12 @@ def expected_order(scores: np.ndarray, items: list[str], k: int) -> tuple[list[s
 def test_cloud_answer_is_served_with_the_fakes_scores(env: Env) -> None:
     r = rig(env)
     resp = r.rank(request(request_id="abc"), budget_ms=100.0)
-    assert (resp.served_by, resp.model, resp.version, resp.reason) == ("cloud", "ranker", "", "within budget")
+    # no policy: Triton chooses the version, and the answer says which one it was
+    assert (resp.served_by, resp.model, resp.version, resp.reason) == ("cloud", "ranker", "1", "within budget")
     assert resp.request_id == "abc"
     assert len(r.cloud.calls) == 1 and not r.edge.calls
     call = r.cloud.calls[0]
-    assert call.model == "ranker"
+    assert call.model == "ranker" and call.version == ""
     assert call.timeout_s == pytest.approx((100.0 - 3.0) / 1e3)  # budget minus the edge reserve
     fake = cloud_scores("ranker", "", call.sparse, call.dense)
     items, scores = expected_order(fake, CANDIDATES, 3)
