@@ -823,3 +823,65 @@ def test_the_model_pvc_is_read_write_once_by_default(helm):
     assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"], "what every default storage class offers"
     many = template(helm, "--set", "modelRepository.pvc.accessModes={ReadWriteMany}")
     assert "ReadWriteMany" in many.stdout
+
+
+def test_model_sync_fills_the_pvc_before_triton_starts(helm):
+    docs = render(helm, "model-sync")
+    triton = one(docs, "Deployment", f"{FULLNAME}-triton")["spec"]["template"]["spec"]
+    (sync,) = triton["initContainers"]
+    assert sync["name"] == "model-sync" and sync["image"] == "amazon/aws-cli:2.22.35"
+    assert sync["command"][:3] == ["aws", "s3", "sync"] and sync["command"][-2] == "/models"
+    assert sync["envFrom"] == [{"secretRef": {"name": "recserve-s3-credentials"}}]
+    mounts = {m["name"]: m for m in sync["volumeMounts"]}
+    assert mounts["models"]["mountPath"] == "/models" and not mounts["models"].get("readOnly")
+    # Triton itself still reads the repository read-only; the claim is writable for the init container
+    (server,) = triton["containers"]
+    assert {m["name"]: m.get("readOnly") for m in server["volumeMounts"]}["models"] is True
+    claim = next(v for v in triton["volumes"] if v["name"] == "models")["persistentVolumeClaim"]
+    assert not claim.get("readOnly")
+    # restricted like the rest: non-root, no escalation, read-only root filesystem, no capabilities
+    sc = sync["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_model_sync_refuses_what_cannot_work(helm):
+    bad = template(helm, "--set", "modelRepository.sync.enabled=true", check=False)
+    assert bad.returncode != 0 and "needs image and command" in bad.stderr
+    s3 = template(helm, "--set", "modelRepository.type=objectStorage", "--set",
+                  "modelRepository.objectStorage.url=s3://b/m", "--set", "modelRepository.sync.enabled=true",
+                  "--set", "modelRepository.sync.image=x", "--set", "modelRepository.sync.command={sync}", check=False)
+    assert s3.returncode != 0 and "needs modelRepository.type=pvc" in s3.stderr
+
+
+def test_a_pod_asking_for_a_gpu_runs_a_gpu_config(helm, tmp_path):
+    """The Triton pod holds nvidia.com/gpu; the models it loads are built by the chart's Job with the chart's
+    profile for TensorRT: their config has KIND_GPU instance groups (not a CPU config on a GPU node)."""
+    from onnx import TensorProto, helper
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from recserve.converters.build import load_profile
+    from recserve.converters.triton_config import model_config
+
+    docs = render(helm, "monitoring")  # a scenario with the engine-compile Job
+    triton = one(docs, "Deployment", f"{FULLNAME}-triton")["spec"]["template"]["spec"]["containers"][0]
+    assert int(triton["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    (job,) = find(docs, "Job")
+    pod = job["spec"]["template"]["spec"]
+    builds = pod.get("initContainers", []) + pod["containers"]
+    assert builds and all("--target=tensorrt" in c["args"] for c in builds)
+    assert all(int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for c in builds)
+    (cm,) = [d for d in find(docs, "ConfigMap") if "profile.yaml" in d.get("data", {})]
+    (tmp_path / "profile.yaml").write_text(cm["data"]["profile.yaml"])
+    profile = load_profile(tmp_path / "profile.yaml", {})
+    graph = helper.make_graph([helper.make_node("Identity", ["dense"], ["score"])], "g",
+                              [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["B", 3])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["B", 3])])
+    cfg = model_config("ranker", helper.make_model(graph), "tensorrt", profile)
+    assert [g.kind for g in cfg.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+
+
+def test_a_cpu_profile_for_gpu_pods_is_refused(helm):
+    bad = template(helm, "--set", "engineBuild.enabled=true", "--set", "engineBuild.profile.instance_kind=cpu",
+                   check=False)
+    assert bad.returncode != 0 and "would run the models on CPU" in bad.stderr
