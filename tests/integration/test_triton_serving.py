@@ -357,4 +357,6 @@ def test_infer_cli_sends_string_json_to_the_recommend_ensemble(server, rows, tri
     if "Traceback" in proc.stderr:  # a crash is not this bug: fail, do not xfail
         pytest.fail(proc.stderr)
     assert proc.returncode == 0, proc.stderr
-    assert "items [1]:" in proc.stdout
+    # the item ids themselves, as text: not "items [1]: " with rich eating "[b'shoe']" as markup
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("items [1]:")]
+    assert line in ("items [1]: ['shoe']", "items [1]: ['hat']"), line
