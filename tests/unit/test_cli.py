@@ -163,6 +163,22 @@ def test_operator_without_a_kubeconfig_is_one_line(tmp_path: Path) -> None:
     assert len(proc.stderr.splitlines()) == 1
 
 
+def test_build_for_onnxruntime_trt_notes_what_tensorrt_skips_and_succeeds(trained, tmp_path: Path) -> None:
+    model, _ = trained
+    recipe = tmp_path / "int4.yaml"
+    recipe.write_text("stages: [{type: embeddings, bits: 4}]\ngate: {min_distinct_score_ratio: null}\n")
+    assert recserve("compress", model, "--recipe", recipe, "--out", tmp_path / "c", "--no-speed").returncode == 0
+    proc = recserve("build", tmp_path / "c", "--name", "ranker", "--repository", tmp_path / "repo",
+                    "--target", "onnxruntime-trt")
+    assert proc.returncode == 0, proc.stderr
+    assert "note:" in proc.stderr and "UINT8" in proc.stderr and "error:" not in proc.stderr
+    assert "KIND_GPU" in (tmp_path / "repo" / "ranker" / "config.pbtxt").read_text()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    assert_one_error_line(recserve("build", tmp_path / "c", "--name", "ranker", "--repository", blocked), 2,
+                          "is a file, not a directory")
+
+
 def test_version() -> None:
     proc = recserve("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("recserve 0.")
