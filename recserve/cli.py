@@ -352,7 +352,7 @@ def rank(
     numeric: Annotated[list[str] | None, typer.Option(help="a numeric context feature, NAME=VALUE (repeatable)")] = None,
     top_k: Annotated[int, typer.Option(min=0, help="items to return (0: all, ranked)")] = 10,
     model: Annotated[str, typer.Option(help="model name in the router's config (empty: its default)")] = "",
-    budget_ms: Annotated[float, typer.Option(min=1, help="the latency budget (the call's deadline)")] = 100.0,
+    budget_ms: Annotated[float, typer.Option(min=1, help="the latency budget (the call's deadline)")] = 1000.0,
     http: Annotated[bool, typer.Option("--http", help="POST /v1/rank as JSON instead of gRPC")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON")] = False,
     wait: Annotated[float, typer.Option(min=0, help="retry for up to this many seconds while the router is "

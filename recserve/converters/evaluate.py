@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from recserve.converters.metrics import (
     distinct_ratio,
+    metrics_from_ranks,
     paired_auc_difference,
     paired_mean_difference,
     ranking_metrics,
@@ -151,8 +152,9 @@ def predict(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: li
 
 
 def scores(model: onnx.ModelProto | ort.InferenceSession, scoring: Scoring, held: HeldOut,
-           threads: int = 2) -> np.ndarray:
-    """Rankers: one score per row. Retrievers: each pair's rank among its negatives."""
+           threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(per-unit scores, the scores that must stay distinct): rankers, one score per row (both); retrievers,
+    each pair's rank among its negatives, and the positive pairs' dot products."""
     sess = model if isinstance(model, ort.InferenceSession) else session(model, threads)
     if scoring.kind == "ranker":
         (s,) = predict(sess, held.feed(), [scoring.score_output])
@@ -160,21 +162,21 @@ def scores(model: onnx.ModelProto | ort.InferenceSession, scoring: Scoring, held
         if s.ndim > 1 and s.shape[1:] != (1,) * (s.ndim - 1):
             raise ModelError(f"output '{scoring.score_output}' has shape {list(s.shape)}; a ranker's score is one "
                              "value per row ([B] or [B, 1]): name the score with --score-output")
-        return s.reshape(len(held))
+        s = s.reshape(len(held))
+        return s, s
     user_emb, item_emb = sess.run(["user_embedding", "item_embedding"], held.feed())
-    return retrieval_ranks(user_emb, item_emb, held.pairs, held.negatives)
+    positives = np.einsum("nd,nd->n", user_emb[held.pairs[:, 0]], item_emb[held.pairs[:, 1]])
+    return retrieval_ranks(user_emb, item_emb, held.pairs, held.negatives), positives
 
 
-def quality_of(unit_scores: np.ndarray, scoring: Scoring, held: HeldOut) -> dict[str, float]:
+def quality_of(unit_scores: np.ndarray, distinct_basis: np.ndarray, scoring: Scoring, held: HeldOut) -> dict[str, float]:
     if scoring.kind == "ranker":
         q = ranking_metrics(held.rows.label, unit_scores, logits=scoring.logits)
-        q["distinct_score_ratio"] = distinct_ratio(unit_scores, held.rows.inputs())
+        q["distinct_score_ratio"] = distinct_ratio(distinct_basis, held.rows.inputs())
         return q
-    rank = unit_scores
-    hit = rank < RECALL_K
-    return {"auc": float((1.0 - rank / held.negatives.shape[1]).mean()), f"recall@{RECALL_K}": float(hit.mean()),
-            f"ndcg@{RECALL_K}": float(np.where(hit, 1.0 / np.log2(np.floor(rank) + 2), 0.0).mean()),
-            "distinct_score_ratio": distinct_ratio(rank) if len(rank) else float("nan")}
+    q = metrics_from_ranks(unit_scores, held.negatives.shape[1], RECALL_K)
+    q["distinct_score_ratio"] = distinct_ratio(distinct_basis, {"pairs": held.pairs}) if len(held) else float("nan")
+    return q
 
 
 def measure_speed(model: onnx.ModelProto, held: HeldOut, *, threads: int = 2,
@@ -201,8 +203,8 @@ def measure_speed(model: onnx.ModelProto, held: HeldOut, *, threads: int = 2,
 def evaluate(model: onnx.ModelProto, scoring: Scoring, held: HeldOut, *, speed: bool = True,
              threads: int = 2, speed_seconds: float = 0.5) -> Evaluation:
     sess = session(model, threads)
-    units = scores(sess, scoring, held)
-    ev = Evaluation(quality=quality_of(units, scoring, held), size_bytes=model.ByteSize(),
+    units, basis = scores(sess, scoring, held)
+    ev = Evaluation(quality=quality_of(units, basis, scoring, held), size_bytes=model.ByteSize(),
                     parameters=count_parameters(model), units=units)
     if speed:
         ev.latency_ms_b1, ev.throughput_b256 = measure_speed(model, held, threads=threads, seconds=speed_seconds)

@@ -121,11 +121,14 @@ def retrieval_metrics(user_emb: np.ndarray, item_emb: np.ndarray, test_pairs: np
     AUC is the mean share of negatives scored below the positive; recall@k the share of positives
     ranked in the top k; NDCG@k with one relevant item is ``1 / log2(rank + 2)`` inside the top k.
     """
-    rank = retrieval_ranks(user_emb, item_emb, test_pairs, negatives)
-    auc = 1.0 - rank / negatives.shape[1]
+    return metrics_from_ranks(retrieval_ranks(user_emb, item_emb, test_pairs, negatives), negatives.shape[1], k)
+
+
+def metrics_from_ranks(rank: np.ndarray, negatives: int, k: int = 10) -> dict[str, float]:
+    """AUC, recall@k and NDCG@k of held-out positives from their ranks among ``negatives`` sampled items."""
     hit = rank < k
     return {
-        "auc": float(auc.mean()),
+        "auc": float((1.0 - rank / negatives).mean()),
         f"recall@{k}": float(hit.mean()),
         f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(np.floor(rank) + 2), 0.0).mean()),
     }

@@ -203,7 +203,7 @@ def prepare(model_path: Path, recipe: Recipe, out: Path, *, data_spec: str | Non
                             "check the inputs (missing values?) before compressing")
         if is_logit(baseline.units):
             ctx.scoring = replace(scoring, logits=True)
-            baseline.quality = quality_of(baseline.units, ctx.scoring, ctx.validation)
+            baseline.quality = quality_of(baseline.units, baseline.units, ctx.scoring, ctx.validation)
     return Prepared(model, data, ctx, baseline)
 
 
