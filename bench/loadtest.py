@@ -25,7 +25,7 @@ from recserve.triton.server import EmbeddedTriton, ServerSettings, free_port
 
 HERE = Path(__file__).resolve().parent
 TRITON_RATES = [250, 500, 1000, 2000, 3000]
-ROUTER_RATES = [50, 100, 200, 400, 600]
+ROUTER_RATES = [50, 100, 200, 300, 400, 600, 800]
 
 
 def generator_check() -> dict:

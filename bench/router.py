@@ -1,5 +1,12 @@
-"""Router benchmark (issue 4's bar): latency the Ray Serve router adds over calling Triton directly, and
+"""Router benchmark (issues 4 and 15): what the Ray Serve router costs over calling Triton directly, and
 failover time when the cloud goes away.
+
+Capacity (issue 15's bar): the same generator (h2load, open loop, calls evenly spaced) sweeps rising
+rates at Triton directly and through the router; each path's capacity is the highest rate whose p99
+stayed within 10 ms, and ``capacity_ratio`` is the router's over Triton's. ``cpu_ms_per_request`` is
+the router replicas' own CPU (their ``process_cpu_seconds_total``, less what they spend idle) per
+routed call in a closed loop at concurrency 16 (``cpu_ms_per_request_half_capacity``: open loop at
+half the router's capacity), next to the same figure for a Python gRPC server that does no work.
 
 Both paths rank the same 50 candidates with the same INT8 ranker on the same embedded Triton; the
 router's cache is off. At each concurrency the two run in alternating rounds (closed loop, from
@@ -52,7 +59,10 @@ RANK = "recserve.Recommender/Rank"
 DEADLINE = {"grpc-timeout": "2S"}
 """Rank calls carry a 2 s deadline: the router always has the time to ask Triton."""
 LOAD_FRACTIONS = (0.25, 0.5)
-"""Open loop: fixed rates at these shares of the router's closed-loop throughput at concurrency 16."""
+"""Open loop: fixed rates at these shares of the router's open-loop capacity (p99 <= SLO_P99_MS)."""
+SLO_P99_MS = 10.0
+SWEEP = (50.0, 1.25, 25)
+"""Capacity sweeps: first rate, growth per step, most steps (50/s to about 13,000/s)."""
 OPEN_LOOP_S = 2.0
 """Seconds of calls per open-loop round."""
 OPEN_LOOP_CONNECTIONS = 1
@@ -91,7 +101,8 @@ Load = Callable[[str | list[str], str, bytes, dict | None], tuple[np.ndarray, fl
 
 def _closed(client: TritonClient, concurrency: int, n: int) -> Load:
     def load(target, method, message, headers):
-        latencies, wall = counted_load(client, "ranker", target, method, message, concurrency, n, headers)
+        latencies, wall = counted_load(client, "ranker", target, method, message, concurrency, n, headers,
+                                       rows=CANDIDATES)
         return latencies, n / wall
     return load
 
@@ -99,8 +110,77 @@ def _closed(client: TritonClient, concurrency: int, n: int) -> Load:
 def _open(client: TritonClient, rate: float, n: int) -> Load:
     def load(target, method, message, headers):
         return counted(client, "ranker", n, lambda: h2load.open_loop(target, method, message, rate, n,
-                                                                      connections=OPEN_LOOP_CONNECTIONS, headers=headers))
+                                                                      connections=OPEN_LOOP_CONNECTIONS, headers=headers),
+                       rows=CANDIDATES)
     return load
+
+
+def capacities(client: TritonClient, paths: dict[str, tuple]) -> dict[str, dict]:
+    """Per path, the highest open-loop rate whose p99 stayed within SLO_P99_MS. Rates rise by SWEEP's growth;
+    at each rate every path still in the sweep runs in turn (machine drift hits them alike), and a path
+    leaves the sweep after two rates in a row that missed (p99 over the SLO, the sender falling behind,
+    or the router answering from the edge): one noisy step on a shared machine does not end it."""
+    first, growth, most = SWEEP
+    out = {name: {"max_rate_meeting_slo": 0.0, "steps": []} for name in paths}
+    misses = dict.fromkeys(paths, 0)
+    rate = first
+    for _ in range(most):
+        live = [name for name in paths if misses[name] < 2]
+        if not live:
+            break
+        n = max(300, int(rate * OPEN_LOOP_S))
+        for name in live:
+            try:
+                latencies, achieved = _open(client, rate, n)(*paths[name])
+            except (h2load.LoadGeneratorError, RuntimeError) as e:
+                out[name]["steps"].append({"rate": rate, "failed": str(e)[:200]})
+                misses[name] += 1
+                continue
+            p99 = float(np.percentile(latencies, 99))
+            out[name]["steps"].append({"rate": rate, "achieved_rps": achieved,
+                                       "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": p99})
+            if p99 <= SLO_P99_MS:
+                out[name]["max_rate_meeting_slo"], misses[name] = rate, 0
+            else:
+                misses[name] += 1
+        rate *= growth
+    return out
+
+
+def _replica_stats(cfg: RouterConfig) -> tuple[float, float]:
+    """(CPU seconds, resident bytes) summed over the router replicas, from their own /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cpu = rss = 0.0
+    for base in cfg.http_bases():
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "process_cpu_seconds_total":
+                    cpu += sample.value
+                elif sample.name == "process_resident_memory_bytes":
+                    rss += sample.value
+    return cpu, rss
+
+
+def cpu_per_call(cfg: RouterConfig, send: Callable[[], int]) -> float:
+    """Router replica CPU (ms) per routed call while ``send()`` sends its calls (it returns how many), less what
+    the replicas spend idle over as long (Ray's own threads: heartbeats, metrics)."""
+    cpu0, _ = _replica_stats(cfg)
+    t0 = time.perf_counter()
+    n = send()
+    took = time.perf_counter() - t0
+    cpu1, _ = _replica_stats(cfg)
+    time.sleep(took)
+    idle = _replica_stats(cfg)[0] - cpu1
+    return max(0.0, cpu1 - cpu0 - idle) / n * 1e3
+
+
+def _process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _alternate(paths: dict[str, tuple], load: Load) -> dict[str, tuple[list, list]]:
@@ -123,9 +203,15 @@ def _python_grpc_floor(message: bytes, rates: list[float]) -> dict:
     try:
         h2load.closed_loop(url, RANK, message, 1, 200)
         out = {"closed_c1": _pct(h2load.closed_loop(url, RANK, message, 1, REQUESTS[1] * ROUNDS)[0])}
+        cpu0 = _process_cpu_s(proc.pid)
+        out["closed_c16"] = _pct(h2load.closed_loop(url, RANK, message, 16, REQUESTS[16])[0])
+        out["closed_c16"]["cpu_ms_per_request"] = (_process_cpu_s(proc.pid) - cpu0) / REQUESTS[16] * 1e3
         for rate in rates:
-            out[f"{rate:.0f}"] = _pct(h2load.open_loop(url, RANK, message, rate, max(100, int(rate * OPEN_LOOP_S)),
+            n = max(100, int(rate * OPEN_LOOP_S))
+            cpu0 = _process_cpu_s(proc.pid)
+            out[f"{rate:.0f}"] = _pct(h2load.open_loop(url, RANK, message, rate, n,
                                                        connections=OPEN_LOOP_CONNECTIONS)[0])
+            out[f"{rate:.0f}"]["cpu_ms_per_request"] = (_process_cpu_s(proc.pid) - cpu0) / n * 1e3
         return out
     finally:
         proc.kill()
@@ -194,30 +280,51 @@ def run(workdir: Path) -> dict:
         "cache_ttl_s": 0, "ingress": INGRESS, "num_replicas": REPLICAS,
         "models": {"ranker": {"rankers": [{"triton_model": "ranker", "edge_model": str(model_dir / "model.onnx")}],
                               "catalog": str(catalog_dir), "preprocessing": str(model_dir / "preprocessing.json")}}})
+    t0 = time.perf_counter()
     app.start(cfg)
+    startup_s = time.perf_counter() - t0
     router_url = cfg.grpc_targets()
     paths = {"direct": (triton.grpc_url, METHOD, infer_request("ranker", *rows[0]).SerializeToString(), None),
              "router": (router_url, RANK, ranks[0].SerializeToString(), DEADLINE)}
     try:
         with TritonClient(triton.grpc_url) as client:
-            counted_load(client, "ranker", *paths["router"][:3], 4, 200, DEADLINE)  # warm-up: connections, caches
+            counted_load(client, "ranker", *paths["router"][:3], 4, 200, DEADLINE, rows=CANDIDATES)  # warm-up
             levels = {}
             for c in LEVELS:
                 runs = _alternate(paths, _closed(client, c, REQUESTS[c]))
                 levels[str(c)] = _added({k: _pct(lat) | {"rps": _median(x)} for k, (lat, x) in runs.items()})
+            caps = capacities(client, paths)
+            router_capacity = caps["router"]["max_rate_meeting_slo"]
             rates = {}
             for fraction in LOAD_FRACTIONS:
-                rate = fraction * levels["16"]["router"]["rps"]
+                rate = fraction * (router_capacity or SWEEP[0])
                 runs = _alternate(paths, _open(client, rate, max(100, int(rate * OPEN_LOOP_S))))
                 rates[f"{fraction:g}"] = {"rate": rate} | _added(
                     {k: _pct(lat) | {"achieved_rps": _median(x)} for k, (lat, x) in runs.items()})
+            half = 0.5 * (router_capacity or SWEEP[0])
+
+            def at_half() -> int:
+                n = max(300, int(half * 3))
+                _open(client, half, n)(*paths["router"])
+                return n
+
+            def busy() -> int:
+                _closed(client, 16, REQUESTS[16])(*paths["router"])
+                return REQUESTS[16]
+
+            cpu_half, cpu_busy = cpu_per_call(cfg, at_half), cpu_per_call(cfg, busy)
+            rss = _replica_stats(cfg)[1]
             floor = _python_grpc_floor(paths["router"][2], [x["rate"] for x in rates.values()])
         fail = failover(triton, router_url, ranks)
     finally:
         triton.stop()
         app.stop()
+    direct_capacity = caps["direct"]["max_rate_meeting_slo"]
     return {"candidates": CANDIDATES, "ingress": INGRESS, "replicas": REPLICAS, "load_generator": "h2load",
-            "cores": os.cpu_count(), "levels": levels, "open_loop": rates,
+            "cores": os.cpu_count(), "levels": levels, "open_loop": rates, "capacity": caps,
+            "capacity_ratio": router_capacity / direct_capacity if direct_capacity else None,
+            "cpu_ms_per_request": cpu_busy, "cpu_ms_per_request_half_capacity": cpu_half,
+            "replica_rss_mb": rss / 2**20, "startup_s": startup_s,
             "python_grpc_floor": floor, "failover": fail}
 
 
@@ -233,7 +340,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {c} | {x['direct']['p50_ms']:.2f} / {x['direct']['p99_ms']:.2f} | {x['router']['p50_ms']:.2f} / "
                      f"{x['router']['p99_ms']:.2f} | {x['added_p50_ms']:+.2f} | {x['added_p99_ms']:+.2f} | {rps} |")
     if r.get("open_loop"):
-        lines += ["", "Open loop at fixed rates below the router's capacity (its closed-loop calls/s at concurrency 16): "
+        lines += ["", "Open loop at fixed shares of the router's open-loop capacity: "
                   "what the router adds when it is not the bottleneck.", "",
                   "| share of capacity | calls/s | direct Triton p50 / p99 ms | through router p50 / p99 ms | added p50 "
                   "| added p99 |", "|---:|---:|---:|---:|---:|---:|"]
@@ -241,12 +348,25 @@ def markdown(r: dict) -> str:
             lines.append(f"| {float(share):.0%} | {x['rate']:,.0f} | {x['direct']['p50_ms']:.2f} / {x['direct']['p99_ms']:.2f} "
                          f"| {x['router']['p50_ms']:.2f} / {x['router']['p99_ms']:.2f} | {x['added_p50_ms']:+.2f} "
                          f"| {x['added_p99_ms']:+.2f} |")
+    if r.get("capacity"):
+        caps = r["capacity"]
+        floor = r["python_grpc_floor"]
+        floor_open = [x["cpu_ms_per_request"] for k, x in floor.items() if not k.startswith("closed")]
+        lines += ["", f"Capacity (open loop, rates rising by {SWEEP[1]:g}x, highest with p99 <= {SLO_P99_MS:g} ms): "
+                  f"Triton direct {caps['direct']['max_rate_meeting_slo']:,.0f}/s, through the router "
+                  f"{caps['router']['max_rate_meeting_slo']:,.0f}/s: **capacity_ratio "
+                  + (f"{r['capacity_ratio']:.2f}**" if r["capacity_ratio"] is not None else "-**")
+                  + f". Router replica CPU per routed call: **{r['cpu_ms_per_request']:.3f} ms** at concurrency 16 "
+                  f"({floor['closed_c16']['cpu_ms_per_request']:.3f} ms for a Python gRPC server doing no work), "
+                  f"{r['cpu_ms_per_request_half_capacity']:.3f} ms at half its capacity"
+                  + (f" ({min(floor_open):.3f}-{max(floor_open):.3f} ms for the server doing no work)" if floor_open else "")
+                  + f"; replica RSS {r['replica_rss_mb']:.0f} MiB; `app.start` to serving {r['startup_s']:.1f} s."]
     if r.get("python_grpc_floor"):
         floor = r["python_grpc_floor"]
         lines += ["", "A Python gRPC server doing no work, same load generator (p50 / p99 ms): concurrency 1 "
                   + f"{floor['closed_c1']['p50_ms']:.2f} / {floor['closed_c1']['p99_ms']:.2f}; "
-                  + "; ".join(f"open loop {rate}/s {x['p50_ms']:.2f} / {x['p99_ms']:.2f}"
-                              for rate, x in floor.items() if rate != "closed_c1") + "."]
+                  + "; ".join(f"open loop {float(rate):,.0f}/s {x['p50_ms']:.2f} / {x['p99_ms']:.2f}"
+                              for rate, x in floor.items() if not rate.startswith("closed")) + "."]
     f = r["failover"]
     first = f["first_edge_answer_after_stop_ms"]
     lines += ["", f"Failover (Triton stopped under a Rank stream, {f['budget_ms']} ms budget): first edge answer "

@@ -58,27 +58,31 @@ def infer_request(model: str, sparse: np.ndarray, dense: np.ndarray) -> service_
 
 
 def _successes(client: TritonClient, model: str) -> tuple[int, int]:
-    s = client.statistics(model)["model_stats"][0]["inference_stats"]
-    return int(s.get("success", {}).get("count", 0)), int(s.get("fail", {}).get("count", 0))
+    """Rows Triton scored for ``model`` (its ``inference_count``: a batch of n rows counts n) and failed calls."""
+    stats = client.statistics(model)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats["inference_stats"].get("fail", {}).get("count", 0))
 
 
-def counted(client: TritonClient, model: str, total: int, load: Callable[[], T]) -> T:
-    """``load()``'s result, raising unless Triton counted exactly ``total`` successful calls of
-    ``model`` meanwhile: h2load sees HTTP statuses only, and a gRPC error is HTTP 200 too. The load
-    may go to Triton itself or to a router in front of it (every Rank one call)."""
+def counted(client: TritonClient, model: str, total: int, load: Callable[[], T], rows: int = 1) -> T:
+    """``load()``'s result, raising unless Triton scored exactly ``total`` calls of ``rows`` rows of
+    ``model`` meanwhile, none failing: h2load sees HTTP statuses only, and a gRPC error is HTTP 200 too.
+    The load may go to Triton itself or to a router in front of it (which may carry several Rank calls
+    in one Triton call: rows, not calls, are what every path has in common)."""
     ok0, fail0 = _successes(client, model)
     result = load()
     ok1, fail1 = _successes(client, model)
-    if (ok1 - ok0, fail1 - fail0) != (total, 0):
-        raise RuntimeError(f"{model}: Triton answered {ok1 - ok0} of {total} calls, {fail1 - fail0} failed")
+    if (ok1 - ok0, fail1 - fail0) != (total * rows, 0):
+        raise RuntimeError(f"{model}: Triton scored {ok1 - ok0} rows of the {total} x {rows} sent, "
+                           f"{fail1 - fail0} calls failed")
     return result
 
 
 def counted_load(client: TritonClient, model: str, target: str | list[str], method: str, message: bytes,
-                 concurrency: int, total: int, headers: dict[str, str] | None = None) -> tuple[np.ndarray, float]:
+                 concurrency: int, total: int, headers: dict[str, str] | None = None,
+                 rows: int = 1) -> tuple[np.ndarray, float]:
     """h2load's closed loop (latencies ms, wall s), every call checked by :func:`counted`."""
     return counted(client, model, total,
-                   lambda: h2load.closed_loop(target, method, message, concurrency, total, CONNECTIONS, headers))
+                   lambda: h2load.closed_loop(target, method, message, concurrency, total, CONNECTIONS, headers), rows)
 
 
 def triton_load(client: TritonClient, url: str, model: str, message: bytes, concurrency: int, total: int) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from recserve.operator.machine import LoadVersions, SetWeights
 from recserve.operator.spec import ModelRolloutSpec
-from recserve.serving.policy import ModelPolicy, RoutingPolicy, parse_policy, write_policy
+from recserve.serving.policy import Assignment, ModelPolicy, RoutingPolicy, parse_policy, write_policy
 from recserve.triton.client import TritonClient
 
 POLICY_KEY = "policy.json"
@@ -24,13 +24,19 @@ def load_versions(spec: ModelRolloutSpec, action: LoadVersions) -> None:
 
 
 def merged_policy(current: RoutingPolicy, action: SetWeights) -> RoutingPolicy:
-    """The policy with this model's entry replaced; other models untouched."""
+    """The policy with this model's entry replaced; other models untouched. The assignment keeps its key
+    and mode and is salted with the rollout's versions: each rollout draws its own canary users, and a
+    user stays on one version through every step of it."""
     models = dict(current.models)
+    previous = current.models.get(action.model)
+    assignment = previous.assignment if previous is not None else Assignment()
+    salt = f"{action.model}:" + ",".join(sorted(v for v, _ in action.weights))
     models[action.model] = ModelPolicy(
+        assignment=assignment.model_copy(update={"salt": salt}),
         versions={v: float(w) for v, w in action.weights},
         shadow_percent=action.shadow_percent if action.shadow_version else 0.0,
         shadow_version=action.shadow_version if action.shadow_percent > 0 else None)
-    return RoutingPolicy(models=models)
+    return current.model_copy(update={"models": models})
 
 
 def set_weights_file(path: Path, action: SetWeights) -> RoutingPolicy:

@@ -24,7 +24,7 @@ from recserve.serving.config import RetrieverRoute, RouterConfig
 from recserve.serving.policy import RoutingPolicy, write_policy
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
 from recserve.serving.router import HTTP_STATUS, RankError, Retriever, Router
-from recserve.triton.server import free_port
+from recserve.triton.server import free_port, free_ports
 
 SERVICER = "recserve.serving.protos.recommender_pb2_grpc.add_RecommenderServicer_to_server"
 log = logging.getLogger(__name__)
@@ -42,6 +42,16 @@ def _budget(value: str | None) -> float | None:
     return budget
 
 
+def freeze_startup_objects() -> None:
+    """Move everything alive after start-up (Ray, protobuf descriptors, catalogs: ~120,000 objects) out of the
+    garbage collector's reach. A full collection over them took ~80 ms in a router replica, a stall every
+    request in flight waited out; after the freeze, collections scan only what requests allocate."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class RetrieverDeployment:
     def __init__(self, route: dict, threads: int = 1):
@@ -53,10 +63,30 @@ class RetrieverDeployment:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class RouterDeployment:
-    def __init__(self, config: dict, retriever=None):
+    async def __init__(self, config: dict, retriever=None):
         cfg = RouterConfig.model_validate(config)
         retrieve_fn = (lambda user: retriever.candidates.remote(user)) if retriever is not None else None
         self.router = Router(cfg, retrieve_fn=retrieve_fn)
+        freeze_startup_objects()
+        self.grpc_server, self.grpc_port = None, None
+        if cfg.ingress == "replica":  # the replica's own gRPC server: Serve deploys and watches, not in the path
+            from recserve.serving.grpc_server import start_server
+
+            self.grpc_server, self.grpc_port = await start_server(self.router, list(cfg._ports(cfg.grpc_port)),
+                                                                  cfg.http_host)
+            log.info("router replica serves gRPC on port %d", self.grpc_port)
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose own gRPC server stopped is unhealthy (Serve replaces it)."""
+        if self.grpc_server is not None and self.grpc_port is not None:
+            from recserve.triton.server import port_listening
+
+            if not port_listening(self.grpc_port):
+                raise RuntimeError(f"the router's gRPC server on port {self.grpc_port} stopped listening")
+
+    async def __del__(self):
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
 
     def reconfigure(self, user_config: dict) -> None:
         if user_config and user_config.get("policy") is not None:
@@ -106,7 +136,9 @@ def build_app(config: RouterConfig):
     if config.retriever is not None:
         retriever = RetrieverDeployment.options(logging_config={"enable_access_log": config.access_log}).bind(
             config.retriever.model_dump(mode="json"), config.edge_threads)
-    return RouterDeployment.options(num_replicas=config.num_replicas, user_config={"policy": None},
+    scale = ({"autoscaling_config": config.autoscaling.model_dump()} if config.autoscaling is not None
+             else {"num_replicas": config.num_replicas})
+    return RouterDeployment.options(**scale, user_config={"policy": None},
                                     logging_config={"enable_access_log": config.access_log}).bind(
         config.model_dump(mode="json", exclude={"retriever"}), retriever)
 
@@ -188,7 +220,7 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
         os.environ.setdefault(key, value)
     grpc_port, http_port = config.grpc_port, config.http_port
     direct = direct_ingress_env(config)
-    if config.ingress == "direct":
+    if config.ingress in ("direct", "replica"):
         os.environ.update(direct)
         grpc_port, http_port = free_port(), free_port()
     else:
@@ -196,7 +228,7 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
             os.environ.pop(key, None)
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    elif config.ingress == "direct":
+    elif config.ingress in ("direct", "replica"):
         log.warning("Ray was already running: direct ingress works only if its processes were started with %s",
                     " ".join(f"{k}={v}" for k, v in direct.items()))
     serve.start(http_options={"host": config.http_host, "port": http_port},
@@ -206,12 +238,14 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
 
 def direct_ingress_env(config: RouterConfig) -> dict[str, str]:
     """The environment of Ray's processes for direct ingress on exactly the configured ports, one pair
-    per replica (the ranges' upper bounds are exclusive). Draining is left to the orchestrator (the
-    pod's termination grace period), not held for Serve's 30 s default."""
+    per replica (the ranges' upper bounds are exclusive). With ``ingress: replica`` the replicas' own
+    servers take the gRPC ports and Serve's unused direct gRPC servers get spare ones. Draining is left
+    to the orchestrator (the pod's termination grace period), not held for Serve's 30 s default."""
     n = config.num_replicas
+    grpc_first = config.grpc_port if config.ingress == "direct" else free_ports(n, start=42_000, stop=50_000)
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(config.grpc_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(config.grpc_port + n),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_first),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_first + n),
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.http_port),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.http_port + n),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",

@@ -38,6 +38,24 @@ class RetrieverRoute(BaseModel):
     candidates: int = Field(100, ge=1)
 
 
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling of the router deployment on ongoing requests per replica (replaces num_replicas)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(10, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests in flight per replica that Serve "
+                                           "scales toward")
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is more than max_replicas {self.max_replicas}")
+        return self
+
+
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (the cloud)")
@@ -47,24 +65,35 @@ class RouterConfig(BaseModel):
     policy_file: Path | None = Field(None, description="routing policy (version weights, shadow); re-read on change")
     max_candidates: int = Field(1000, ge=1)
     default_budget_ms: float | None = Field(None, gt=0, description="budget when a request carries no deadline")
-    edge_latency_ms: float = Field(2.0, ge=0)
+    edge_latency_ms: float = Field(2.0, ge=0, description="the edge's cost before it is measured (then a moving "
+                                   "estimate of the measured cost takes over)")
     margin_ms: float = Field(1.0, ge=0)
     max_inflight: int = Field(256, ge=1)
+    coalesce: bool = Field(True, description="coalesce the cloud calls of concurrent requests for one Triton model "
+                           "version into one call (up to its max_batch_size rows) while others are in flight")
+    cloud_calls_in_flight: int = Field(2, ge=1, description="with coalesce: Triton calls in flight per model version "
+                                       "before requests queue to be coalesced")
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(2.0, gt=0)
     cache_ttl_s: float = Field(5.0, ge=0)
     cache_size: int = Field(10_000, ge=0)
+    stale_s: float = Field(300.0, ge=0, description="how old a cached cloud answer may be to serve as the last rung, "
+                           "when neither the cloud nor the edge fits a request's deadline")
     edge_threads: int = Field(1, ge=1)
     grpc_port: int = 9000
     http_port: int = 8010
     http_host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in a pod)")
     num_replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = Field(None, description="Serve autoscaling on ongoing requests (with Serve's "
+                                            "proxies, ingress: proxy, as in a KubeRay RayService) instead of a "
+                                            "fixed num_replicas")
     access_log: bool = Field(False, description="Ray Serve's per-request access log lines in the replica logs "
                              "(off: they cost the replica ~8% of its CPU; the Prometheus metrics count every request)")
-    ingress: Literal["direct", "proxy"] = Field(
-        "direct", description="direct: the router replicas themselves listen (Ray Serve direct ingress, no proxy hop); "
-        "replica i of num_replicas on grpc_port + i and http_port + i. proxy: Ray Serve's HTTP and gRPC proxies listen "
-        "on grpc_port/http_port and spread requests over the replicas")
+    ingress: Literal["replica", "direct", "proxy"] = Field(
+        "replica", description="replica: each router replica runs its own gRPC server (grpc.aio in its event loop, "
+        "no Serve machinery per request) on grpc_port + i, and serves HTTP with Ray Serve direct ingress on "
+        "http_port + i. direct: Ray Serve direct ingress serves both (replica i on grpc_port + i and http_port + i). "
+        "proxy: Ray Serve's HTTP and gRPC proxies listen on grpc_port/http_port and spread requests over the replicas")
 
     def grpc_targets(self, host: str = "127.0.0.1") -> list[str]:
         """Where clients reach the router over gRPC: one address per replica with direct ingress."""
@@ -74,12 +103,15 @@ class RouterConfig(BaseModel):
         return [f"http://{host}:{p}" for p in self._ports(self.http_port)]
 
     def _ports(self, first: int) -> range:
-        return range(first, first + (self.num_replicas if self.ingress == "direct" else 1))
+        return range(first, first + (1 if self.ingress == "proxy" else self.num_replicas))
 
     @model_validator(mode="after")
     def _default(self) -> RouterConfig:
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not among models {sorted(self.models)}")
+        if self.autoscaling is not None and self.ingress != "proxy":
+            raise ValueError(f"autoscaling needs ingress: proxy (with ingress: {self.ingress} each replica owns a "
+                             "fixed port, so the replica count is fixed: scale pods instead)")
         return self
 
 

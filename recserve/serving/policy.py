@@ -1,18 +1,20 @@
-"""Routing policy: per model, version -> traffic weight, plus a shadow percentage.
+"""Routing policy: per model, version -> traffic weight, a shadow percentage and how requests are assigned.
 
-The operator writes it (a file, e.g. a mounted ConfigMap); the router reads it and picks a version
-per request. Choices are pure functions of the policy and a uniform random number, so tests
-need no randomness.
+The operator writes it (a file, e.g. a mounted ConfigMap); the router reads it once per request and
+picks a version. By default the pick is sticky: a hash of the request's user id (salted per rollout)
+places the user in [0, 1), so one user sees one version for the life of a split. Choices are pure
+functions of the policy and a number in [0, 1), so tests need no randomness.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,10 +24,23 @@ from recserve.specs import read_mapping, validate
 log = logging.getLogger(__name__)
 
 
+class Assignment(BaseModel):
+    """How a request is placed in a model's traffic split."""
+
+    model_config = ConfigDict(extra="forbid")
+    by: Literal["hash", "random"] = Field(
+        "hash", description="hash: a hash of the request key (a user stays on one version); random: a draw per request")
+    key: str = Field("user_id", min_length=1, description="the user feature whose value is hashed; a request "
+                     "without it is drawn at random (and counted)")
+    salt: str = Field("", description="mixed into the hash; a new salt (the operator sets one per rollout) "
+                      "reshuffles which users see the candidate")
+
+
 class ModelPolicy(BaseModel):
     """Traffic split of one model."""
 
     model_config = ConfigDict(extra="forbid")
+    assignment: Assignment = Field(default_factory=Assignment)
     versions: dict[str, float] = Field(description="Triton version -> weight (relative, >= 0)")
     shadow_percent: float = Field(0.0, ge=0.0, le=100.0, description="share of requests also sent to the shadow version")
     shadow_version: str | None = Field(None, description="version that receives shadow traffic (not returned)")
@@ -55,6 +70,23 @@ class ModelPolicy(BaseModel):
 class RoutingPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: dict[str, ModelPolicy] = Field(default_factory=dict)
+    unknown_inputs: Literal["report", "refuse"] = Field(
+        "report", description="unknown item ids and user feature keys: report them (metrics and the response's "
+        "reason) and rank anyway, or refuse the request (INVALID_ARGUMENT)")
+
+
+def assignment_point(policy: RoutingPolicy, model: str, user: Mapping[str, str], u: float) -> tuple[float, bool]:
+    """Where a request falls in ``model``'s split, in [0, 1), and whether it was hashed (sticky). Hashed:
+    SHA-256 of the salt and the key's value, so a user keeps the point across requests and replicas.
+    Otherwise (``by: random``, or the key missing from the request): ``u``, a uniform draw."""
+    p = policy.models.get(model)
+    if p is None or p.assignment.by == "random":
+        return u, False
+    value = user.get(p.assignment.key)
+    if not value:
+        return u, False
+    digest = hashlib.sha256(f"{p.assignment.salt}\x00{value}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64, True
 
 
 def choose_version(policy: RoutingPolicy, model: str, u: float) -> str:

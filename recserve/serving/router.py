@@ -1,9 +1,12 @@
 """The router's core, without Ray: one ``rank`` call from a RankRequest to a RankResponse.
 
-Per request: validate -> cache -> candidates (given, or retrieved) -> ranker rows -> edge or cloud
-(``routing.decide``) -> blend the rankers' scores -> top-k, mirroring a share of cloud traffic to
-the shadow version. The Ray Serve deployment (``app.py``) wraps it; tests drive it directly with
-fake scorers and a hand-moved clock.
+Per request: validate -> one policy snapshot -> unknown inputs (reported or refused) -> cache ->
+candidates (given, or retrieved) -> ranker rows -> cloud, edge or the last rung (``routing.decide``
+over moving estimates of both) -> blend the rankers' scores -> top-k, mirroring a share of cloud
+traffic to the shadow version. The cloud's version comes from the policy's sticky assignment; concurrent
+cloud calls of one model version are coalesced (``coalesce.py``). The Ray Serve deployment (``app.py``)
+and the replica's own gRPC server (``grpc_server.py``) wrap it; tests drive it directly with fake
+scorers and a hand-moved clock.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import numpy as np
 
 from recserve.errors import RecserveError
 from recserve.serving.cache import TTLCache
+from recserve.serving.coalesce import Coalescer
 from recserve.serving.config import ModelRoute, RetrieverRoute, RouterConfig
 from recserve.serving.metrics import RouterMetrics
-from recserve.serving.policy import PolicyWatcher, choose_version, shadow_version
+from recserve.serving.policy import PolicyWatcher, RoutingPolicy, assignment_point, choose_version, shadow_version
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
-from recserve.serving.routing import CircuitBreaker, Decision, LatencyEstimate, RouteSettings, decide
+from recserve.serving.routing import CircuitBreaker, LatencyEstimate, RouteSettings, below_cloud, decide
 from recserve.serving.scorers import CloudError, CloudScorer, EdgeScorer
 from recserve.triton.features import FeatureEncoder, read_columns, top_k
 from recserve.triton.retrieval import ItemIndex, context_encoder
@@ -44,9 +48,17 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "DEADLINE_EXCEEDED": 5
 
 @dataclass
 class _Model:
+    name: str
     route: ModelRoute
     catalog: ItemIndex
     context: FeatureEncoder
+    known_user: frozenset[str]
+    """User feature keys something reads: the ranker's context features, the retriever's, the assignment key."""
+    known_numeric: frozenset[str]
+
+
+def _why(reason: str, unknown: str) -> str:
+    return f"{reason}; {unknown}" if unknown else reason
 
 
 def checked_scores(scores: np.ndarray, rows: int, model: str, version: str) -> np.ndarray:
@@ -62,6 +74,10 @@ def checked_scores(scores: np.ndarray, rows: int, model: str, version: str) -> n
     return scores
 
 
+def _user_columns(preprocessing) -> list[str]:
+    return read_columns(preprocessing)["user_sparse"]
+
+
 class Retriever:
     """Candidates for a user: the user tower in process, then exact nearest neighbours in the catalog."""
 
@@ -71,7 +87,7 @@ class Retriever:
         self.route = route
         self.tower = session(route.user_tower.read_bytes(), threads)
         self.index = ItemIndex(route.catalog)
-        self.encoder = FeatureEncoder.load(route.preprocessing, read_columns(route.preprocessing)["user_sparse"],
+        self.encoder = FeatureEncoder.load(route.preprocessing, _user_columns(route.preprocessing),
                                           dense=False)
 
     def candidates(self, user: dict[str, str]) -> list[str]:
@@ -90,18 +106,29 @@ class Router:
         self.config = config
         self.clock, self.rng = clock, rng
         self.cloud = cloud or CloudScorer(config.triton_url)
+        self._cloud_call = self.cloud.score
+        if config.coalesce:
+            self._coalescer = Coalescer(self.cloud.score, getattr(self.cloud, "batch_limit", lambda model: 0),
+                                        config.cloud_calls_in_flight,
+                                        on_batch=lambda model, n: self.metrics.cloud_batch.labels(model).observe(n))
+            self._cloud_call = self._coalescer.score
         self.edge = edge or EdgeScorer(config.edge_threads)
         self.metrics = metrics or RouterMetrics()
         self.settings = RouteSettings(config.edge_latency_ms, config.margin_ms, config.max_inflight)
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s, clock)
         self.estimate = LatencyEstimate()
-        self.cache = TTLCache(config.cache_size, config.cache_ttl_s, clock)
+        self.edge_estimate = LatencyEstimate(initial_ms=config.edge_latency_ms, initial_dev_ms=0.0)
+        self.cache = TTLCache(config.cache_size, config.cache_ttl_s, clock, stale_s=config.stale_s)
         self.policy = PolicyWatcher(config.policy_file, clock=clock)
         self.inflight = 0
         self.models: dict[str, _Model] = {}
+        retriever_keys = set(_user_columns(config.retriever.preprocessing)) if config.retriever else set()
         for name, route in config.models.items():
             catalog = ItemIndex(route.catalog)
-            self.models[name] = _Model(route, catalog, context_encoder(route.preprocessing, catalog.layout))
+            context = context_encoder(route.preprocessing, catalog.layout)
+            self.models[name] = _Model(name, route, catalog, context,
+                                       frozenset({*context.sparse_names, *retriever_keys, "user_id"}),
+                                       frozenset(t.name for t in context.transforms))
             for r in route.rankers:
                 self.edge.load(r.edge_model)
         self.retrieve_fn = retrieve_fn
@@ -114,11 +141,14 @@ class Router:
         start = self.clock()
         budget_ms = budget_ms if budget_ms is not None else self.config.default_budget_ms
         name = request.model or self.config.default_model
+        self.metrics.inflight.inc()
         try:
             response = await self._rank(request, name, start, budget_ms)
         except RankError as e:  # unknown names are not metric labels (unbounded)
             self.metrics.requests.labels(name if name in self.models else "unknown", "none", "", e.code).inc()
             raise
+        finally:
+            self.metrics.inflight.dec()
         self.metrics.requests.labels(name, response.served_by, response.version, "OK").inc()
         self.metrics.latency.labels(name, response.served_by, response.version).observe(self.clock() - start)
         return response
@@ -134,52 +164,104 @@ class Router:
             raise RankError("INVALID_ARGUMENT", "top_k must be >= 0 (0 returns every candidate)")
         if budget_ms is not None and budget_ms <= 0:
             raise RankError("DEADLINE_EXCEEDED", "the request's deadline had already passed when it arrived")
-        key = (name, tuple(sorted(req.user.items())), req.query, tuple(req.candidate_item_ids), req.top_k,
-               tuple(sorted(req.numeric.items())))
-        self.policy.current()
+        policy = self.policy.current()  # one snapshot for the whole request: version and shadow agree
         if self.policy.reloads != self._policy_epoch:  # a new split: cached answers may be the old version's
             self._policy_epoch = self.policy.reloads
             self.cache.clear()
+            self.metrics.policy_reloads.set(self.policy.reloads)
+        unknown = self._unknown(model, req, policy)
+        key = (name, tuple(sorted(req.user.items())), req.query, tuple(req.candidate_item_ids), req.top_k,
+               tuple(sorted(req.numeric.items())))
         cached = self.cache.get(key)
         if cached is not None:
             self.metrics.cache_hits.inc()
             out = RankResponse()
             out.CopyFrom(cached)
-            out.request_id, out.served_by, out.reason = req.request_id, "cache", "cache hit"
+            out.request_id, out.served_by, out.reason = req.request_id, "cache", _why("cache hit", unknown)
             return out
         items = list(req.candidate_item_ids) or await self._retrieve(req)
         sparse, dense = self._rows(model, req, items)
-        remaining = None if budget_ms is None else budget_ms - (self.clock() - start) * 1e3
-        decision = decide(remaining, self.estimate.estimate_ms, self.breaker.available(), self.inflight, self.settings)
+        decision = decide(self._left(start, budget_ms), self.estimate.estimate_ms, self.edge_estimate.estimate_ms,
+                          self.breaker.available(), self.inflight, self.settings)
         if decision.route == "cloud" and not self.breaker.allow():  # the half-open probe went to another request
-            decision = Decision("edge", "circuit half-open")
+            decision = below_cloud(self._left(start, budget_ms), self.edge_estimate.estimate_ms, self.settings,
+                                   "circuit half-open")
         self.metrics.circuit_open.set(1 if self.breaker.state == CircuitBreaker.OPEN else 0)
         if decision.route == "reject":
             raise RankError("DEADLINE_EXCEEDED", "the deadline passed before ranking could start")
         primary = model.route.rankers[0].triton_model
-        version, served, reason = "", "edge", decision.reason
-        scores = None
+        reason = decision.reason
         if decision.route == "cloud":
-            version = choose_version(self.policy.current(), primary, self.rng())
+            point, hashed = assignment_point(policy, primary, req.user, self.rng())
+            if not hashed and primary in policy.models and policy.models[primary].assignment.by == "hash":
+                self.metrics.unsticky.labels(name).inc()
+            version = choose_version(policy, primary, point)
             answers = await self._cloud(model, version, sparse, dense, decision.cloud_timeout_ms / 1e3)
-            if answers is None:
-                reason = "cloud failed: answered from edge"
-            else:
-                served, version = "cloud", answers[0].version or version
-                parts = [a.scores for a in answers]
-                scores = sum(r.weight * p for r, p in zip(model.route.rankers, parts))
-        if scores is None:
+            if answers is not None:
+                version = answers[0].version or version
+                scores = sum(r.weight * a.scores for r, a in zip(model.route.rankers, answers))
+                response = self._answer(req, name, items, scores, "cloud", version, _why(reason, unknown))
+                self.cache.put(key, response)
+                self._maybe_shadow(policy, primary, version, sparse, dense, answers[0].scores, len(response.items))
+                return response
+            decision = below_cloud(self._left(start, budget_ms), self.edge_estimate.estimate_ms, self.settings,
+                                   "cloud failed")
+            reason = "cloud failed: answered from edge" if decision.route == "edge" else decision.reason
+        if decision.route == "edge":
+            t0 = self.clock()
             scores = sum(r.weight * self.edge.score(r.edge_model, sparse, dense) for r in model.route.rankers)
-            version = "edge"
+            took = self.clock() - t0
+            self.edge_estimate.observe(took * 1e3)
+            self.metrics.edge_latency.labels(name).observe(took)
+            return self._answer(req, name, items, scores, "edge", "edge", _why(reason, unknown))
+        return self._last_rung(req, name, key, items, _why(reason, unknown))
+
+    def _left(self, start: float, budget_ms: float | None) -> float | None:
+        return None if budget_ms is None else budget_ms - (self.clock() - start) * 1e3
+
+    @staticmethod
+    def _answer(req: RankRequest, name: str, items: list[str], scores: np.ndarray, served_by: str, version: str,
+                reason: str) -> RankResponse:
         best = top_k(scores, req.top_k or len(items))
-        response = RankResponse(request_id=req.request_id, items=[items[i] for i in best],
-                                scores=[float(scores[i]) for i in best], served_by=served, model=name,
-                                version=version, reason=reason)
-        self.metrics.policy_reloads.set(self.policy.reloads)
-        if served == "cloud":
-            self.cache.put(key, response)
-            self._maybe_shadow(primary, version, sparse, dense, parts[0], len(best))
-        return response
+        return RankResponse(request_id=req.request_id, items=[items[i] for i in best],
+                            scores=scores[best].astype(float).tolist(), served_by=served_by, model=name,
+                            version=version, reason=reason)
+
+    def _last_rung(self, req: RankRequest, name: str, key: tuple, items: list[str], reason: str) -> RankResponse:
+        """Neither cloud nor edge fits what is left of the deadline: a stale cached answer of the same
+        request if there is one, else the candidates in their given order (no scores: no model ranked them)."""
+        stale = self.cache.stale(key)
+        if stale is not None:
+            age, cached = stale
+            self.metrics.fallbacks.labels(name, "stale").inc()
+            out = RankResponse()
+            out.CopyFrom(cached)
+            out.request_id, out.served_by = req.request_id, "fallback"
+            out.reason = f"{reason}: a cached answer {age:.1f} s old"
+            return out
+        self.metrics.fallbacks.labels(name, "given_order").inc()
+        return RankResponse(request_id=req.request_id, items=items[:req.top_k or len(items)], served_by="fallback",
+                            model=name, version="", reason=f"{reason}: the candidates in their given order")
+
+    def _unknown(self, model: _Model, req: RankRequest, policy: RoutingPolicy) -> str:
+        """What in the request no model knows (unknown item ids; user and numeric keys nothing reads), counted in
+        the metrics; a request with any is refused when the policy says ``unknown_inputs: refuse``."""
+        items = sum(1 for i in req.candidate_item_ids if i not in model.catalog.row_of)
+        split = policy.models.get(model.route.rankers[0].triton_model)
+        sticky_key = split.assignment.key if split is not None else ""
+        keys = sorted({k for k in req.user if k not in model.known_user and k != sticky_key}
+                      | {k for k in req.numeric if k not in model.known_numeric})
+        if not items and not keys:
+            return ""
+        parts = ([f"{items} unknown item id{'s' if items > 1 else ''}"] if items else []) + \
+                ([f"unknown feature keys: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"] if keys else [])
+        if policy.unknown_inputs == "refuse":
+            raise RankError("INVALID_ARGUMENT", "; ".join(parts) + " (the routing policy refuses unknown inputs)")
+        if items:
+            self.metrics.unknown_items.labels(model.name).inc(items)
+        if keys:
+            self.metrics.unknown_keys.labels(model.name).inc(len(keys))
+        return "; ".join(parts)
 
     # -- pieces ------------------------------------------------------------------------------------
     async def _retrieve(self, req: RankRequest) -> list[str]:
@@ -209,9 +291,9 @@ class Router:
         self.inflight += 1
         t0 = self.clock()
         try:
-            answers = await asyncio.gather(*(
-                self.cloud.score(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
-                for i, r in enumerate(model.route.rankers)))
+            calls = [self._cloud_call(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
+                     for i, r in enumerate(model.route.rankers)]
+            answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)  # no task for one
             answers = [replace(a, scores=checked_scores(a.scores, len(sparse), r.triton_model, version if i == 0 else ""))
                        for i, (r, a) in enumerate(zip(model.route.rankers, answers))]
         except CloudError as e:
@@ -227,8 +309,9 @@ class Router:
         self.metrics.cloud_latency.labels(primary, version).observe(took)
         return answers
 
-    def _maybe_shadow(self, triton_model: str, served_version: str, sparse, dense, scores, k: int) -> None:
-        target = shadow_version(self.policy.current(), triton_model, served_version, self.rng())
+    def _maybe_shadow(self, policy: RoutingPolicy, triton_model: str, served_version: str, sparse, dense, scores,
+                      k: int) -> None:
+        target = shadow_version(policy, triton_model, served_version, self.rng())
         if target is None:
             return
         task = asyncio.get_running_loop().create_task(self._shadow(triton_model, target, sparse, dense, scores, k))
@@ -238,7 +321,7 @@ class Router:
     async def _shadow(self, triton_model: str, version: str, sparse, dense, served, k: int) -> None:
         self.metrics.shadow_requests.labels(triton_model, version).inc()
         try:
-            shadow = checked_scores((await self.cloud.score(triton_model, version, sparse, dense, 1.0)).scores,
+            shadow = checked_scores((await self._cloud_call(triton_model, version, sparse, dense, 1.0)).scores,
                                     len(sparse), triton_model, version)
         except CloudError:
             self.metrics.shadow_failures.labels(triton_model, version).inc()
@@ -250,4 +333,6 @@ class Router:
     async def close(self) -> None:
         for t in list(self._shadow_tasks):
             t.cancel()
+        if self.config.coalesce:
+            await self._coalescer.close()
         await self.cloud.close()

@@ -14,7 +14,8 @@ class RouteSettings:
     """How the router trades the cloud's quality against the deadline."""
 
     edge_latency_ms: float = 2.0
-    """What answering from the edge model costs; kept in reserve so a failed cloud call can still fall back."""
+    """What answering from the edge model is expected to cost before it has been measured (then the
+    edge's moving estimate takes over); kept in reserve so a failed cloud call can still fall back."""
     margin_ms: float = 1.0
     """Slack for serialization and scheduling on top of the estimates."""
     max_inflight: int = 256
@@ -24,36 +25,45 @@ class RouteSettings:
 @dataclass(frozen=True)
 class Decision:
     route: str
-    """``cloud``, ``edge`` or ``reject`` (the deadline has already passed)."""
+    """``cloud``, ``edge``, ``fallback`` (neither fits what is left: the last rung, a stale cached answer
+    or the candidates in their given order) or ``reject`` (the deadline had passed on arrival)."""
     reason: str
     cloud_timeout_ms: float = 0.0
     """With ``cloud``: how long to wait for it before falling back to the edge."""
 
 
-def decide(budget_ms: float | None, cloud_estimate_ms: float, cloud_allowed: bool, inflight: int,
-           settings: RouteSettings) -> Decision:
-    """Where to send a request with ``budget_ms`` left (None: no deadline)."""
+def decide(budget_ms: float | None, cloud_estimate_ms: float, edge_estimate_ms: float, cloud_allowed: bool,
+           inflight: int, settings: RouteSettings) -> Decision:
+    """Where to send a request with ``budget_ms`` left (None: no deadline), given the moving estimates
+    of what the cloud and the edge cost."""
     if budget_ms is not None and budget_ms <= 0:
         return Decision("reject", "deadline already passed")
     if not cloud_allowed:
-        return Decision("edge", "circuit open")
+        return below_cloud(budget_ms, edge_estimate_ms, settings, "circuit open")
     if inflight >= settings.max_inflight:
-        return Decision("edge", "cloud saturated")
+        return below_cloud(budget_ms, edge_estimate_ms, settings, "cloud saturated")
     if budget_ms is None:
         return Decision("cloud", "no deadline", 10_000.0)
-    reserve = settings.edge_latency_ms + settings.margin_ms
+    reserve = edge_estimate_ms + settings.margin_ms
     if cloud_estimate_ms + reserve > budget_ms:
-        return Decision("edge", "deadline")
+        return below_cloud(budget_ms, edge_estimate_ms, settings, "deadline")
     return Decision("cloud", "within budget", budget_ms - reserve)
+
+
+def below_cloud(budget_ms: float | None, edge_estimate_ms: float, settings: RouteSettings, why: str) -> Decision:
+    """The rung below the cloud: the edge if it fits what is left (None: no deadline), else the last rung."""
+    if budget_ms is None or edge_estimate_ms + settings.margin_ms <= budget_ms:
+        return Decision("edge", why)
+    return Decision("fallback", f"{why}; no time left for the edge")
 
 
 class LatencyEstimate:
     """Exponentially weighted mean and mean absolute deviation of cloud latency; estimate = mean + k * dev."""
 
-    def __init__(self, alpha: float = 0.1, k: float = 2.0, initial_ms: float = 5.0):
+    def __init__(self, alpha: float = 0.1, k: float = 2.0, initial_ms: float = 5.0, initial_dev_ms: float | None = None):
         self.alpha, self.k = alpha, k
         self.mean = initial_ms
-        self.dev = initial_ms / 2
+        self.dev = initial_ms / 2 if initial_dev_ms is None else initial_dev_ms
 
     def observe(self, ms: float) -> None:
         self.dev += self.alpha * (abs(ms - self.mean) - self.dev)

@@ -44,49 +44,64 @@ class EdgeScorer:
 
 
 class CloudScorer:
-    """Async KServe v2 gRPC calls to Triton with request messages built directly (no per-call wrappers):
-    the router's own cost per request stays small. The channel is created lazily in the serving loop."""
+    """KServe v2 ModelInfer calls to Triton over gRPC, with request messages built directly (no per-call
+    wrappers), on the event loop's own thread (``grpc_channel.GrpcChannel``): the router's own cost per
+    request stays small. The connection opens on the first call, in the serving loop."""
+
+    INFER, CONFIG = "/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelConfig"
 
     def __init__(self, url: str):
+        from recserve.serving.grpc_channel import GrpcChannel
+
         self.url = url
-        self._channel = None
-        self._stub = None
+        self.channel = GrpcChannel(url)
+        self._batch_limits: dict[str, int] = {}
+        self._asked: set[str] = set()
 
-    def _get(self):
-        if self._stub is None:
-            import grpc
-            from tritonclient.grpc import service_pb2_grpc
+    def batch_limit(self, model: str) -> int:
+        """The model's ``max_batch_size`` in Triton (how many rows one call may carry), once known; 0 until then
+        (the first call asks Triton for the model's config in the background)."""
+        if model not in self._asked:
+            self._asked.add(model)
+            import asyncio
 
-            self._channel = grpc.aio.insecure_channel(self.url)
-            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        return self._stub
+            asyncio.get_running_loop().create_task(self._ask_batch_limit(model))
+        return self._batch_limits.get(model, 0)
+
+    async def _ask_batch_limit(self, model: str) -> None:
+        from tritonclient.grpc.service_pb2 import ModelConfigRequest, ModelConfigResponse
+
+        from recserve.serving.grpc_channel import CallError
+
+        try:
+            raw = await self.channel.unary(self.CONFIG, ModelConfigRequest(name=model).SerializeToString(), 5.0)
+            self._batch_limits[model] = int(ModelConfigResponse.FromString(raw).config.max_batch_size)
+        except CallError:
+            self._asked.discard(model)  # ask again on a later call
 
     async def score(self, model: str, version: str, sparse: np.ndarray, dense: np.ndarray,
                     timeout_s: float) -> CloudAnswer:
         """The scores and the version that answered (Triton's own choice when ``version`` is empty)."""
-        import grpc
-        from tritonclient.grpc import service_pb2
+        from tritonclient.grpc.service_pb2 import ModelInferRequest, ModelInferResponse
 
-        req = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+        from recserve.serving.grpc_channel import CallError
+        from recserve.serving.grpc_wire import STATUS
+
+        req = ModelInferRequest(model_name=model, model_version=version)
         req.inputs.add(name="sparse", datatype="INT64", shape=sparse.shape)
         req.inputs.add(name="dense", datatype="FP32", shape=dense.shape)
         req.raw_input_contents.extend([np.ascontiguousarray(sparse, np.int64).tobytes(),
                                        np.ascontiguousarray(dense, np.float32).tobytes()])
         try:
-            resp = await self._get().ModelInfer(req, timeout=timeout_s)
-        except grpc.aio.AioRpcError as e:
-            code = e.code()
-            kind = ("timeout" if code == grpc.StatusCode.DEADLINE_EXCEEDED
-                    else "unavailable" if code == grpc.StatusCode.UNAVAILABLE else "error")
-            raise CloudError(kind, f"{model} v{version or '-'}: {e.details()}") from e
-        except TimeoutError as e:
-            raise CloudError("timeout", f"{model} v{version or '-'}: no answer in {timeout_s * 1e3:.1f} ms") from e
+            resp = ModelInferResponse.FromString(await self.channel.unary(self.INFER, req.SerializeToString(), timeout_s))
+        except CallError as e:
+            kind = ("timeout" if e.code == STATUS["DEADLINE_EXCEEDED"]
+                    else "unavailable" if e.code == STATUS["UNAVAILABLE"] else "error")
+            raise CloudError(kind, f"{model} v{version or '-'}: {e}") from e
         for out, raw in zip(resp.outputs, resp.raw_output_contents):
             if out.name == "score":
                 return CloudAnswer(np.frombuffer(raw, dtype=np.float32).copy(), resp.model_version or version)
         raise CloudError("error", f"{model}: the response has no 'score' output")
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+        await self.channel.close()

@@ -1,5 +1,6 @@
-"""Several router replicas: behind Ray Serve's own proxies (``ingress: proxy``, one port), and with
-direct ingress (one port per replica, a round-robin client).
+"""Several router replicas: behind Ray Serve's own proxies (``ingress: proxy``, one port), and with a
+port per replica (``ingress: replica``, the replica's own gRPC server, and ``ingress: direct``, Serve's
+direct ingress), shared by a round-robin client.
 
 test_router_serve.py covers one direct-ingress replica in depth; each test here starts its own stack
 (after that module's has stopped).
@@ -56,10 +57,11 @@ def test_two_replicas_behind_serve_proxies_answer_grpc_and_http(router_repo) -> 
         stop_stack(stack)
 
 
-def test_two_direct_ingress_replicas_on_their_own_ports_share_a_round_robin_client(router_repo) -> None:
+@pytest.mark.parametrize("ingress", ["replica", "direct"])
+def test_two_replicas_on_their_own_ports_share_a_round_robin_client(router_repo, ingress: str) -> None:
     write_policy(policy({"1": 100, "2": 0}), router_repo.policy_file)
-    stack = start_stack(router_repo, num_replicas=2, grpc_port=free_ports(2), http_port=free_ports(2, start=30_000,
-                                                                                                   stop=32_000))
+    stack = start_stack(router_repo, num_replicas=2, grpc_port=free_ports(2), ingress=ingress,
+                        http_port=free_ports(2, start=30_000, stop=32_000))
     try:
         cfg = stack.config
         ports = [int(t.rsplit(":", 1)[1]) for t in cfg.grpc_targets()] + [int(b.rsplit(":", 1)[1]) for b in cfg.http_bases()]

@@ -1,4 +1,4 @@
-"""The router end to end: real Ray Serve (direct ingress: gRPC + HTTP on the replica) in front of the real
+"""The router end to end: real Ray Serve (replica ingress: gRPC + HTTP on the replica) in front of the real
 embedded Triton.
 
 One Triton and one Ray/Serve start for the whole module (Ray alone takes ~8 s on 2 cores). Requests get a fresh
@@ -163,8 +163,8 @@ def test_recserve_rank_over_grpc_and_http(stack: RouterStack, client: RouterClie
     assert refused.returncode == 2 and refused.stderr.startswith("error: the router at") and "NOT_FOUND" in refused.stderr
 
 
-def test_direct_ingress_the_router_replica_itself_listens_on_both_ports(stack: RouterStack) -> None:
-    assert stack.config.ingress == "direct"
+def test_replica_ingress_the_router_replica_itself_listens_on_both_ports(stack: RouterStack) -> None:
+    assert stack.config.ingress == "replica"  # its own gRPC server, and Serve's direct ingress for HTTP
     for port in (stack.config.grpc_port, stack.config.http_port):
         assert "ServeReplica:recserve:RouterDeployment" in listener_of(port)
 
@@ -364,43 +364,83 @@ def test_non_finite_budget_is_invalid_argument(stack: RouterStack, client: Route
 # --- the cloud goes away (last: these stop Triton) --------------------------------------------------------------
 
 
+class RankStream:
+    """A client thread sending Rank calls back to back with a deadline, recording (sent at, request, answer, error)."""
+
+    def __init__(self, stack: RouterStack, budget_s: float):
+        self.stack, self.budget_s = stack, budget_s
+        self.results: list[tuple[float, RankRequest, RankResponse | None, Exception | None]] = []
+        self.sent = 0
+        self.done = threading.Event()
+        self.worker = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        with RouterClient(self.stack.grpc_target) as c:
+            while not self.done.is_set():
+                req = self.stack.request()
+                t0 = time.monotonic()
+                self.sent += 1
+                try:
+                    self.results.append((t0, req, c.rank(req, timeout_s=self.budget_s), None))
+                except grpc.RpcError as e:  # DEADLINE_EXCEEDED if an answer came too late
+                    self.results.append((t0, req, None, e))
+
+    def served(self, by: str, after: float = 0.0) -> int:
+        return sum(1 for t0, _, r, _ in self.results if t0 > after and r is not None and r.served_by == by)
+
+    def __enter__(self) -> RankStream:
+        self.worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.worker.join(10)
+        assert not self.worker.is_alive()
+
+    def check_all_answered_in_time(self) -> None:
+        errors = [(req.request_id, e.code(), e.details()) for _, req, _, e in self.results if e is not None]
+        assert errors == [], errors  # every answer came within its deadline (else DEADLINE_EXCEEDED)
+        assert len(self.results) == self.sent, "every request sent got an answer"
+        for _, req, r, _ in self.results:
+            assert r.request_id == req.request_id and len(r.items) == 5
+
+
+def test_a_hung_triton_sigstop_every_request_is_answered_in_time_and_the_cloud_comes_back(
+        stack: RouterStack, client: RouterClient) -> None:
+    """Triton frozen (SIGSTOP: its sockets stay open, nothing answers): the calls time out, the breaker opens,
+    the edge answers within each deadline; after SIGCONT the router goes back to the cloud by itself."""
+    import os
+    import signal
+
+    serving(client, stack)
+    pid = stack.triton.process.pid
+    with RankStream(stack, 0.2) as stream:
+        wait_until(lambda: stream.served("cloud") >= 20, 30, what="20 cloud answers before the hang")
+        os.kill(pid, signal.SIGSTOP)
+        hung = time.monotonic()
+        try:
+            wait_until(lambda: time.monotonic() - hung > 2.5 and stream.served("edge", hung) >= 40, 60,
+                       what="40 edge answers while Triton hangs")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        wait_until(lambda: stream.served("cloud", resumed) >= 5, 30, what="cloud answers after SIGCONT")
+    stream.check_all_answered_in_time()
+    during = [r for t0, _, r, _ in stream.results if hung < t0 < resumed - 0.5]
+    assert {r.served_by for r in during} <= {"edge", "fallback"} and during
+    assert stack.metric("recserve_router_cloud_failures_total", kind="timeout") >= 1
+
+
 def test_triton_stopped_mid_run_every_request_is_answered_in_time(stack: RouterStack, client: RouterClient) -> None:
     serving(client, stack)
-    budget_s = 0.2
-    results: list[tuple[float, RankRequest, RankResponse | None, Exception | None]] = []
-    sent = [0]
-    done = threading.Event()
-
-    def loop() -> None:
-        with RouterClient(stack.grpc_target) as c:
-            while not done.is_set():
-                req = stack.request()
-                t0 = time.monotonic()
-                sent[0] += 1
-                try:
-                    results.append((t0, req, c.rank(req, timeout_s=budget_s), None))
-                except grpc.RpcError as e:  # DEADLINE_EXCEEDED if an answer came too late
-                    results.append((t0, req, None, e))
-
-    worker = threading.Thread(target=loop, daemon=True)
-    worker.start()
-    try:
-        wait_until(lambda: sum(1 for *_, r, e in results if r is not None and r.served_by == "cloud") >= 20, 30,
-                   what="20 cloud answers before the stop")
+    with RankStream(stack, 0.2) as stream:
+        results = stream.results
+        wait_until(lambda: stream.served("cloud") >= 20, 30, what="20 cloud answers before the stop")
         stack.triton.stop()  # from this thread while the client thread keeps sending; returns once it has exited
         stopped = time.monotonic()
         wait_until(lambda: time.monotonic() - stopped > 2.5 and sum(1 for t0, *_ in results if t0 > stopped) >= 40,
                    60, what="40 requests after the stop")
-    finally:
-        done.set()
-        worker.join(10)
-    assert not worker.is_alive()
-
-    errors = [(req.request_id, e.code(), e.details()) for _, req, _, e in results if e is not None]
-    assert errors == [], errors  # every answer came within its 200 ms deadline (else DEADLINE_EXCEEDED)
-    assert len(results) == sent[0], "every request sent got an answer"
-    for _, req, r, _ in results:
-        assert r.request_id == req.request_id and len(r.items) == 5
+    stream.check_all_answered_in_time()
     assert any(r.served_by == "cloud" for t0, _, r, _ in results if t0 < stopped)
     after = [r for t0, _, r, _ in results if t0 > stopped]
     assert {r.served_by for r in after} == {"edge"}

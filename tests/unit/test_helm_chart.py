@@ -239,7 +239,10 @@ def test_values_schema_rejects_mistakes(helm, tmp_path, bad, needle):
      "engineBuild needs modelRepository.type=pvc"),
     ({"engineBuild": {"enabled": True, "hook": True}}, "engineBuild.hook needs modelRepository.pvc.existingClaim"),
     ({"router": {"config": {"default_model": "nope"}}}, 'default_model "nope" is not among'),
-    ({"router": {"config": {"num_replicas": 2}}}, "ingress direct serves from one replica per pod, got num_replicas 2"),
+    ({"router": {"config": {"num_replicas": 2}}}, "ingress replica serves from one replica per pod, got num_replicas 2"),
+    ({"router": {"config": {"num_replicas": 2, "ingress": "direct"}}},
+     "ingress direct serves from one replica per pod, got num_replicas 2"),
+    ({"router": {"config": {"autoscaling": {"max_replicas": 4}}}}, "router.config.autoscaling needs ingress proxy"),
     ({"router": {"drainSeconds": 30}}, "router.drainSeconds (30) must be less than router.terminationGracePeriodSeconds (30)"),
 ])
 def test_impossible_combinations_say_what_to_do(helm, tmp_path, values, needle):
@@ -543,6 +546,8 @@ def test_router_config_is_valid_for_recserve(docs):
 
 
 def test_router_deployment_or_rayservice(docs, scenario):
+    from recserve.serving.config import RouterConfig
+
     values = values_of(scenario)
     name = f"{FULLNAME}-router"
     if values["router"]["rayService"]["enabled"]:
@@ -556,6 +561,11 @@ def test_router_deployment_or_rayservice(docs, scenario):
         assert app["import_path"] == "recserve.serving.app:app"
         assert rs["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
         assert _router_config(docs)["ingress"] == "proxy"  # KubeRay runs Serve's proxies
+        scaling = values["router"]["rayService"]["serveAutoscaling"]
+        if scaling["enabled"]:  # Serve scales the router replicas on ongoing requests
+            cfg = RouterConfig.model_validate(_router_config(docs))
+            assert (cfg.autoscaling.min_replicas, cfg.autoscaling.max_replicas) == (scaling["minReplicas"],
+                                                                                     scaling["maxReplicas"])
         return
     assert _router_config(docs)["ingress"] == values["router"]["config"]["ingress"]
     deploy = one(docs, "Deployment", name)
@@ -571,6 +581,13 @@ def test_router_deployment_or_rayservice(docs, scenario):
         hpa = one(docs, "HorizontalPodAutoscaler", name)
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
         assert hpa["spec"]["minReplicas"] == values["router"]["autoscaling"]["minReplicas"]
+        target = values["router"]["autoscaling"].get("inflightRequestsTarget")
+        pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        if target:  # a custom metric from the router's /metrics, through a metrics adapter
+            assert pods == [{"metric": {"name": "recserve_router_inflight_requests"},
+                             "target": {"type": "AverageValue", "averageValue": str(target)}}]
+        else:
+            assert not pods
         assert "replicas" not in deploy["spec"]  # the HPA owns it
     else:
         assert not find(docs, "HorizontalPodAutoscaler")

@@ -16,7 +16,7 @@ from recserve.operator import act, observe
 from recserve.operator.machine import LoadVersions, SetWeights, VersionCounters
 from recserve.operator.spec import ModelRolloutSpec
 from recserve.serving.metrics import RouterMetrics
-from recserve.serving.policy import ModelPolicy, RoutingPolicy, parse_policy, write_policy
+from recserve.serving.policy import Assignment, ModelPolicy, RoutingPolicy, parse_policy, write_policy
 
 
 def make_spec(**router) -> ModelRolloutSpec:
@@ -36,12 +36,16 @@ OTHERS = RoutingPolicy(models={
 
 
 def test_merged_policy_replaces_this_model_and_keeps_the_others() -> None:
-    current = OTHERS.model_copy(update={"models": {**OTHERS.models, "ranker": ModelPolicy(versions={"0": 100.0})}})
+    current = OTHERS.model_copy(update={"models": {**OTHERS.models, "ranker": ModelPolicy(
+        versions={"0": 100.0}, assignment=Assignment(key="session", salt="old"))}, "unknown_inputs": "refuse"})
     merged = act.merged_policy(current, SetWeights("ranker", (("1", 90), ("2", 10)), "2", 20.0))
     assert merged.models["two_tower"] == OTHERS.models["two_tower"]
     assert merged.models["reranker"] == OTHERS.models["reranker"]
+    assert merged.unknown_inputs == "refuse", "the policy's other settings are kept"
+    # the assignment keeps the user's key and is salted anew for this rollout (its own canary users)
     assert merged.models["ranker"] == ModelPolicy(versions={"1": 90.0, "2": 10.0}, shadow_percent=20.0,
-                                                  shadow_version="2")
+                                                  shadow_version="2",
+                                                  assignment=Assignment(key="session", salt="ranker:1,2"))
     assert "0" not in merged.models["ranker"].versions  # the entry is replaced, not merged
     assert current.models["ranker"].versions == {"0": 100.0}  # the input is untouched
 
@@ -68,7 +72,8 @@ def test_set_weights_file_creates_the_file_and_round_trips_through_parse_policy(
     written = act.set_weights_file(path, SetWeights("ranker", (("1", 90), ("2", 10)), "2", 5.0))
     assert parse_policy(path.read_text(), str(path)) == written
     assert json.loads(path.read_text()) == {"models": {"ranker": {
-        "versions": {"1": 90.0, "2": 10.0}, "shadow_percent": 5.0, "shadow_version": "2"}}}
+        "assignment": {"by": "hash", "key": "user_id", "salt": "ranker:1,2"},
+        "versions": {"1": 90.0, "2": 10.0}, "shadow_percent": 5.0, "shadow_version": "2"}}, "unknown_inputs": "report"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.json"]  # no temporary file left behind
 
 

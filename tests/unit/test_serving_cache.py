@@ -23,8 +23,28 @@ def test_hit_before_ttl_miss_after() -> None:
     assert c.get("k") == "v"
     clock.t = 55.0  # exactly at expiry: gone
     assert c.get("k") is None
-    assert len(c) == 0, "an expired entry is dropped on access"
     assert (c.hits, c.misses) == (1, 1)
+    assert c.stale("k") is None, "with stale_s 0 an expired entry is no longer served at all"
+
+
+def test_an_expired_entry_is_served_as_stale_until_stale_s() -> None:
+    clock = Clock()
+    c = TTLCache(maxsize=10, ttl_s=5.0, clock=clock, stale_s=60.0)
+    c.put("k", "v")
+    clock.t += 30.0
+    assert c.get("k") is None, "past its TTL it is not a hit"
+    assert c.stale("k") == (30.0, "v")
+    clock.t += 30.0
+    assert c.stale("k") is None, "60 s old: too stale"
+    assert c.stale("other") is None
+
+
+def test_ttl_zero_with_stale_s_keeps_entries_only_for_the_last_rung() -> None:
+    clock = Clock()
+    c = TTLCache(maxsize=10, ttl_s=0.0, clock=clock, stale_s=10.0)
+    c.put("k", "v")
+    assert c.get("k") is None
+    assert c.stale("k") == (0.0, "v")
 
 
 def test_put_again_refreshes_the_ttl_and_value() -> None:

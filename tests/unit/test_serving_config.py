@@ -66,11 +66,12 @@ def test_defaults() -> None:
     assert c.models["ranker"].rankers[0].weight == 1.0
 
 
-def test_direct_ingress_by_default_one_address_per_replica() -> None:
-    c = RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100))
-    assert c.ingress == "direct"
+@pytest.mark.parametrize("ingress", ["replica", "direct"])
+def test_replica_ingress_by_default_one_address_per_replica(ingress: str) -> None:
+    assert RouterConfig.model_validate(minimal()).ingress == "replica"
+    c = RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100, ingress=ingress))
     assert (c.grpc_targets(), c.http_bases()) == (["127.0.0.1:9100"], ["http://127.0.0.1:8100"])
-    c = RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100, num_replicas=3))
+    c = RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100, num_replicas=3, ingress=ingress))
     assert c.grpc_targets("10.0.0.5") == ["10.0.0.5:9100", "10.0.0.5:9101", "10.0.0.5:9102"]
     assert c.http_bases() == ["http://127.0.0.1:8100", "http://127.0.0.1:8101", "http://127.0.0.1:8102"]
 
@@ -94,13 +95,23 @@ def test_client_spreads_over_a_list_of_replica_addresses() -> None:
 def test_direct_ingress_binds_exactly_the_configured_ports() -> None:
     from recserve.serving.app import direct_ingress_env
 
-    env = direct_ingress_env(RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100, num_replicas=2)))
+    env = direct_ingress_env(RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100, num_replicas=2,
+                                                                 ingress="direct")))
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     # Serve allocates replica ports from [min, max): one each, from the configured one on
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]) == ("9100", "9102")
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8100", "8102")
     # a replaced replica (a user_config redeploy) may take the same port again at once
     assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
+
+
+def test_replica_ingress_leaves_the_grpc_ports_to_the_replicas_own_servers() -> None:
+    from recserve.serving.app import direct_ingress_env
+
+    env = direct_ingress_env(RouterConfig.model_validate(minimal(grpc_port=9100, http_port=8100, num_replicas=2)))
+    first, end = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"])
+    assert end - first == 2 and not {9100, 9101} & set(range(first, end)), "Serve's gRPC servers take spare ports"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8100", "8102")
 
 
 def test_default_model_must_be_a_configured_model(tmp_path: Path) -> None:
@@ -154,3 +165,19 @@ def test_empty_or_non_mapping_config_is_a_config_error(tmp_path: Path, text: str
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read router config"):
         load_router_config(tmp_path / "nope.yaml")
+
+
+def test_autoscaling_needs_serves_proxies_and_replaces_num_replicas() -> None:
+    from recserve.serving.app import build_app
+
+    with pytest.raises(ValueError, match="autoscaling needs ingress: proxy"):
+        RouterConfig.model_validate(minimal(autoscaling={"max_replicas": 4}))
+    with pytest.raises(ValueError, match="min_replicas 5 is more than max_replicas 4"):
+        RouterConfig.model_validate(minimal(ingress="proxy", autoscaling={"min_replicas": 5, "max_replicas": 4}))
+    cfg = RouterConfig.model_validate(minimal(ingress="proxy", autoscaling={"max_replicas": 4,
+                                                                            "target_ongoing_requests": 16}))
+    deployment = build_app(cfg)._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 16)
+    fixed = build_app(RouterConfig.model_validate(minimal(num_replicas=3, ingress="proxy")))._bound_deployment
+    assert fixed._deployment_config.autoscaling_config is None and fixed.num_replicas == 3

@@ -411,9 +411,11 @@ def test_budget_too_small_for_the_cloud_goes_to_edge(env: Env) -> None:
     resp = r.rank(request(), budget_ms=12.0)
     assert (resp.served_by, resp.reason, resp.version) == ("edge", "deadline", "edge")
     assert not r.cloud.calls
+    assert r.router.edge_estimate.mean < 2.0, "the edge's measured cost (0 ms on the fake clock) moved its estimate"
+    reserve = r.router.edge_estimate.estimate_ms + 1.0
     resp = r.rank(request(), budget_ms=13.5)
     assert resp.served_by == "cloud"
-    assert r.cloud.calls[0].timeout_s == pytest.approx(10.5e-3)
+    assert r.cloud.calls[0].timeout_s == pytest.approx((13.5 - reserve) * 1e-3)
 
 
 def test_time_already_spent_counts_against_the_budget(env: Env) -> None:
@@ -427,9 +429,10 @@ def test_time_already_spent_counts_against_the_budget(env: Env) -> None:
     clock_holder.append(r.clock)
     resp = r.rank(request(candidates=[]), budget_ms=20.0)  # 10 left < 13 needed
     assert (resp.served_by, resp.reason) == ("edge", "deadline")
-    resp = r.rank(request(candidates=[]), budget_ms=40.0)  # 30 left: cloud, with 30 - 3 ms to answer
+    reserve = r.router.edge_estimate.estimate_ms + 1.0  # the edge's measured cost and the margin
+    resp = r.rank(request(candidates=[]), budget_ms=40.0)  # 30 left: cloud, with 30 - reserve ms to answer
     assert resp.served_by == "cloud"
-    assert r.cloud.calls[-1].timeout_s == pytest.approx(27e-3)
+    assert r.cloud.calls[-1].timeout_s == pytest.approx((30 - reserve) * 1e-3)
     with pytest.raises(RankError) as info:
         r.rank(request(candidates=[]), budget_ms=8.0)  # passes during retrieval
     assert info.value.code == "DEADLINE_EXCEEDED"
@@ -606,7 +609,8 @@ def test_edge_answers_are_not_cached(env: Env) -> None:
 
 def test_version_is_chosen_by_the_policy_with_the_injected_rng(env: Env) -> None:
     r = rig(env)
-    r.router.policy.set(RoutingPolicy.model_validate({"models": {"ranker": {"versions": {"1": 30, "2": 70}}}}))
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": 30, "2": 70}, "assignment": {"by": "random"}}}}))
     for u, version in [(0.0, "1"), (0.29, "1"), (0.3, "2"), (0.99, "2")]:
         r.rng.value = u
         resp = r.rank(request(request_id=str(u)), budget_ms=100.0)
@@ -814,3 +818,328 @@ def test_close_cancels_pending_shadow_calls_and_closes_the_cloud(env: Env) -> No
     assert resp.served_by == "cloud"
     assert shadow.cancelled()
     assert r.cloud.closed
+
+
+# --- sticky canary assignment, one policy per request ----------------------------------------------------------------
+
+
+def split(**assignment) -> RoutingPolicy:
+    return RoutingPolicy.model_validate({"models": {"ranker": {"versions": {"1": 50, "2": 50},
+                                                              **({"assignment": assignment} if assignment else {})}}})
+
+
+def test_a_user_stays_on_one_version_whatever_the_random_draw(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(split())
+    seen: dict[str, set[str]] = {}
+    for user in range(60):
+        for u in (0.0, 0.49, 0.51, 0.99):
+            r.rng.value = u
+            resp = r.rank(request(user={"user_id": str(user)}), budget_ms=100.0)
+            seen.setdefault(str(user), set()).add(resp.version)
+    assert all(len(v) == 1 for v in seen.values()), "a user flipped between versions"
+    on_2 = sum(v == {"2"} for v in seen.values())
+    assert 15 <= on_2 <= 45, f"a 50/50 split put {on_2} of 60 users on v2"
+    assert r.metric("recserve_router_unsticky_requests_total", model="ranker") is None
+
+
+def test_growing_the_canary_keeps_its_users_and_a_new_salt_reshuffles(env: Env) -> None:
+    r = rig(env)
+    users = [str(u) for u in range(80)]
+
+    def on_candidate(policy: RoutingPolicy) -> set[str]:
+        r.router.policy.set(policy)
+        return {u for u in users if r.rank(request(user={"user_id": u}), budget_ms=100.0).version == "2"}
+
+    def weights(candidate: int, salt: str = "s") -> RoutingPolicy:
+        return RoutingPolicy.model_validate({"models": {"ranker": {
+            "versions": {"1": 100 - candidate, "2": candidate}, "assignment": {"salt": salt}}}})
+
+    ten, fifty = on_candidate(weights(10)), on_candidate(weights(50))
+    assert ten and ten < fifty, "users on the candidate at 10% stay on it at 50%"
+    assert on_candidate(weights(50, salt="another rollout")) != fifty
+
+
+def test_the_assignment_key_is_configurable_and_its_absence_is_counted(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(split(key="session"))
+    versions = set()
+    for u in (0.1, 0.9):
+        r.rng.value = u
+        versions.add(r.rank(request(user={"user_id": "5", "session": "abc"}), budget_ms=100.0).version)
+    assert len(versions) == 1, "hashed on the session key"
+    resp = r.rank(request(user={"user_id": "5", "session": "abc"}), budget_ms=100.0)
+    assert "unknown feature keys" not in resp.reason, "the assignment key is a key the router reads"
+    r.rng.value = 0.9
+    assert r.rank(request(user={"user_id": "5"}), budget_ms=100.0).version == "2", "no key: the random draw"
+    assert r.metric("recserve_router_unsticky_requests_total", model="ranker") == 1.0
+
+
+def test_random_assignment_follows_the_draw(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(split(by="random"))
+    for u, version in ((0.1, "1"), (0.9, "2")):
+        r.rng.value = u
+        assert r.rank(request(), budget_ms=100.0).version == version
+
+
+def test_the_shadow_follows_the_policy_the_request_started_with(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": 100}, "shadow_percent": 100, "shadow_version": "2"}}}))
+    r.cloud.gate = asyncio.Event()
+
+    async def go() -> RankResponse:
+        task = asyncio.create_task(r.router.rank(request(), 100.0))
+        await asyncio.sleep(0)
+        # while the cloud call is in flight, the policy changes: no more shadow
+        r.router.policy.set(RoutingPolicy.model_validate({"models": {"ranker": {"versions": {"1": 100}}}}))
+        r.cloud.gate.set()
+        resp = await task
+        await asyncio.gather(*r.router._shadow_tasks)
+        return resp
+
+    resp = asyncio.run(go())
+    assert resp.version == "1"
+    assert [c.version for c in r.cloud.calls] == ["1", "2"], "the shadow of the snapshot the request was served by"
+
+
+# --- the quality ladder: measured edge cost, the last rung ------------------------------------------------------------
+
+
+class SlowEdge(FakeEdge):
+    def __init__(self, clock: Clock, took_s: float):
+        super().__init__()
+        self.clock, self.took_s = clock, took_s
+
+    def score(self, path, sparse, dense) -> np.ndarray:
+        self.clock.t += self.took_s
+        return super().score(path, sparse, dense)
+
+
+def test_the_edge_cost_is_measured_not_assumed(env: Env) -> None:
+    clock, rng = Clock(), Rng()
+    edge = SlowEdge(clock, 0.012)  # the edge takes 12 ms, not the configured 2
+    router = Router(config(env), cloud=FakeCloud(clock), edge=edge, clock=clock, rng=rng)
+    router.breaker.record_failure(), router.breaker.record_failure(), router.breaker.record_failure()  # open: edge
+    for _ in range(30):
+        asyncio.run(router.rank(request(), 1000.0))
+    assert router.edge_estimate.mean == pytest.approx(12.0, rel=0.1)
+    assert sample(router.metrics.exposition(), "recserve_router_edge_seconds_count", model="ranker") == 30.0
+    # 10 ms left is enough for the configured 2 ms, not for the measured 12: the last rung answers
+    resp = asyncio.run(router.rank(request(), 10.0))
+    assert resp.served_by == "fallback"
+
+
+def test_no_time_for_cloud_or_edge_answers_the_candidates_in_their_given_order(env: Env) -> None:
+    r = rig(env)  # edge 2 ms + margin 1 ms
+    resp = r.rank(request(top_k=4), budget_ms=2.5)
+    assert (resp.served_by, resp.version) == ("fallback", "")
+    assert list(resp.items) == CANDIDATES[:4] and not resp.scores, "given order, no scores: no model ranked them"
+    assert resp.reason == "deadline; no time left for the edge: the candidates in their given order"
+    assert not r.cloud.calls and not r.edge.calls
+    assert r.metric("recserve_router_fallbacks_total", model="ranker", kind="given_order") == 1.0
+    assert r.metric("recserve_router_requests_total", model="ranker", route="fallback", code="OK") == 1.0
+
+
+def test_the_last_rung_prefers_a_stale_cached_answer(env: Env) -> None:
+    r = rig(env, cache_ttl_s=5.0, stale_s=60.0)
+    fresh = r.rank(request(), budget_ms=100.0)
+    assert fresh.served_by == "cloud"
+    r.clock.t += 10.0  # past the TTL: no longer a cache hit
+    resp = r.rank(request(request_id="late"), budget_ms=2.5)
+    assert (resp.served_by, resp.request_id) == ("fallback", "late")
+    assert list(resp.items) == list(fresh.items) and list(resp.scores) == list(fresh.scores)
+    assert resp.reason.endswith("a cached answer 10.0 s old")
+    assert r.metric("recserve_router_fallbacks_total", model="ranker", kind="stale") == 1.0
+    r.clock.t += 60.0  # too stale
+    assert r.rank(request(), budget_ms=2.5).reason.endswith("given order")
+
+
+def test_a_cloud_failure_with_no_time_left_for_the_edge_takes_the_last_rung(env: Env) -> None:
+    r = rig(env, cloud_took_s=0.098)  # the failed call used 98 of the 100 ms
+    r.cloud.fail = CloudError("timeout", "slow")
+    resp = r.rank(request(), budget_ms=100.0)
+    assert resp.served_by == "fallback" and not r.edge.calls
+    assert resp.reason.startswith("cloud failed; no time left for the edge")
+
+
+# --- unknown inputs --------------------------------------------------------------------------------------------------
+
+
+def test_unknown_items_and_keys_are_counted_and_reported(env: Env) -> None:
+    r = rig(env)
+    resp = r.rank(request(candidates=["151", "nope", "49", "gone"], user={"user_id": "17", "colour": "red"},
+                          numeric={"query_category_match": 1.0, "weather": 3.0}), budget_ms=100.0)
+    assert resp.served_by == "cloud" and len(resp.items) == 3
+    assert resp.reason == "within budget; 2 unknown item ids; unknown feature keys: colour, weather"
+    assert r.metric("recserve_router_unknown_items_total", model="ranker") == 2.0
+    assert r.metric("recserve_router_unknown_keys_total", model="ranker") == 2.0
+    clean = r.rank(request(), budget_ms=100.0)
+    assert clean.reason == "within budget", "known inputs: nothing to report"
+
+
+def test_a_strict_policy_refuses_unknown_inputs(env: Env) -> None:
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate({"unknown_inputs": "refuse"}))
+    with pytest.raises(RankError) as info:
+        r.rank(request(candidates=["151", "nope"]), budget_ms=100.0)
+    assert info.value.code == "INVALID_ARGUMENT" and "1 unknown item id" in str(info.value)
+    with pytest.raises(RankError, match="unknown feature keys: colour"):
+        r.rank(request(user={"user_id": "17", "colour": "red"}), budget_ms=100.0)
+    assert not r.cloud.calls
+    assert r.rank(request(), budget_ms=100.0).served_by == "cloud"
+
+
+# --- the replica's own gRPC server -------------------------------------------------------------------------------------
+
+
+def test_budget_is_the_grpc_deadline_shortened_by_the_header() -> None:
+    from recserve.serving.grpc_server import budget_ms
+
+    assert budget_ms((), None) is None
+    assert budget_ms((), 0.25) == pytest.approx(250.0)
+    assert budget_ms((("x-budget-ms", "100"),), 0.25) == pytest.approx(100.0)
+    assert budget_ms((("x-budget-ms", "900"),), 0.25) == pytest.approx(250.0), "a header cannot extend the deadline"
+    assert budget_ms((("x-budget-ms", "40"),), None) == pytest.approx(40.0)
+    for bad in ("soon", "nan", "inf"):
+        with pytest.raises(RankError, match="finite number"):
+            budget_ms((("x-budget-ms", bad),), 0.25)
+
+
+def test_the_replica_grpc_server_answers_refuses_and_bounds_requests(env: Env) -> None:
+    import grpc
+
+    from recserve.errors import ServerError
+    from recserve.serving.grpc_server import MAX_REQUEST_BYTES, start_server
+    from recserve.serving.protos.recommender_pb2_grpc import RecommenderStub
+    from recserve.triton.server import free_port
+
+    async def go() -> None:
+        clock, rng = Clock(), Rng()
+        cloud = FakeCloud()
+        router = Router(config(env), cloud=cloud, edge=FakeEdge(), clock=clock, rng=rng)
+        port = free_port()
+        server, bound = await start_server(router, [port, port + 1], "127.0.0.1")
+        try:
+            assert bound == port
+            with pytest.raises(ServerError, match="no free port"):  # a second replica on the same single port
+                await start_server(router, [port], "127.0.0.1")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = RecommenderStub(channel)
+                resp = await stub.Rank(request(request_id="g1"), timeout=0.2)
+                assert (resp.request_id, resp.served_by, len(resp.items)) == ("g1", "cloud", 3)
+                # the call's deadline is the budget: the cloud got it less the edge reserve
+                assert 0.15 < cloud.calls[-1].timeout_s < 0.2
+                for req, code in [(request(model="nope"), grpc.StatusCode.NOT_FOUND),
+                                  (request(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT)]:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await stub.Rank(req, timeout=1.0)
+                    assert info.value.code() == code and info.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Rank(request(), timeout=1.0, metadata=(("x-budget-ms", "soon"),))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                huge = request(user={"user_id": "17", "blob": "x" * MAX_REQUEST_BYTES})
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Rank(huge, timeout=1.0)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert (await stub.Rank(request(), timeout=1.0)).served_by == "cloud", "still serving"
+        finally:
+            await server.stop(None)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("value, seconds", [(b"100m", 0.1), (b"2S", 2.0), (b"1M", 60.0), (b"1H", 3600.0),
+                                            (b"250000u", 0.25), (b"5n", 5e-9), (None, None), (b"", None),
+                                            (b"10", None), (b"xS", None), (b"1.5S", None)])
+def test_grpc_timeout_header(value, seconds) -> None:
+    from recserve.serving.grpc_wire import grpc_timeout_s
+
+    assert grpc_timeout_s(value) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_the_replica_grpc_server_serves_many_calls_on_one_connection_and_refuses_other_methods(env: Env) -> None:
+    import grpc
+
+    from recserve.serving.grpc_server import start_server
+    from recserve.serving.protos.recommender_pb2_grpc import RecommenderStub
+    from recserve.triton.server import free_port
+
+    async def go() -> None:
+        router = Router(config(env, max_candidates=1000), cloud=FakeCloud(), edge=FakeEdge(), clock=Clock(), rng=Rng())
+        server, port = await start_server(router, [free_port()], "127.0.0.1")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = RecommenderStub(channel)
+                # 200 calls at once on one connection, every answer whole (all 500 items: ~10 KB each)
+                answers = await asyncio.gather(*(stub.Rank(request(request_id=str(i), candidates=env.items, top_k=0),
+                                                           timeout=10.0) for i in range(200)))
+                assert sorted(int(a.request_id) for a in answers) == list(range(200))
+                assert all(len(a.items) == len(env.items) == len(a.scores) for a in answers)
+                other = channel.unary_unary("/recserve.Recommender/Other")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await other(b"", timeout=1.0)
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                garbage = channel.unary_unary("/recserve.Recommender/Rank")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await garbage(b"\xff\xff\xff", timeout=1.0)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert (await stub.Rank(request(), timeout=1.0)).served_by == "cloud", "the connection still serves"
+            await server.stop(grace=1.0)
+            with pytest.raises(OSError):  # stopped: nothing listens
+                await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            await server.stop()
+
+    asyncio.run(go())
+
+
+def test_a_call_delayed_by_a_busy_replica_counts_the_wait_and_one_given_up_costs_nothing(env: Env) -> None:
+    """A flood: while the replica's loop is busy, calls whose callers give up (the client resets them at their
+    deadline) are never ranked; and calls that wait in the loop behind others have that wait counted
+    against their budgets: the cloud is given what is really left of them."""
+    import threading
+    import time
+
+    import grpc
+
+    from recserve.serving.grpc_server import start_server
+    from recserve.serving.protos.recommender_pb2_grpc import RecommenderStub
+    from recserve.triton.server import free_port
+
+    class BusyCloud(FakeCloud):
+        busy_s = 0.0
+
+        async def score(self, *args):
+            time.sleep(self.busy_s)  # work on the loop: the calls behind it wait
+            return await super().score(*args)
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    cloud = BusyCloud()
+
+    async def up():
+        router = Router(config(env, coalesce=False), cloud=cloud, edge=FakeEdge(), rng=Rng())
+        return router, *(await start_server(router, [free_port()], "127.0.0.1"))
+
+    router, server, port = asyncio.run_coroutine_threadsafe(up(), loop).result(10)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = RecommenderStub(channel)
+            assert stub.Rank(request(), timeout=1.0).served_by == "cloud"
+            before = len(cloud.calls)
+            loop.call_soon_threadsafe(time.sleep, 0.15)  # the replica stalls...
+            time.sleep(0.01)
+            given_up = [stub.Rank.future(request(request_id=f"a{i}"), timeout=0.05) for i in range(20)]  # ...calls come
+            assert all(c.exception() is not None and c.code() == grpc.StatusCode.DEADLINE_EXCEEDED for c in given_up)
+            time.sleep(0.2)
+            assert len(cloud.calls) == before, "the calls given up were never ranked"
+            cloud.busy_s = 0.01
+            patient = [stub.Rank.future(request(request_id=f"b{i}"), timeout=1.0) for i in range(20)]
+            assert all(c.result().served_by == "cloud" for c in patient)
+        timeouts = sorted(c.timeout_s for c in cloud.calls[before:])
+        assert timeouts[-1] - timeouts[0] > 0.1, "the last call's budget lost the ~190 ms it waited behind the others"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)

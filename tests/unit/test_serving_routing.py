@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recserve.serving.routing import CircuitBreaker, Decision, LatencyEstimate, RouteSettings, decide
+from recserve.serving.routing import CircuitBreaker, Decision, LatencyEstimate, RouteSettings, below_cloud, decide
 
 
 class Clock:
@@ -29,44 +29,59 @@ S = RouteSettings(edge_latency_ms=2.0, margin_ms=1.0, max_inflight=4)
 def test_passed_deadline_is_rejected_whatever_else_holds(budget: float) -> None:
     for allowed in (True, False):
         for inflight in (0, 100):
-            d = decide(budget, 1.0, allowed, inflight, S)
+            d = decide(budget, 1.0, 2.0, allowed, inflight, S)
             assert d.route == "reject"
 
 
 def test_open_breaker_sends_to_edge() -> None:
-    for budget in (None, 1.0, 1000.0):
-        d = decide(budget, 1.0, False, 0, S)
+    for budget in (None, 3.0, 1000.0):
+        d = decide(budget, 1.0, 2.0, False, 0, S)
         assert (d.route, d.reason) == ("edge", "circuit open")
 
 
 @pytest.mark.parametrize("inflight", [4, 5, 1000])
 def test_saturated_cloud_sends_to_edge(inflight: int) -> None:
     for budget in (None, 1000.0):
-        d = decide(budget, 1.0, True, inflight, S)
+        d = decide(budget, 1.0, 2.0, True, inflight, S)
         assert (d.route, d.reason) == ("edge", "cloud saturated")
 
 
 def test_just_below_max_inflight_still_goes_to_cloud() -> None:
-    assert decide(1000.0, 1.0, True, 3, S).route == "cloud"
+    assert decide(1000.0, 1.0, 2.0, True, 3, S).route == "cloud"
 
 
 def test_estimate_plus_reserve_over_budget_goes_to_edge() -> None:
     # estimate 10 + reserve 3 = 13
-    assert decide(12.99, 10.0, True, 0, S) == Decision("edge", "deadline")
-    assert decide(5.0, 10.0, True, 0, S).route == "edge"
-    assert decide(13.0, 10.0, True, 0, S).route == "cloud"  # exactly fits
+    assert decide(12.99, 10.0, 2.0, True, 0, S) == Decision("edge", "deadline")
+    assert decide(5.0, 10.0, 2.0, True, 0, S).route == "edge"
+    assert decide(13.0, 10.0, 2.0, True, 0, S).route == "cloud"  # exactly fits
 
 
 def test_within_budget_goes_to_cloud_with_budget_minus_reserve() -> None:
-    d = decide(50.0, 10.0, True, 0, S)
+    d = decide(50.0, 10.0, 2.0, True, 0, S)
     assert d.route == "cloud" and d.reason == "within budget"
     assert d.cloud_timeout_ms == pytest.approx(50.0 - 3.0)
     s = RouteSettings(edge_latency_ms=7.5, margin_ms=2.5, max_inflight=10)
-    assert decide(200.0, 3.0, True, 0, s).cloud_timeout_ms == pytest.approx(190.0)
+    assert decide(200.0, 3.0, 7.5, True, 0, s).cloud_timeout_ms == pytest.approx(190.0)
+
+
+def test_neither_cloud_nor_edge_fitting_goes_to_the_last_rung() -> None:
+    # edge estimate 4 + margin 1 = 5 > 4.5 left: no rung but the last
+    assert decide(4.5, 10.0, 4.0, True, 0, S) == Decision("fallback", "deadline; no time left for the edge")
+    assert decide(5.0, 10.0, 4.0, True, 0, S) == Decision("edge", "deadline")  # exactly fits
+    assert decide(4.5, 10.0, 4.0, False, 0, S).route == "fallback"
+    assert decide(4.5, 10.0, 4.0, True, 100, S).reason == "cloud saturated; no time left for the edge"
+    # the edge estimate, not the configured starting value, sets the cloud's reserve
+    assert decide(50.0, 10.0, 0.5, True, 0, S).cloud_timeout_ms == pytest.approx(50.0 - 1.5)
+
+
+def test_below_cloud_without_a_deadline_is_always_the_edge() -> None:
+    assert below_cloud(None, 1e9, S, "cloud failed") == Decision("edge", "cloud failed")
+    assert below_cloud(0.5, 2.0, S, "cloud failed").route == "fallback"
 
 
 def test_no_budget_goes_to_cloud() -> None:
-    d = decide(None, 1e6, True, 0, S)
+    d = decide(None, 1e6, 2.0, True, 0, S)
     assert d.route == "cloud" and d.reason == "no deadline"
     assert d.cloud_timeout_ms > 0
 
@@ -84,8 +99,8 @@ def test_no_budget_goes_to_cloud() -> None:
 def test_cloud_decision_always_leaves_the_fallback_reserve(budget, estimate, inflight, allowed, edge, margin,
                                                            max_inflight) -> None:
     s = RouteSettings(edge_latency_ms=edge, margin_ms=margin, max_inflight=max_inflight)
-    d = decide(budget, estimate, allowed, inflight, s)
-    assert d.route in ("cloud", "edge")
+    d = decide(budget, estimate, edge, allowed, inflight, s)
+    assert d.route in ("cloud", "edge", "fallback")
     if d.route == "cloud":
         reserve = edge + margin
         tol = 1e-9 * max(1.0, budget)
@@ -96,6 +111,8 @@ def test_cloud_decision_always_leaves_the_fallback_reserve(budget, estimate, inf
     else:
         # edge only for a reason: breaker, saturation or a budget too small for estimate + reserve
         assert (not allowed) or inflight >= max_inflight or estimate + edge + margin > budget
+        # and the last rung only when the edge does not fit either
+        assert (d.route == "fallback") == (edge + margin > budget)
 
 
 # --- CircuitBreaker ------------------------------------------------------------------------------------------------

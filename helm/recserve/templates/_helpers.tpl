@@ -205,8 +205,18 @@ The router's config file (router.yaml), from router.config plus what the chart k
 {{- $_ := set $cfg "http_host" "0.0.0.0" }}
 {{- if .Values.router.rayService.enabled }}
 {{- $_ := set $cfg "ingress" "proxy" }}
-{{- else if and (eq (toString $cfg.ingress) "direct") (ne (int $cfg.num_replicas) 1) }}
-{{- fail (printf "router.config.ingress direct serves from one replica per pod, got num_replicas %d: scale with router.replicas, or set router.config.ingress: proxy" (int $cfg.num_replicas)) }}
+{{- $sa := .Values.router.rayService.serveAutoscaling }}
+{{- if $sa.enabled }}
+{{- $_ := set $cfg "autoscaling" (dict "min_replicas" (int $sa.minReplicas) "max_replicas" (int $sa.maxReplicas) "target_ongoing_requests" $sa.targetOngoingRequests) }}
+{{- end }}
+{{- else if and (ne (toString $cfg.ingress) "proxy") (ne (int $cfg.num_replicas) 1) }}
+{{- fail (printf "router.config.ingress %s serves from one replica per pod, got num_replicas %d: scale with router.replicas, or set router.config.ingress: proxy" (toString $cfg.ingress) (int $cfg.num_replicas)) }}
+{{- end }}
+{{- if and $cfg.autoscaling (ne (toString $cfg.ingress) "proxy") }}
+{{- fail (printf "router.config.autoscaling needs ingress proxy (got %s): in Deployment mode scale pods with router.autoscaling" (toString $cfg.ingress)) }}
+{{- end }}
+{{- if not $cfg.autoscaling }}
+{{- $_ := unset $cfg "autoscaling" }}
 {{- end }}
 {{- if not $cfg.retriever }}
 {{- $_ := unset $cfg "retriever" }}

@@ -1,0 +1,219 @@
+"""A gRPC client channel on the event loop: unary calls over one HTTP/2 connection (``h2``), for the router's
+calls to Triton's KServe API.
+
+Like the router's own server (``grpc_server.py``), every byte is handled on the event loop's thread:
+grpcio's client hands each response across its I/O and poller threads to the loop, a thread wake-up
+per hand-off, which on a small machine cost more than the call's own work. The connection opens on
+the first call and again on the next call after it breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import H2Error
+from h2.settings import SettingCodes
+
+from recserve.serving.grpc_wire import STATUS, grpc_timeout, message_frame, status_of, unframe
+
+_CONFIG = H2Configuration(client_side=True, header_encoding=None)
+_WINDOW = 16 << 20
+"""Receive window of the connection and of each stream: answers never wait for a window update."""
+
+
+class CallError(Exception):
+    """A call that did not return a message: ``code`` is the gRPC status (UNAVAILABLE when the connection failed,
+    DEADLINE_EXCEEDED when no answer came in time)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Call:
+    future: asyncio.Future
+    body: bytearray = field(default_factory=bytearray)
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    unsent: bytes = b""
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, authority: bytes):
+        self.authority = authority
+        self.conn = H2Connection(config=_CONFIG)
+        self.calls: dict[int, _Call] = {}
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.conn.initiate_connection()
+        self.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW, SettingCodes.ENABLE_PUSH: 0})
+        self.conn.increment_flow_control_window(_WINDOW)
+        self._flush()
+
+    def connection_lost(self, exc) -> None:
+        self._fail_all(f"the connection closed{f': {exc}' if exc else ''}")
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except H2Error as e:
+            self._fail_all(f"HTTP/2 error: {e}")
+            self.transport.close()
+            return
+        for event in events:
+            call = self.calls.get(getattr(event, "stream_id", None))
+            if isinstance(event, (ResponseReceived, TrailersReceived)) and call is not None:
+                call.headers.update(event.headers)
+            elif isinstance(event, DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if call is not None:
+                    call.body += event.data
+            elif isinstance(event, StreamEnded) and call is not None:
+                self._finish(event.stream_id, call)
+            elif isinstance(event, StreamReset) and call is not None:
+                self.calls.pop(event.stream_id, None)
+                _set(call.future, CallError(STATUS["UNAVAILABLE"], f"the server reset the call ({event.error_code})"))
+            elif isinstance(event, WindowUpdated):
+                for stream_id, c in list(self.calls.items()):
+                    if c.unsent:
+                        self._send(stream_id, c)
+            elif isinstance(event, ConnectionTerminated):
+                self._fail_all(f"the server closed the connection ({event.error_code})")
+        self._flush()
+
+    def call(self, path: bytes, payload: bytes, timeout_s: float) -> tuple[int, asyncio.Future]:
+        stream_id = self.conn.get_next_available_stream_id()
+        call = self.calls[stream_id] = _Call(asyncio.get_running_loop().create_future(), unsent=message_frame(payload))
+        self.conn.send_headers(stream_id, [
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", self.authority),
+            (b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", grpc_timeout(timeout_s))])
+        self._send(stream_id, call)
+        self._flush()
+        return stream_id, call.future
+
+    def cancel(self, stream_id: int) -> None:
+        if self.calls.pop(stream_id, None) is not None and not self.closed:
+            try:
+                self.conn.reset_stream(stream_id, 8)  # CANCEL
+            except H2Error:
+                pass
+            self._flush()
+
+    def _send(self, stream_id: int, call: _Call) -> None:
+        """What the flow-control windows allow of the request; the rest waits for a window update."""
+        try:
+            while call.unsent:
+                room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+                if room <= 0:
+                    return
+                self.conn.send_data(stream_id, call.unsent[:room])
+                call.unsent = call.unsent[room:]
+            self.conn.end_stream(stream_id)
+        except H2Error as e:
+            self.calls.pop(stream_id, None)
+            _set(call.future, CallError(STATUS["UNAVAILABLE"], f"could not send the call: {e}"))
+
+    def _finish(self, stream_id: int, call: _Call) -> None:
+        self.calls.pop(stream_id, None)
+        status = status_of(call.headers)
+        if call.headers.get(b":status", b"200") != b"200":
+            _set(call.future, CallError(STATUS["UNAVAILABLE"], f"HTTP status {call.headers[b':status'].decode()}"))
+        elif status is None:
+            _set(call.future, CallError(STATUS["INTERNAL"], "the answer carried no grpc-status"))
+        elif status[0] != 0:
+            _set(call.future, CallError(*status))
+        elif (message := unframe(bytes(call.body))) is None:
+            _set(call.future, CallError(STATUS["INTERNAL"], "the answer is not one gRPC message"))
+        else:
+            _set(call.future, message)
+
+    def _fail_all(self, why: str) -> None:
+        self.closed = True
+        for call in self.calls.values():
+            _set(call.future, CallError(STATUS["UNAVAILABLE"], why))
+        self.calls.clear()
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+
+def _set(future: asyncio.Future, result) -> None:
+    if not future.done():
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+class GrpcChannel:
+    """Unary gRPC calls to ``host:port``; ``await unary(path, payload, timeout_s)`` returns the answer's bytes."""
+
+    def __init__(self, target: str):
+        host, _, port = target.rpartition(":")
+        self.host, self.port = host or "127.0.0.1", int(port)
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future | None = None
+
+    async def _connection(self, timeout_s: float) -> _Protocol:
+        if self._protocol is not None and not self._protocol.closed:
+            return self._protocol
+        if self._connecting is None:  # one connection attempt, shared by the calls that wait for it
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, if unawaited
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._connecting), timeout_s)
+        except TimeoutError as e:
+            raise CallError(STATUS["DEADLINE_EXCEEDED"], f"no connection to {self.host}:{self.port} in time") from e
+        except OSError as e:
+            raise CallError(STATUS["UNAVAILABLE"], f"cannot connect to {self.host}:{self.port}: {e}") from e
+
+    async def _connect(self) -> _Protocol:
+        try:
+            loop = asyncio.get_running_loop()
+            _, protocol = await loop.create_connection(lambda: _Protocol(f"{self.host}:{self.port}".encode()),
+                                                       self.host, self.port)
+            self._protocol = protocol
+            return protocol
+        finally:
+            self._connecting = None
+
+    async def unary(self, path: str, payload: bytes, timeout_s: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        protocol = await self._connection(timeout_s)
+        stream_id, future = protocol.call(path.encode(), payload, max(deadline - loop.time(), 1e-3))
+        timer = loop.call_later(max(deadline - loop.time(), 0.0), _set, future,
+                                CallError(STATUS["DEADLINE_EXCEEDED"], f"no answer in {timeout_s * 1e3:.1f} ms"))
+        try:
+            return await future
+        except CallError as e:
+            if e.code == STATUS["DEADLINE_EXCEEDED"]:
+                protocol.cancel(stream_id)
+            raise
+        except asyncio.CancelledError:
+            protocol.cancel(stream_id)
+            raise
+        finally:
+            timer.cancel()
+
+    async def close(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None
