@@ -48,10 +48,10 @@ from recserve.triton.retrieval import ItemIndex, build_catalog_dir, context_enco
 from recserve.triton.server import EmbeddedTriton, ServerSettings, free_ports
 
 CANDIDATES = 50
-INGRESS = os.environ.get("BENCH_ROUTER_INGRESS", "direct")
+INGRESS = os.environ.get("BENCH_ROUTER_INGRESS", "replica")
 REPLICAS = int(os.environ.get("BENCH_ROUTER_REPLICAS", "1"))
-"""The router's shape: one direct-ingress replica by default; with more, one h2load per replica port
-shares out the calls (direct), or Serve's proxy does (proxy)."""
+"""The router's shape: one replica serving its own port by default (``ingress: replica``; ``direct`` for Serve's
+direct ingress); with more, one h2load per replica port shares out the calls, or Serve's proxy does (proxy)."""
 LEVELS = (1, 16, 64)
 REQUESTS = {1: 500, 16: 2000, 64: 3000}
 ROUNDS = 3

@@ -71,7 +71,7 @@ class RouterConfig(BaseModel):
     max_inflight: int = Field(256, ge=1)
     coalesce: bool = Field(True, description="coalesce the cloud calls of concurrent requests for one Triton model "
                            "version into one call (up to its max_batch_size rows) while others are in flight")
-    cloud_calls_in_flight: int = Field(2, ge=1, description="with coalesce: Triton calls in flight per model version "
+    cloud_calls_in_flight: int = Field(4, ge=1, description="with coalesce: Triton calls in flight per model version "
                                        "before requests queue to be coalesced")
     breaker_failures: int = Field(3, ge=1)
     breaker_cooldown_s: float = Field(2.0, gt=0)
