@@ -233,7 +233,7 @@ def test_h2load_calls_are_counted_by_triton_and_failures_are_caught(client: Trit
     r = triton_load(client, server.grpc_url, "ranker", good, concurrency=8, total=200)
     assert r["rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
     wrong_shape = infer_request("ranker", sparse[:, :3], dense).SerializeToString()
-    with pytest.raises(RuntimeError, match="Triton answered 0 of 50 calls"):
+    with pytest.raises(RuntimeError, match=r"Triton scored 0 rows of the 50 x 1 sent"):
         triton_load(client, server.grpc_url, "ranker", wrong_shape, concurrency=8, total=50)
 
 
