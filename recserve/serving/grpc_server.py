@@ -48,6 +48,8 @@ MAX_REQUEST_BYTES = 1 << 20
 hundred user features fit well within it."""
 MAX_STREAMS = 1000
 """Calls in flight per connection."""
+MAX_HEADER_BYTES = 64 << 10
+"""Headers (metadata) of one call, decoded: more closes the connection (an HTTP/2 protocol error)."""
 
 _CONFIG = H2Configuration(client_side=False, header_encoding=None)
 _RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
@@ -99,7 +101,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.add(self)
         self.conn.initiate_connection()
         self.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                                   SettingCodes.INITIAL_WINDOW_SIZE: MAX_REQUEST_BYTES + 16})
+                                   SettingCodes.INITIAL_WINDOW_SIZE: MAX_REQUEST_BYTES + 16,
+                                   SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES})
         self.conn.increment_flow_control_window(4 * MAX_REQUEST_BYTES)  # the connection's window, for several calls
         self._flush()
 

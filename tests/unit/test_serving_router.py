@@ -1143,3 +1143,26 @@ def test_a_call_delayed_by_a_busy_replica_counts_the_wait_and_one_given_up_costs
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_oversized_metadata_is_refused_and_the_server_keeps_serving(env: Env) -> None:
+    import grpc
+
+    from recserve.serving.grpc_server import MAX_HEADER_BYTES, start_server
+    from recserve.serving.protos.recommender_pb2_grpc import RecommenderStub
+    from recserve.triton.server import free_port
+
+    async def go() -> None:
+        router = Router(config(env), cloud=FakeCloud(), edge=FakeEdge(), clock=Clock(), rng=Rng())
+        server, port = await start_server(router, [free_port()], "127.0.0.1")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await RecommenderStub(channel).Rank(request(), timeout=2.0,
+                                                        metadata=(("x-big", "a" * (2 * MAX_HEADER_BYTES)),))
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                assert (await RecommenderStub(channel).Rank(request(), timeout=2.0)).served_by == "cloud"
+        finally:
+            await server.stop()
+
+    asyncio.run(go())
