@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import grpc
 from google.protobuf import json_format
@@ -31,15 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def _budget(value: str | None) -> float | None:
-    if value in (None, ""):
-        return None
-    try:
-        budget = float(value)
-    except ValueError:
-        budget = float("nan")
-    if not math.isfinite(budget):
-        raise RankError("INVALID_ARGUMENT", f"{BUDGET_HEADER} must be a finite number of milliseconds, got {value!r}")
-    return budget
+    """The ``x-budget-ms`` header of a call through Serve (no deadline of its own), parsed as the replica's
+    own server parses it."""
+    from recserve.serving.grpc_server import budget_ms
+
+    return budget_ms([(BUDGET_HEADER, value)] if value not in (None, "") else [], None)
 
 
 def freeze_startup_objects() -> None:

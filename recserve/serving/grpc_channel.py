@@ -26,7 +26,7 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes
 
-from recserve.serving.grpc_wire import STATUS, grpc_timeout, message_frame, status_of, unframe
+from recserve.serving.grpc_wire import STATUS, grpc_timeout, message_frame, send_in_window, status_of, unframe
 
 _CONFIG = H2Configuration(client_side=True, header_encoding=None)
 _WINDOW = 16 << 20
@@ -117,12 +117,9 @@ class _Protocol(asyncio.Protocol):
     def _send(self, stream_id: int, call: _Call) -> None:
         """What the flow-control windows allow of the request; the rest waits for a window update."""
         try:
-            while call.unsent:
-                room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-                if room <= 0:
-                    return
-                self.conn.send_data(stream_id, call.unsent[:room])
-                call.unsent = call.unsent[room:]
+            call.unsent = send_in_window(self.conn, stream_id, call.unsent)
+            if call.unsent:
+                return
             self.conn.end_stream(stream_id)
         except H2Error as e:
             self.calls.pop(stream_id, None)

@@ -36,7 +36,7 @@ from h2.settings import SettingCodes
 
 from recserve.errors import ServerError
 from recserve.serving.client import BUDGET_HEADER
-from recserve.serving.grpc_wire import grpc_timeout_s, message_frame, status_trailers, unframe
+from recserve.serving.grpc_wire import grpc_timeout_s, message_frame, send_in_window, status_trailers, unframe
 from recserve.serving.protos.recommender_pb2 import RankRequest
 from recserve.serving.router import RankError, Router
 
@@ -223,13 +223,10 @@ class _Connection(asyncio.Protocol):
         """Send what the flow-control windows allow of a response; the rest waits for a window update."""
         data, trailers = self.pending[stream_id]
         try:
-            while data:
-                room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-                if room <= 0:
-                    self.pending[stream_id][0] = data
-                    return
-                self.conn.send_data(stream_id, data[:room])
-                data = data[room:]
+            left = send_in_window(self.conn, stream_id, data)
+            if left:
+                self.pending[stream_id][0] = left
+                return
             self.conn.send_headers(stream_id, trailers, end_stream=True)
         except H2Error:  # the stream was reset or closed meanwhile
             pass
