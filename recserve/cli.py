@@ -391,7 +391,7 @@ def route(
     policy: Annotated[Path | None, typer.Option(help="initial routing policy (YAML/JSON)")] = None,
     triton_repo: Annotated[Path | None, typer.Option(
         help="also start the embedded Triton on this model repository and route to it (instead of the "
-             "config's triton_url); it stops with the router")] = None,
+             "config's triton_url); restarted on the same ports if it dies, it stops with the router")] = None,
     drain_s: Annotated[float, typer.Option(
         min=0, help="after SIGTERM, keep answering this many seconds before shutting down: a stopping pod "
                     "leaves the Service's endpoints while it still gets calls")] = 0.0,
@@ -425,9 +425,14 @@ def route(
     with contextlib.ExitStack() as running:
         if triton_repo is not None:
             from recserve.triton.server import EmbeddedTriton, ServerSettings
+            from recserve.triton.supervisor import TritonSupervisor
 
+            # tritonserver dying is one line on stderr, its restart another (supervisor's log, see _log_to_err)
+            running.enter_context(_log_to_err("recserve.triton.supervisor"))
             with console.status("starting tritonserver"):
-                triton = running.enter_context(EmbeddedTriton(ServerSettings.on_free_ports(triton_repo)))
+                supervisor = running.enter_context(
+                    TritonSupervisor(EmbeddedTriton(ServerSettings.on_free_ports(triton_repo))))
+            triton = supervisor.server
             for name, why in triton.skipped.items():
                 err.print(f"left out {name}: {why}", highlight=False, markup=False, soft_wrap=True)
             console.print(f"Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}")
@@ -447,6 +452,29 @@ def route(
             if drain_s > 0:
                 console.print(f"SIGTERM: still answering for {drain_s:g} s")
                 time.sleep(drain_s)
+
+
+@contextlib.contextmanager
+def _log_to_err(name: str):
+    """While the block runs, the logger ``name`` writes its records (INFO and up) as lines on stderr."""
+    import logging
+
+    class ToErr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            prefix = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+            err.print(prefix + self.format(record), highlight=False, markup=False, soft_wrap=True)
+
+    logger, handler = logging.getLogger(name), ToErr()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @app.command()

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
@@ -22,10 +24,34 @@ from recserve.serving.client import BUDGET_HEADER
 from recserve.serving.config import RetrieverRoute, RouterConfig
 from recserve.serving.policy import RoutingPolicy, write_policy
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
-from recserve.serving.router import HTTP_STATUS, RankError, Retriever, Router
+from recserve.serving.router import HTTP_STATUS, MAX_REQUEST_BYTES, RankError, Retriever, Router
 from recserve.triton.server import free_port, free_ports
 
-SERVICER = "recserve.serving.protos.recommender_pb2_grpc.add_RecommenderServicer_to_server"
+SERVICER = "recserve.serving.app.add_servicer"
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What Serve's gRPC ingress hands the replica for bytes that are not a RankRequest: answered with
+    INVALID_ARGUMENT by ``Rank`` (Serve's own deserializer raised, and the client got UNKNOWN)."""
+
+    why: str
+
+
+def _rank_request(raw: bytes) -> RankRequest | Undecodable:
+    try:
+        return RankRequest.FromString(raw)
+    except DecodeError as e:
+        return Undecodable(f"the body is not a RankRequest: {e}")
+
+
+def add_servicer(servicer, server) -> None:
+    """``recserve.Recommender`` for Serve's gRPC ingress (direct and proxy), like the generated
+    ``add_RecommenderServicer_to_server`` but with a request deserializer that cannot raise."""
+    handlers = {"Rank": grpc.unary_unary_rpc_method_handler(servicer.Rank, request_deserializer=_rank_request,
+                                                            response_serializer=RankResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("recserve.Recommender", handlers),))
+    server.add_registered_method_handlers("recserve.Recommender", handlers)
 log = logging.getLogger(__name__)
 
 
@@ -87,8 +113,10 @@ class RouterDeployment:
         if user_config and user_config.get("policy") is not None:
             self.router.policy.set(RoutingPolicy.model_validate(user_config["policy"]))
 
-    async def Rank(self, request: RankRequest, grpc_context: RayServegRPCContext) -> RankResponse:  # noqa: N802
+    async def Rank(self, request: RankRequest | Undecodable, grpc_context: RayServegRPCContext) -> RankResponse:  # noqa: N802
         try:
+            if isinstance(request, Undecodable):
+                raise RankError("INVALID_ARGUMENT", request.why)
             budget = _budget(dict(grpc_context.invocation_metadata()).get(BUDGET_HEADER))
             return await self.router.rank(request, budget)
         except RankError as e:
@@ -98,7 +126,7 @@ class RouterDeployment:
             log.exception("Rank failed")
             grpc_context.set_code(grpc.StatusCode.INTERNAL)
             grpc_context.set_details(f"internal error: {type(e).__name__}: {e}")
-        return RankResponse(request_id=request.request_id)
+        return RankResponse()
 
     async def __call__(self, http_request):
         from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -106,15 +134,16 @@ class RouterDeployment:
         path = http_request.url.path.rstrip("/")
         if path.endswith("/metrics"):
             return Response(self.router.metrics.exposition(), media_type="text/plain; version=0.0.4")
-        if path.endswith("/healthz"):
-            return PlainTextResponse("ok")
+        if path.endswith("/healthz"):  # 200 while it answers; "degraded" while a cloud version's circuit is not closed
+            degraded = self.router.degraded()
+            return PlainTextResponse("degraded: " + "; ".join(degraded) if degraded else "ok")
         if not path.endswith("/v1/rank") or http_request.method != "POST":
             return JSONResponse({"error": "NOT_FOUND", "message": "POST /v1/rank, GET /metrics, GET /healthz"}, 404)
         try:
-            body = await http_request.body()
+            body = await _bounded_body(http_request)
             try:
                 request = json_format.Parse(body or b"{}", RankRequest())
-            except (json_format.ParseError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (json_format.ParseError, UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
                 raise RankError("INVALID_ARGUMENT", f"the body is not a RankRequest in JSON: {e}") from e
             response = await self.router.rank(request, _budget(http_request.headers.get(BUDGET_HEADER)))
             return JSONResponse(json_format.MessageToDict(response, preserving_proto_field_name=True))
@@ -123,6 +152,19 @@ class RouterDeployment:
         except Exception as e:
             log.exception("rank failed")
             return JSONResponse({"error": "INTERNAL", "message": f"{type(e).__name__}: {e}"}, 500)
+
+
+async def _bounded_body(http_request) -> bytes:
+    """The request's body, read no further than ``MAX_REQUEST_BYTES`` (RESOURCE_EXHAUSTED beyond it)."""
+    declared = http_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise RankError("RESOURCE_EXHAUSTED", f"the body is larger than the {MAX_REQUEST_BYTES} bytes allowed")
+    body = bytearray()
+    async for chunk in http_request.stream():
+        body += chunk
+        if len(body) > MAX_REQUEST_BYTES:
+            raise RankError("RESOURCE_EXHAUSTED", f"the body is larger than the {MAX_REQUEST_BYTES} bytes allowed")
+    return bytes(body)
 
 
 def build_app(config: RouterConfig):
@@ -211,7 +253,9 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
     # starts read them. (RAY_SERVE_THROUGHPUT_OPTIMIZED would set most of these too, but it also
     # silences stderr logging, with which serve.shutdown() hangs for 30 s here.)
     for key, value in (("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0"), ("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0"),
-                       ("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1000"), ("RAY_SERVE_PROXY_USE_GRPC", "1")):
+                       ("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1000"), ("RAY_SERVE_PROXY_USE_GRPC", "1"),
+                       # Serve's gRPC ingress takes up to 2 GiB by default: bound it (requests and answers)
+                       ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(2 * MAX_REQUEST_BYTES))):
         os.environ.setdefault(key, value)
     grpc_port, http_port = config.grpc_port, config.http_port
     direct = direct_ingress_env(config)

@@ -65,16 +65,23 @@ class RouterConfig(BaseModel):
     policy_file: Path | None = Field(None, description="routing policy (version weights, shadow); re-read on change")
     max_candidates: int = Field(1000, ge=1)
     default_budget_ms: float | None = Field(None, gt=0, description="budget when a request carries no deadline")
+    max_budget_ms: float = Field(60_000.0, gt=0, description="longer budgets (deadlines or x-budget-ms) are clamped "
+                                 "to this")
     edge_latency_ms: float = Field(2.0, ge=0, description="the edge's cost before it is measured (then a moving "
                                    "estimate of the measured cost takes over)")
-    margin_ms: float = Field(1.0, ge=0)
+    margin_ms: float = Field(1.0, ge=0, description="slack (ms) kept for serialization and scheduling")
+    margin_share: float = Field(0.15, ge=0, lt=0.5, description="and this share of each request's budget: time the "
+                                "router cannot see (the request queued in the kernel and the loop, the answer's way "
+                                "back), which grows with load")
     max_inflight: int = Field(256, ge=1)
     coalesce: bool = Field(True, description="coalesce the cloud calls of concurrent requests for one Triton model "
                            "version into one call (up to its max_batch_size rows) while others are in flight")
     cloud_calls_in_flight: int = Field(4, ge=1, description="with coalesce: Triton calls in flight per model version "
                                        "before requests queue to be coalesced")
     breaker_failures: int = Field(3, ge=1)
-    breaker_cooldown_s: float = Field(2.0, gt=0)
+    breaker_cooldown_s: float = Field(1.0, gt=0, description="how long an open circuit skips the cloud before one "
+                                      "request probes it: the cloud is used again within about this long of its "
+                                      "return, however long it was away")
     cache_ttl_s: float = Field(5.0, ge=0)
     cache_size: int = Field(10_000, ge=0)
     stale_s: float = Field(300.0, ge=0, description="how old a cached cloud answer may be to serve as the last rung, "

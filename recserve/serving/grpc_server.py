@@ -38,14 +38,11 @@ from recserve.errors import ServerError
 from recserve.serving.client import BUDGET_HEADER
 from recserve.serving.grpc_wire import grpc_timeout_s, message_frame, send_in_window, status_trailers, unframe
 from recserve.serving.protos.recommender_pb2 import RankRequest
-from recserve.serving.router import RankError, Router
+from recserve.serving.router import MAX_REQUEST_BYTES, RankError, Router
 
 log = logging.getLogger(__name__)
 
 RANK_PATH = b"/recserve.Recommender/Rank"
-MAX_REQUEST_BYTES = 1 << 20
-"""A Rank request larger than this is refused (RESOURCE_EXHAUSTED): 1,000 candidates with long ids and a few
-hundred user features fit well within it."""
 MAX_STREAMS = 1000
 """Calls in flight per connection."""
 MAX_HEADER_BYTES = 64 << 10
@@ -186,10 +183,12 @@ class _Connection(asyncio.Protocol):
         stream.task = asyncio.get_running_loop().create_task(self._rank(stream_id, stream, request))
 
     async def _rank(self, stream_id: int, stream: _Stream, request: RankRequest) -> None:
+        loop, router = asyncio.get_running_loop(), self.server.router
+        budget = None
         try:
-            left = None if stream.timeout_s is None else \
-                stream.timeout_s - (asyncio.get_running_loop().time() - stream.arrived)
-            response = await self.server.router.rank(request, budget_ms(stream.metadata, left))
+            budget = budget_ms(stream.metadata, stream.timeout_s)
+            # the budget counts from the call's arrival, also the time it waited for the loop behind others
+            response = await router.rank(request, budget, start=router.clock() - (loop.time() - stream.arrived))
         except RankError as e:
             self._trailers_only(stream_id, e.code, str(e))
         except asyncio.CancelledError:
@@ -205,6 +204,8 @@ class _Connection(asyncio.Protocol):
         finally:
             self.streams.pop(stream_id, None)
         self._flush()
+        if budget is not None and (loop.time() - stream.arrived) * 1e3 > budget:
+            router.metrics.late.inc()
 
     # -- writing ---------------------------------------------------------------------------------------
     def _refuse(self, stream_id: int, stream: _Stream, code: str, message: str) -> None:

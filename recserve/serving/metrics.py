@@ -35,7 +35,14 @@ class RouterMetrics:
                                       registry=r)
         self.inflight = Gauge("recserve_router_inflight_requests", "Rank requests being answered by this replica "
                               "(what the chart's HPA can scale on, through a metrics adapter)", registry=r)
-        self.circuit_open = Gauge("recserve_router_circuit_open", "1 while the cloud circuit breaker is open", registry=r)
+        self.circuit_state = Gauge("recserve_router_circuit_state", "The circuit breaker of a Triton model version: "
+                                   "0 closed, 1 half-open (one probe allowed), 2 open (the cloud is skipped)",
+                                   ["model", "version"], registry=r)
+        self.late = Counter("recserve_router_late_answers", "Answers written after their deadline, counted from the "
+                            "call's arrival at the replica's gRPC server (the client saw DEADLINE_EXCEEDED)",
+                            registry=r)
+        self.hedges = Counter("recserve_router_hedges", "Requests answered by the edge because the cloud had not "
+                              "answered when only the edge still fitted the deadline", ["model"], registry=r)
         self.cache_hits = Counter("recserve_router_cache_hits", "Responses served from the result cache", registry=r)
         self.fallbacks = Counter("recserve_router_fallbacks", "Answers from the last rung (neither cloud nor edge "
                                  "fitted the deadline), by kind: stale (an expired cached answer) or given_order",

@@ -27,7 +27,7 @@ from recserve.serving.config import ModelRoute, RetrieverRoute, RouterConfig
 from recserve.serving.metrics import RouterMetrics
 from recserve.serving.policy import PolicyWatcher, RoutingPolicy, assignment_point, choose_version, shadow_version
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
-from recserve.serving.routing import CircuitBreaker, LatencyEstimate, RouteSettings, below_cloud, decide
+from recserve.serving.routing import BreakerState, CircuitBreaker, LatencyEstimate, RouteSettings, below_cloud, decide
 from recserve.serving.scorers import CloudError, CloudScorer, EdgeScorer
 from recserve.triton.features import FeatureEncoder, read_columns, top_k
 from recserve.triton.retrieval import ItemIndex, context_encoder
@@ -43,7 +43,8 @@ class RankError(RecserveError):
         self.code = code
 
 
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "INTERNAL": 500}
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413, "DEADLINE_EXCEEDED": 504,
+               "UNAVAILABLE": 503, "INTERNAL": 500}
 
 
 @dataclass
@@ -55,6 +56,30 @@ class _Model:
     known_user: frozenset[str]
     """User feature keys something reads: the ranker's context features, the retriever's, the assignment key."""
     known_numeric: frozenset[str]
+
+
+@dataclass
+class _Target:
+    """What the router knows of one Triton model version it calls: its own breaker and latency estimate, so
+    a failing canary version neither opens the stable version's circuit nor slows its estimate."""
+
+    breaker: CircuitBreaker
+    estimate: LatencyEstimate
+
+
+FORGET_AFTER_S = 1.0
+"""A latency estimate with no new observation for this long starts to fade (see ``LatencyEstimate``)."""
+MAX_REQUEST_BYTES = 1 << 20
+"""The largest Rank request, in bytes, on every ingress (gRPC message or HTTP body; RESOURCE_EXHAUSTED beyond it):
+1,000 candidates with long ids and a few hundred user features fit well within it."""
+MAX_ID_CHARS = 256
+"""Longest item id, request id, model name or feature key or value a request may carry: ids are echoed in the
+answer, and a bounded id keeps the answer within what clients receive by default."""
+
+
+def short(text: str, limit: int = 64) -> str:
+    """``text`` for an error message: what a request sent is echoed at most ``limit`` characters long."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _why(reason: str, unknown: str) -> str:
@@ -114,10 +139,10 @@ class Router:
             self._cloud_call = self._coalescer.score
         self.edge = edge or EdgeScorer(config.edge_threads)
         self.metrics = metrics or RouterMetrics()
-        self.settings = RouteSettings(config.edge_latency_ms, config.margin_ms, config.max_inflight)
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s, clock)
-        self.estimate = LatencyEstimate()
-        self.edge_estimate = LatencyEstimate(initial_ms=config.edge_latency_ms, initial_dev_ms=0.0)
+        self.settings = RouteSettings(config.edge_latency_ms, config.margin_ms, config.max_inflight, config.margin_share)
+        self.targets: dict[tuple[str, str], _Target] = {}
+        self.edge_estimate = LatencyEstimate(initial_ms=config.edge_latency_ms, initial_dev_ms=0.0, clock=clock,
+                                             forget_after_s=FORGET_AFTER_S)
         self.cache = TTLCache(config.cache_size, config.cache_ttl_s, clock, stale_s=config.stale_s)
         self.policy = PolicyWatcher(config.policy_file, clock=clock)
         self.inflight = 0
@@ -134,12 +159,35 @@ class Router:
         self.retrieve_fn = retrieve_fn
         self.retriever = Retriever(config.retriever, config.edge_threads) if config.retriever and not retrieve_fn else None
         self._shadow_tasks: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()
         self._policy_epoch = 0
 
+    def target(self, triton_model: str, version: str = "") -> _Target:
+        """The breaker and latency estimate of one Triton model version (created on first use)."""
+        key = (triton_model, version)
+        t = self.targets.get(key)
+        if t is None:
+            gauge = self.metrics.circuit_state.labels(triton_model, version)
+            gauge.set(BreakerState.CLOSED)
+            t = self.targets[key] = _Target(
+                CircuitBreaker(self.config.breaker_failures, self.config.breaker_cooldown_s, self.clock,
+                               on_change=gauge.set),
+                LatencyEstimate(clock=self.clock, forget_after_s=FORGET_AFTER_S))
+        return t
+
+    def degraded(self) -> list[str]:
+        """The Triton model versions whose circuit is not closed (the cloud is away or failing for them)."""
+        return [f"{m} v{v or '-'}: circuit {t.breaker.state.name.lower().replace('_', '-')}"
+                for (m, v), t in sorted(self.targets.items()) if t.breaker.state != BreakerState.CLOSED]
+
     # -- the request path -------------------------------------------------------------------------
-    async def rank(self, request: RankRequest, budget_ms: float | None = None) -> RankResponse:
-        start = self.clock()
+    async def rank(self, request: RankRequest, budget_ms: float | None = None, start: float | None = None) -> RankResponse:
+        """The answer to ``request`` within ``budget_ms`` counted from ``start`` (the request's arrival on the
+        router's clock; now when not given). Budgets above ``max_budget_ms`` are clamped to it."""
+        start = self.clock() if start is None else start
         budget_ms = budget_ms if budget_ms is not None else self.config.default_budget_ms
+        if budget_ms is not None:
+            budget_ms = min(budget_ms, self.config.max_budget_ms)
         name = request.model or self.config.default_model
         self.metrics.inflight.inc()
         try:
@@ -156,10 +204,15 @@ class Router:
     async def _rank(self, req: RankRequest, name: str, start: float, budget_ms: float | None) -> RankResponse:
         model = self.models.get(name)
         if model is None:
-            raise RankError("NOT_FOUND", f"unknown model {name!r}; this router serves {sorted(self.models)}")
+            raise RankError("NOT_FOUND", f"unknown model {short(name)!r}; this router serves {sorted(self.models)}")
         if len(req.candidate_item_ids) > self.config.max_candidates:
             raise RankError("INVALID_ARGUMENT", f"{len(req.candidate_item_ids)} candidates is more than the "
                             f"{self.config.max_candidates} allowed; send fewer or raise max_candidates")
+        too_long = next((s for s in (req.request_id, req.query, *req.candidate_item_ids, *req.user.keys(),
+                                     *req.user.values(), *req.numeric.keys()) if len(s) > MAX_ID_CHARS), None)
+        if too_long is not None:
+            raise RankError("INVALID_ARGUMENT", f"ids, keys and values are at most {MAX_ID_CHARS} characters; "
+                            f"got {short(too_long, 32)!r}")
         if req.top_k < 0:
             raise RankError("INVALID_ARGUMENT", "top_k must be >= 0 (0 returns every candidate)")
         if budget_ms is not None and budget_ms <= 0:
@@ -181,22 +234,22 @@ class Router:
             return out
         items = list(req.candidate_item_ids) or await self._retrieve(req)
         sparse, dense = self._rows(model, req, items)
-        decision = decide(self._left(start, budget_ms), self.estimate.estimate_ms, self.edge_estimate.estimate_ms,
-                          self.breaker.available(), self.inflight, self.settings)
-        if decision.route == "cloud" and not self.breaker.allow():  # the half-open probe went to another request
+        primary = model.route.rankers[0].triton_model
+        point, hashed = assignment_point(policy, primary, req.user, self.rng())
+        if not hashed and primary in policy.models and policy.models[primary].assignment.by == "hash":
+            self.metrics.unsticky.labels(name).inc()
+        version = choose_version(policy, primary, point)
+        target = self.target(primary, version)
+        decision = decide(self._left(start, budget_ms), target.estimate.estimate_ms, self.edge_estimate.estimate_ms,
+                          target.breaker.available(), self.inflight, self.settings)
+        if decision.route == "cloud" and not target.breaker.allow():  # the half-open probe went to another request
             decision = below_cloud(self._left(start, budget_ms), self.edge_estimate.estimate_ms, self.settings,
                                    "circuit half-open")
-        self.metrics.circuit_open.set(1 if self.breaker.state == CircuitBreaker.OPEN else 0)
         if decision.route == "reject":
             raise RankError("DEADLINE_EXCEEDED", "the deadline passed before ranking could start")
-        primary = model.route.rankers[0].triton_model
         reason = decision.reason
         if decision.route == "cloud":
-            point, hashed = assignment_point(policy, primary, req.user, self.rng())
-            if not hashed and primary in policy.models and policy.models[primary].assignment.by == "hash":
-                self.metrics.unsticky.labels(name).inc()
-            version = choose_version(policy, primary, point)
-            answers = await self._cloud(model, version, sparse, dense, decision.cloud_timeout_ms / 1e3)
+            answers, edge_scores = await self._cloud_or_hedge(model, version, target, sparse, dense, decision)
             if answers is not None:
                 version = answers[0].version or version
                 scores = sum(r.weight * a.scores for r, a in zip(model.route.rankers, answers))
@@ -204,17 +257,42 @@ class Router:
                 self.cache.put(key, response)
                 self._maybe_shadow(policy, primary, version, sparse, dense, answers[0].scores, len(response.items))
                 return response
+            if edge_scores is not None:  # the hedge: the cloud had not answered when only the edge still fitted
+                return self._answer(req, name, items, edge_scores, "edge", "edge",
+                                    _why("cloud slow: answered from edge", unknown))
             decision = below_cloud(self._left(start, budget_ms), self.edge_estimate.estimate_ms, self.settings,
                                    "cloud failed")
             reason = "cloud failed: answered from edge" if decision.route == "edge" else decision.reason
         if decision.route == "edge":
-            t0 = self.clock()
-            scores = sum(r.weight * self.edge.score(r.edge_model, sparse, dense) for r in model.route.rankers)
-            took = self.clock() - t0
-            self.edge_estimate.observe(took * 1e3)
-            self.metrics.edge_latency.labels(name).observe(took)
-            return self._answer(req, name, items, scores, "edge", "edge", _why(reason, unknown))
+            return self._answer(req, name, items, self._edge(model, sparse, dense), "edge", "edge", _why(reason, unknown))
         return self._last_rung(req, name, key, items, _why(reason, unknown))
+
+    def _edge(self, model: _Model, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        """The blended edge scores, the edge's cost measured into its moving estimate."""
+        t0 = self.clock()
+        scores = sum(r.weight * self.edge.score(r.edge_model, sparse, dense) for r in model.route.rankers)
+        took = self.clock() - t0
+        self.edge_estimate.observe(took * 1e3)
+        self.metrics.edge_latency.labels(model.name).observe(took)
+        return scores
+
+    async def _cloud_or_hedge(self, model: _Model, version: str, target: _Target, sparse, dense, decision):
+        """(the cloud's answers, None), or (None, the edge's scores) when the cloud had not answered by the hedge
+        time, or (None, None) when it failed before. The cloud call runs on with its own deadline after a hedge
+        (or after the client left): its outcome still reaches the breaker and the estimate."""
+        call = self._cloud(model, version, target, sparse, dense, self.clock() + decision.cloud_timeout_ms / 1e3)
+        if decision.hedge_ms is None:
+            return await call, None
+        task = asyncio.ensure_future(call)
+        self._background.add(task)  # it may outlive this request (a hedge, a client that left)
+        task.add_done_callback(self._background.discard)
+        done, _ = await asyncio.wait((task,), timeout=max(decision.hedge_ms, 0.0) / 1e3)
+        if not done:
+            edge = self._edge(model, sparse, dense)
+            if not task.done():  # an answer that came while the edge ran is taken: first valid answer wins
+                self.metrics.hedges.labels(model.name).inc()
+                return None, edge
+        return task.result(), None
 
     def _left(self, start: float, budget_ms: float | None) -> float | None:
         return None if budget_ms is None else budget_ms - (self.clock() - start) * 1e3
@@ -284,12 +362,14 @@ class Router:
         rows = model.catalog.rows_for(items)
         return model.catalog.ranker_rows(rows, ctx_sparse, ctx_dense)
 
-    async def _cloud(self, model: _Model, version: str, sparse, dense, timeout_s: float):
-        """Each ranker's cloud scores, or None after a failure (recorded by the breaker and metrics, by
-        Triton model and version: what a ModelRollout of that model reads)."""
+    async def _cloud(self, model: _Model, version: str, target: _Target, sparse, dense, deadline: float):
+        """Each ranker's cloud scores, or None after a failure (recorded by the version's breaker and the metrics,
+        by Triton model and version: what a ModelRollout of that model reads). Every outcome reaches the
+        breaker: success, failure, timeout, and cancellation (which releases a half-open probe)."""
         primary = model.route.rankers[0].triton_model
         self.inflight += 1
         t0 = self.clock()
+        timeout_s = max(deadline - t0, 1e-3)  # a task starts a loop turn or more after the decision
         try:
             calls = [self._cloud_call(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
                      for i, r in enumerate(model.route.rankers)]
@@ -297,15 +377,18 @@ class Router:
             answers = [replace(a, scores=checked_scores(a.scores, len(sparse), r.triton_model, version if i == 0 else ""))
                        for i, (r, a) in enumerate(zip(model.route.rankers, answers))]
         except CloudError as e:
-            self.breaker.record_failure()
+            target.breaker.record_failure()
             self.metrics.cloud_failures.labels(primary, version, e.kind).inc()
             log.info("cloud call failed (%s): %s", e.kind, e)
             return None
+        except asyncio.CancelledError:
+            target.breaker.record_cancel()
+            raise
         finally:
             self.inflight -= 1
         took = self.clock() - t0
-        self.breaker.record_success()
-        self.estimate.observe(took * 1e3)
+        target.breaker.record_success()
+        target.estimate.observe(took * 1e3)
         self.metrics.cloud_latency.labels(primary, version).observe(took)
         return answers
 
@@ -331,7 +414,7 @@ class Router:
         self.metrics.shadow_drift.labels(triton_model, version).observe(float(np.mean(np.abs(shadow - served))))
 
     async def close(self) -> None:
-        for t in list(self._shadow_tasks):
+        for t in [*self._shadow_tasks, *self._background]:
             t.cancel()
         if self.config.coalesce:
             await self._coalescer.close()

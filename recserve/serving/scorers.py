@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,17 +58,20 @@ class CloudScorer:
         self.url = url
         self.channel = GrpcChannel(url)
         self._batch_limits: dict[str, int] = {}
-        self._asked: set[str] = set()
+        self._asking: dict[str, asyncio.Future] = {}
 
     def batch_limit(self, model: str) -> int:
         """The model's ``max_batch_size`` in Triton (how many rows one call may carry), once known; 0 until then
-        (the first call asks Triton for the model's config in the background)."""
-        if model not in self._asked:
-            self._asked.add(model)
-            import asyncio
-
-            asyncio.get_running_loop().create_task(self._ask_batch_limit(model))
+        (the first call asks Triton for the model's config)."""
+        self._ask(model)
         return self._batch_limits.get(model, 0)
+
+    def _ask(self, model: str) -> asyncio.Future:
+        """One ModelConfig call per model at a time, shared by whoever needs the answer; asked again after a failure."""
+        task = self._asking.get(model)
+        if task is None or (task.done() and model not in self._batch_limits):
+            task = self._asking[model] = asyncio.ensure_future(self._ask_batch_limit(model))
+        return task
 
     async def _ask_batch_limit(self, model: str) -> None:
         from tritonclient.grpc.service_pb2 import ModelConfigRequest, ModelConfigResponse
@@ -77,11 +82,30 @@ class CloudScorer:
             raw = await self.channel.unary(self.CONFIG, ModelConfigRequest(name=model).SerializeToString(), 5.0)
             self._batch_limits[model] = int(ModelConfigResponse.FromString(raw).config.max_batch_size)
         except CallError:
-            self._asked.discard(model)  # ask again on a later call
+            pass  # asked again on a later call
 
     async def score(self, model: str, version: str, sparse: np.ndarray, dense: np.ndarray,
                     timeout_s: float) -> CloudAnswer:
-        """The scores and the version that answered (Triton's own choice when ``version`` is empty)."""
+        """The scores and the version that answered (Triton's own choice when ``version`` is empty). More rows than
+        the model's ``max_batch_size`` go out as several calls at once: Triton would refuse them in one."""
+        if model not in self._batch_limits:  # the first call of a model waits for its config (one round trip)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._ask(model)), timeout_s / 2)
+            timeout_s = max(deadline - loop.time(), 1e-3)
+        limit = self._batch_limits.get(model, 0)
+        if not limit or len(sparse) <= limit:
+            return await self._infer(model, version, sparse, dense, timeout_s)
+        parts = await asyncio.gather(*(self._infer(model, version, sparse[i:i + limit], dense[i:i + limit], timeout_s)
+                                       for i in range(0, len(sparse), limit)), return_exceptions=True)
+        failed = next((p for p in parts if isinstance(p, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return CloudAnswer(np.concatenate([p.scores for p in parts]), parts[0].version)
+
+    async def _infer(self, model: str, version: str, sparse: np.ndarray, dense: np.ndarray,
+                     timeout_s: float) -> CloudAnswer:
         from tritonclient.grpc.service_pb2 import ModelInferRequest, ModelInferResponse
 
         from recserve.serving.grpc_channel import CallError

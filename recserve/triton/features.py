@@ -42,7 +42,10 @@ class FeatureEncoder:
                                  f"({', '.join(t.name for t in self.transforms)}), got {list(dense_raw.shape)}")
         if len(sparse_raw) != len(dense_raw):
             raise InferenceError(f"{len(sparse_raw)} sparse rows but {len(dense_raw)} dense rows")
-        texts = [[v.decode() if isinstance(v, bytes) else str(v) for v in col] for col in sparse_raw.T]
+        try:
+            texts = [[v.decode() if isinstance(v, bytes) else str(v) for v in col] for col in sparse_raw.T]
+        except UnicodeDecodeError as e:  # Triton's BYTES tensors carry any bytes: the caller's mistake
+            raise InferenceError(f"sparse features: a value is not UTF-8 text ({e.reason} at byte {e.start})") from None
         sparse = np.stack([vocab.lookup(col) for vocab, col in zip(self.vocabularies, texts)], axis=1) if texts else \
             np.zeros((len(sparse_raw), 0), np.int64)
         dense = np.zeros((len(dense_raw), len(self.transforms)), np.float32)

@@ -20,9 +20,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from recserve.errors import ServerError
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Iterable
 
 BACKENDS = Path(__file__).resolve().parent / "backends"
 
@@ -135,8 +139,60 @@ def port_listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of the process group ``pgid``: a stopped tritonserver's python backend stubs."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+def shm_regions(pids: list[int]) -> set[Path]:
+    """Triton's shared-memory files (``/dev/shm/triton_*``) that these processes map: a python backend stub
+    removes its region when it exits on its own, but not when it is killed."""
+    regions = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            path = line.split(maxsplit=5)[5:]
+            if path and path[0].startswith("/dev/shm/triton_"):
+                regions.add(Path(path[0].removesuffix(" (deleted)")))
+    return regions
+
+
+def end_process_group(pgid: int, regions: Iterable[Path] = (), grace: float = 5.0) -> list[int]:
+    """SIGKILL what is left of the process group ``pgid`` (its leader already gone), wait up to ``grace``
+    seconds for it to go, remove the shared-memory ``regions`` it held; the pids it found."""
+    members = group_members(pgid)
+    if members:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for region in regions:
+        region.unlink(missing_ok=True)
+    return members
+
+
 class EmbeddedTriton:
-    """The real tritonserver as a child process; a context manager that waits for readiness."""
+    """The real tritonserver as a child process; a context manager that waits for readiness.
+
+    It runs in its own session (process group), with its python backend stubs: :meth:`stop` ends the
+    group, also after tritonserver itself died (a crashed server's stubs live on otherwise).
+    """
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
@@ -183,7 +239,9 @@ class EmbeddedTriton:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
 
-    def start(self) -> EmbeddedTriton:
+    def start(self, cancel: threading.Event | None = None) -> EmbeddedTriton:
+        """Start tritonserver and wait for readiness; ServerError (and nothing left running) when it does not
+        come up, or when ``cancel`` is set meanwhile. It may be started again after :meth:`stop`."""
         repo = Path(self.settings.repository)
         if not repo.is_dir():
             raise ServerError(f"model repository {repo} does not exist; create one with `recserve build`")
@@ -201,7 +259,7 @@ class EmbeddedTriton:
                                         env=self.environment(install), start_new_session=True)
         log.close()
         try:
-            self.wait_ready(self.settings.startup_timeout)
+            self.wait_ready(self.settings.startup_timeout, cancel)
         except BaseException:  # ServerError, and Ctrl-C while waiting: never leave tritonserver behind
             self.stop()
             raise
@@ -241,9 +299,11 @@ class EmbeddedTriton:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():
+                raise ServerError("tritonserver start cancelled")
             if self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
             if self.is_ready():
@@ -252,17 +312,21 @@ class EmbeddedTriton:
         raise ServerError(f"tritonserver was not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGINT (Triton drains in-flight requests and unloads models), then SIGKILL if it hangs."""
+        """SIGINT (Triton drains in-flight requests and unloads models), then SIGKILL if it hangs; then SIGKILL
+        what is left of its process group (the python backend stubs of a server that died) and its shared memory."""
         p, self.process = self.process, None
-        if p is not None and p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGINT)
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            except ProcessLookupError:
-                pass
+        if p is not None:
+            regions = shm_regions(group_members(p.pid))  # before any SIGKILL: a killed stub leaves its region
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGINT)
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+                except ProcessLookupError:
+                    pass
+            end_process_group(p.pid, regions)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -156,6 +156,20 @@ class RouterStack:
         return sum(int(s.get("inference_count", 0)) for s in stats)
 
 
+def raw_rank(target: str, payload: bytes, timeout: float = 5.0, metadata=()):
+    """``recserve.Recommender/Rank`` with ``payload`` as the message's bytes (anything, decodable or not): the
+    answer's bytes, or the grpc.RpcError raised."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary("/recserve.Recommender/Rank", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        try:
+            return call(payload, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as e:
+            return e
+
+
 def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll ``condition`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

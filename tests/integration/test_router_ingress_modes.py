@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import router_fixtures
 from google.protobuf import json_format
-from router_fixtures import CANDIDATES, listener_of, policy, start_stack, stop_stack, wait_until
+from router_fixtures import CANDIDATES, listener_of, policy, raw_rank, start_stack, stop_stack, wait_until
 
 from recserve.serving.client import RouterClient
 from recserve.serving.policy import write_policy
@@ -53,6 +53,7 @@ def test_two_replicas_behind_serve_proxies_answer_grpc_and_http(router_repo) -> 
         assert status == 200, body
         doc = json.loads(body)
         assert (doc["served_by"], doc["request_id"], len(doc["items"])) == ("cloud", req.request_id, 4)
+        _bad_bytes_are_invalid_argument(stack.grpc_target)
     finally:
         stop_stack(stack)
 
@@ -82,8 +83,21 @@ def test_two_replicas_on_their_own_ports_share_a_round_robin_client(router_repo,
         counts = [served(b) for b in cfg.http_bases()]
         # both replicas answered (round robin), every request counted once
         assert min(counts) >= 10 and sum(counts) >= 40, counts
+        _bad_bytes_are_invalid_argument(cfg.grpc_targets()[0])
     finally:
         stop_stack(stack)
+
+
+def _bad_bytes_are_invalid_argument(target: str) -> None:
+    """Undecodable bytes are the caller's mistake on every ingress (Serve's own decoder answered UNKNOWN), and a
+    message over the bound is refused (Serve's ingress took up to 2 GiB)."""
+    import grpc
+
+    for payload in (b"\xff\xff\xff", b"\x0a\xff", bytes(range(256))):
+        answer = raw_rank(target, payload)
+        assert isinstance(answer, grpc.RpcError) and answer.code() == grpc.StatusCode.INVALID_ARGUMENT, payload
+    big = raw_rank(target, b"\x0a\x80\x80\x80\x02" + b"x" * (4 << 20))  # request_id of 4 MiB
+    assert isinstance(big, grpc.RpcError) and big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_a_router_that_cannot_start_says_why(router_repo, tmp_path) -> None:

@@ -450,9 +450,10 @@ def test_triton_stopped_mid_run_every_request_is_answered_in_time(stack: RouterS
     # the breaker kept the dead cloud out of the path: a few failures (then one probe per cooldown), the rest skipped
     assert sum(reason.startswith("circuit") for reason in reasons) > len(after) / 2, reasons
     assert stack.metric("recserve_router_cloud_failures_total") >= stack.config.breaker_failures
-    # the gauge follows the breaker (set per request; a request that takes the half-open probe reads 0)
+    # the gauge follows the breaker of the version served: 2 open (or 1 while a probe is out)
     wait_until(lambda: rank(client, stack.request()).served_by == "edge"
-               and stack.metric("recserve_router_circuit_open") == 1, 10, what="recserve_router_circuit_open 1")
+               and stack.metric("recserve_router_circuit_state", model="ranker", version="1") == 2, 10,
+               what="recserve_router_circuit_state 2")
 
 
 def test_router_goes_back_to_the_cloud_when_triton_restarts_on_the_same_ports(stack: RouterStack,
@@ -469,4 +470,4 @@ def test_router_goes_back_to_the_cloud_when_triton_restarts_on_the_same_ports(st
     stack.triton = EmbeddedTriton(stack.triton.settings).start()
     # after a cooldown the breaker's probe succeeds and the cloud serves again
     serving(client, stack, timeout=60)
-    assert stack.metric("recserve_router_circuit_open") == 0
+    assert stack.metric("recserve_router_circuit_state", model="ranker", version="1") == 0

@@ -24,6 +24,7 @@ ENTRY_POINTS = [
     "recserve.serving.grpc_server",
     "recserve.serving.scorers",
     "recserve.serving.rank_cli",
+    "recserve.triton.supervisor",  # runs in the router process (`recserve route --triton-repo`)
     "recserve.operator.handlers",
     "recserve.triton.models.item_index",
     "recserve.triton.models.recommend_preprocess",

@@ -181,3 +181,78 @@ def test_autoscaling_needs_serves_proxies_and_replaces_num_replicas() -> None:
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 16)
     fixed = build_app(RouterConfig.model_validate(minimal(num_replicas=3, ingress="proxy")))._bound_deployment
     assert fixed._deployment_config.autoscaling_config is None and fixed.num_replicas == 3
+
+
+# --- the Serve ingress's request decoding and body bound (issue 16) -----------------------------------------------
+
+
+def test_serve_grpc_ingress_decodes_without_raising() -> None:
+    """Serve's generated decoder raised on undecodable bytes and the client got UNKNOWN; ours hands ``Rank`` a
+    value it answers with INVALID_ARGUMENT."""
+    from recserve.serving.app import Undecodable, _rank_request
+    from recserve.serving.protos.recommender_pb2 import RankRequest
+
+    good = RankRequest(request_id="a", candidate_item_ids=["1"])
+    assert _rank_request(good.SerializeToString()) == good
+    bad = _rank_request(b"\xff\xff\xff")
+    assert isinstance(bad, Undecodable) and "not a RankRequest" in bad.why
+
+
+def test_serve_grpc_ingress_registers_rank_with_the_safe_decoder() -> None:
+    from recserve.serving.app import SERVICER, _rank_request, add_servicer
+
+    class Server:
+        def __init__(self):
+            self.generic, self.registered = [], {}
+
+        def add_generic_rpc_handlers(self, handlers):
+            self.generic += handlers
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.registered[service] = handlers
+
+    class Servicer:
+        async def Rank(self, request, context):  # noqa: N802
+            return None
+
+    server = Server()
+    add_servicer(Servicer(), server)
+    handler = server.registered["recserve.Recommender"]["Rank"]
+    assert handler.request_deserializer is _rank_request
+    assert len(server.generic) == 1 and SERVICER == "recserve.serving.app.add_servicer"
+
+
+class _Body:
+    def __init__(self, chunks, length=None):
+        self.chunks = chunks
+        self.headers = {} if length is None else {"content-length": str(length)}
+
+    async def stream(self):
+        for c in self.chunks:
+            yield c
+
+
+@pytest.mark.parametrize("declared", [None, 1])
+def test_http_bodies_are_read_no_further_than_the_bound(declared) -> None:
+    """A body over the bound is refused while it streams in (or from its declared length), not read whole first."""
+    import asyncio
+
+    from recserve.serving.app import _bounded_body
+    from recserve.serving.router import MAX_REQUEST_BYTES, RankError
+
+    read = []
+
+    async def chunks():
+        for i in range(10_000):
+            read.append(i)
+            yield b"x" * 65536
+
+    body = _Body(None, declared)
+    body.stream = chunks
+    with pytest.raises(RankError) as info:
+        asyncio.run(_bounded_body(body))
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    assert len(read) <= MAX_REQUEST_BYTES // 65536 + 1
+    assert asyncio.run(_bounded_body(_Body([b"{", b"}"]))) == b"{}"
+    with pytest.raises(RankError):
+        asyncio.run(_bounded_body(_Body([], MAX_REQUEST_BYTES + 1)))

@@ -19,6 +19,7 @@ from recserve.serving.config import RouterConfig
 from recserve.serving.policy import RoutingPolicy, write_policy
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
 from recserve.serving.router import HTTP_STATUS, RankError, Router
+from recserve.serving.routing import BreakerState
 from recserve.serving.scorers import CloudAnswer, CloudError
 
 SPEC = "synthetic:6000,users=300,items=500"
@@ -70,7 +71,7 @@ def config(env: Env, *, rankers: list[dict] | None = None, **over) -> RouterConf
             "rankers": rankers or [{"triton_model": "ranker", "edge_model": str(env.ranker / "model.onnx")}],
             "catalog": str(env.catalog), "preprocessing": str(env.preprocessing)}},
         "cache_ttl_s": 0, "breaker_failures": 3, "breaker_cooldown_s": 2.0,
-        "edge_latency_ms": 2.0, "margin_ms": 1.0,
+        "edge_latency_ms": 2.0, "margin_ms": 1.0, "margin_share": 0.0,
     }
     raw.update(over)
     return RouterConfig.model_validate(raw)
@@ -224,7 +225,7 @@ def test_cloud_answer_is_served_with_the_fakes_scores(env: Env) -> None:
     assert len(r.cloud.calls) == 1 and not r.edge.calls
     call = r.cloud.calls[0]
     assert call.model == "ranker" and call.version == ""
-    assert call.timeout_s == pytest.approx((100.0 - 3.0) / 1e3)  # budget minus the edge reserve
+    assert call.timeout_s == pytest.approx((100.0 - 1.0) / 1e3)  # budget minus the margin (hedged before)
     fake = cloud_scores("ranker", "", call.sparse, call.dense)
     items, scores = expected_order(fake, CANDIDATES, 3)
     assert list(resp.items) == items
@@ -281,7 +282,7 @@ def test_cloud_error_falls_back_to_edge_and_counts_a_failure(env: Env) -> None:
     items, scores = expected_order(edge_scores(path, sparse, dense), CANDIDATES, 3)
     assert list(resp.items) == items
     np.testing.assert_allclose(resp.scores, scores, rtol=1e-6)
-    assert r.router.breaker.failures == 1
+    assert r.router.target("ranker").breaker.failures == 1
     assert r.metric("recserve_router_cloud_failures_total", model="ranker", kind="unavailable") == 1.0
     assert r.metric("recserve_router_requests_total", model="ranker", route="edge", version="edge", code="OK") == 1.0
 
@@ -308,7 +309,8 @@ def test_a_version_answering_garbage_is_a_cloud_failure_answered_by_the_edge(env
     assert (resp.served_by, resp.version, resp.reason) == ("edge", "edge", "cloud failed: answered from edge")
     assert len(resp.items) == 3 and all(math.isfinite(x) for x in resp.scores)
     assert r.metric("recserve_router_cloud_failures_total", model="ranker", version="2", kind="bad_output") == 1.0
-    assert r.router.breaker.failures == 1
+    assert r.router.target("ranker", "2").breaker.failures == 1  # the version's own breaker
+    assert r.router.target("ranker", "1").breaker.failures == 0
     assert message in caplog.text
 
 
@@ -341,7 +343,7 @@ def test_breaker_opens_after_n_failures_and_skips_the_cloud(env: Env) -> None:
         resp = r.rank(request(request_id=f"o{i}"), budget_ms=100.0)
         assert (resp.served_by, resp.reason) == ("edge", "circuit open")
     assert len(r.cloud.calls) == 3, "the cloud must not be called while the circuit is open"
-    assert r.metric("recserve_router_circuit_open") == 1.0
+    assert r.metric("recserve_router_circuit_state", model="ranker", version="") == 2.0  # open
 
     # after the cooldown one probe goes through; the cloud is back, so the circuit closes
     r.cloud.fail = None
@@ -351,7 +353,7 @@ def test_breaker_opens_after_n_failures_and_skips_the_cloud(env: Env) -> None:
     assert len(r.cloud.calls) == 4
     resp = r.rank(request(request_id="after"), budget_ms=100.0)
     assert resp.served_by == "cloud"
-    assert r.metric("recserve_router_circuit_open") == 0.0
+    assert r.metric("recserve_router_circuit_state", model="ranker", version="") == 0.0  # closed
 
 
 def test_failed_probe_keeps_the_circuit_open(env: Env) -> None:
@@ -381,7 +383,7 @@ def test_half_open_probe_is_not_lost_to_a_request_that_goes_to_the_edge(env: Env
         if resp.served_by == "cloud":
             break
     assert resp.served_by == "cloud", f"stuck on the edge: {resp.reason!r}"
-    assert r.router.breaker.state == r.router.breaker.CLOSED
+    assert r.router.target("ranker").breaker.state == BreakerState.CLOSED
 
 
 def test_only_one_request_probes_a_half_open_breaker(env: Env) -> None:
@@ -412,10 +414,9 @@ def test_budget_too_small_for_the_cloud_goes_to_edge(env: Env) -> None:
     assert (resp.served_by, resp.reason, resp.version) == ("edge", "deadline", "edge")
     assert not r.cloud.calls
     assert r.router.edge_estimate.mean < 2.0, "the edge's measured cost (0 ms on the fake clock) moved its estimate"
-    reserve = r.router.edge_estimate.estimate_ms + 1.0
     resp = r.rank(request(), budget_ms=13.5)
     assert resp.served_by == "cloud"
-    assert r.cloud.calls[0].timeout_s == pytest.approx((13.5 - reserve) * 1e-3)
+    assert r.cloud.calls[0].timeout_s == pytest.approx((13.5 - 1.0) * 1e-3)  # hedged at 13.5 - reserve
 
 
 def test_time_already_spent_counts_against_the_budget(env: Env) -> None:
@@ -429,10 +430,9 @@ def test_time_already_spent_counts_against_the_budget(env: Env) -> None:
     clock_holder.append(r.clock)
     resp = r.rank(request(candidates=[]), budget_ms=20.0)  # 10 left < 13 needed
     assert (resp.served_by, resp.reason) == ("edge", "deadline")
-    reserve = r.router.edge_estimate.estimate_ms + 1.0  # the edge's measured cost and the margin
-    resp = r.rank(request(candidates=[]), budget_ms=40.0)  # 30 left: cloud, with 30 - reserve ms to answer
+    resp = r.rank(request(candidates=[]), budget_ms=40.0)  # 30 left: cloud, with 30 - margin ms to answer
     assert resp.served_by == "cloud"
-    assert r.cloud.calls[-1].timeout_s == pytest.approx((30 - reserve) * 1e-3)
+    assert r.cloud.calls[-1].timeout_s == pytest.approx((30 - 1.0) * 1e-3)
     with pytest.raises(RankError) as info:
         r.rank(request(candidates=[]), budget_ms=8.0)  # passes during retrieval
     assert info.value.code == "DEADLINE_EXCEEDED"
@@ -443,7 +443,7 @@ def test_latency_estimate_learns_from_cloud_calls(env: Env) -> None:
     r = rig(env, cloud_took_s=0.040)  # every cloud call takes 40 ms (fake clock)
     for i in range(40):
         assert r.rank(request(request_id=str(i)), budget_ms=None).served_by == "cloud"
-    assert r.router.estimate.mean == pytest.approx(40.0, rel=0.05)
+    assert r.router.target("ranker").estimate.mean == pytest.approx(40.0, rel=0.05)
     # a budget that the initial 10 ms estimate would have accepted now goes to the edge
     resp = r.rank(request(), budget_ms=30.0)
     assert (resp.served_by, resp.reason) == ("edge", "deadline")
@@ -717,7 +717,7 @@ def test_shadow_percent_zero_and_shadow_failures(env: Env) -> None:
     resp = asyncio.run(go())
     assert resp.served_by == "cloud"  # a failing shadow never affects the answer
     assert [c.version for c in r.cloud.calls] == ["1", "1", "2"]
-    assert r.router.breaker.failures == 0, "shadow failures must not trip the breaker"
+    assert r.router.target("ranker").breaker.failures == 0, "shadow failures must not trip the breaker"
     assert r.metric("recserve_router_shadow_overlap_count", model="ranker", version="2") in (None, 0.0)
 
 
@@ -921,7 +921,8 @@ def test_the_edge_cost_is_measured_not_assumed(env: Env) -> None:
     clock, rng = Clock(), Rng()
     edge = SlowEdge(clock, 0.012)  # the edge takes 12 ms, not the configured 2
     router = Router(config(env), cloud=FakeCloud(clock), edge=edge, clock=clock, rng=rng)
-    router.breaker.record_failure(), router.breaker.record_failure(), router.breaker.record_failure()  # open: edge
+    breaker = router.target("ranker").breaker
+    breaker.record_failure(), breaker.record_failure(), breaker.record_failure()  # open: edge
     for _ in range(30):
         asyncio.run(router.rank(request(), 1000.0))
     assert router.edge_estimate.mean == pytest.approx(12.0, rel=0.1)
@@ -1166,3 +1167,138 @@ def test_oversized_metadata_is_refused_and_the_server_keeps_serving(env: Env) ->
             await server.stop()
 
     asyncio.run(go())
+
+
+# --- faults: per-version breakers, cancelled probes, hedging, limits (issue 16) ------------------------------------
+
+
+def _split(r: Rig, stable: int, candidate: int) -> None:
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": stable, "2": candidate}, "assignment": {"by": "random"}}}}))
+
+
+def test_a_failing_canary_opens_only_its_own_circuit(env: Env) -> None:
+    """One breaker per Triton model version: the candidate's failures open its circuit, and the stable version's
+    requests keep going to the cloud (they used to share one breaker and all fall to the edge)."""
+    r = rig(env, breaker_failures=3)
+    _split(r, 50, 50)
+    r.cloud.fail_versions = {"2"}
+    served = {"1": [], "2": []}
+    for i in range(40):
+        r.rng.value = 0.25 if i % 2 else 0.75  # alternate the draw: below 0.5 is v1, above v2
+        resp = r.rank(request(request_id=f"c{i}"), budget_ms=100.0)
+        served["1" if i % 2 else "2"].append(resp.served_by)
+    assert served["1"] == ["cloud"] * 20, "the stable version's requests must stay on the cloud"
+    assert set(served["2"]) == {"edge"}
+    assert r.router.target("ranker", "2").breaker.state == BreakerState.OPEN
+    assert r.router.target("ranker", "1").breaker.state == BreakerState.CLOSED
+    assert r.metric("recserve_router_circuit_state", model="ranker", version="2") == 2.0
+    assert r.metric("recserve_router_circuit_state", model="ranker", version="1") == 0.0
+    assert r.router.degraded() == ["ranker v2: circuit open"]
+    assert sum(1 for c in r.cloud.calls if c.version == "2") == 3  # then the open circuit kept them out
+
+
+def test_a_cancelled_probe_does_not_wedge_the_breaker(env: Env) -> None:
+    """Regression: the client cancelled the half-open probe while the router waited on the cloud; the breaker
+    recorded no outcome, kept its probe taken, and answered 'circuit open' until the router restarted."""
+    r = rig(env, breaker_failures=1, breaker_cooldown_s=2.0)
+    r.cloud.fail = CloudError("unavailable", "down")
+    r.rank(request(), budget_ms=100.0)  # opens
+    r.cloud.fail = None
+    r.clock.t += 2.0
+
+    async def scenario(budget):
+        r.cloud.gate = asyncio.Event()  # the probe hangs
+        before = len(r.cloud.calls)
+        probe = asyncio.create_task(r.router.rank(request(request_id="probe"), budget))
+        await _drain(r.router, lambda: len(r.cloud.calls) == before + 1)
+        assert r.router.target("ranker").breaker.state == BreakerState.HALF_OPEN
+        probe.cancel()  # the client gives up
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        gate, r.cloud.gate = r.cloud.gate, None
+        gate.set()  # the cloud answers after all (inline, the call was cancelled with the client; hedged, it ran on)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return await r.router.rank(request(request_id="next"), 100.0)
+
+    for budget in (None, 1000.0):  # awaited inline (no deadline) and hedged (a deadline)
+        nxt = asyncio.run(scenario(budget))
+        assert nxt.served_by == "cloud", f"budget {budget}: wedged: {nxt.reason!r}"
+        assert r.router.target("ranker").breaker.state == BreakerState.CLOSED
+        r.cloud.fail = CloudError("unavailable", "down")  # open it again for the second round
+        r.rank(request(), budget_ms=100.0)
+        r.cloud.fail = None
+        r.clock.t += 2.0
+
+
+def test_a_probe_that_never_ends_is_given_up(env: Env) -> None:
+    """A watchdog for a lost call (a bug, never a normal path): a probe with no outcome after probe_timeout_s
+    no longer holds the half-open circuit."""
+    r = rig(env, breaker_failures=1, breaker_cooldown_s=2.0)
+    breaker = r.router.target("ranker").breaker
+    breaker.record_failure()
+    r.clock.t += 2.0
+    assert breaker.allow()  # a probe goes out and is never heard of again
+    assert not breaker.available()
+    r.clock.t += breaker.probe_timeout_s
+    assert r.rank(request(), budget_ms=100.0).served_by == "cloud"
+    assert breaker.state == BreakerState.CLOSED
+
+
+def test_a_slow_cloud_is_hedged_by_the_edge_within_the_budget(env: Env) -> None:
+    """The cloud does not answer: the edge starts when only it still fits and answers; the cloud call runs on
+    to its own deadline, and its timeout still reaches the breaker."""
+    import time
+
+    clock, rng = time.monotonic, Rng()
+    cloud, edge = FakeCloud(), FakeEdge()
+    router = Router(config(env, coalesce=False, margin_share=0.1), cloud=cloud, edge=edge, clock=clock, rng=rng)
+
+    async def scenario():
+        cloud.gate = asyncio.Event()  # hung
+        t0 = time.monotonic()
+        resp = await router.rank(request(), 200.0)
+        took = time.monotonic() - t0
+        cloud.gate.set()
+        await asyncio.sleep(0)
+        return resp, took
+
+    resp, took = asyncio.run(scenario())
+    assert (resp.served_by, resp.reason) == ("edge", "cloud slow: answered from edge")
+    assert 0.150 < took < 0.200  # hedged at 200 - margin (21 ms) - the edge's cost: within the budget
+    assert sample(router.metrics.exposition(), "recserve_router_hedges_total", model="ranker") == 1.0
+
+
+def test_a_cloud_answer_that_beats_the_hedge_wins(env: Env) -> None:
+    r = rig(env)
+    resp = r.rank(request(), budget_ms=60.0)
+    assert resp.served_by == "cloud" and not r.edge.calls
+
+
+@pytest.mark.parametrize("budget", [1e13, float("inf")])
+def test_budgets_above_the_maximum_are_clamped(env: Env, budget: float) -> None:
+    r = rig(env, max_budget_ms=5000.0)
+    assert r.rank(request(), budget_ms=budget).served_by == "cloud"
+    assert r.cloud.calls[0].timeout_s == pytest.approx((5000.0 - 1.0) / 1e3)
+
+
+@pytest.mark.parametrize("field", ["candidate", "request_id", "user_value", "user_key", "query"])
+def test_overlong_ids_are_refused_and_not_echoed(env: Env, field: str) -> None:
+    from recserve.serving.router import MAX_ID_CHARS
+
+    long = "x" * 100_000
+    kw = {"candidate": {"candidates": [*CANDIDATES, long]}, "request_id": {"request_id": long},
+          "user_value": {"user": {"user_id": long}}, "user_key": {"user": {long: "1"}}, "query": {"query": long}}[field]
+    r = rig(env)
+    with pytest.raises(RankError) as info:
+        r.rank(request(**kw), budget_ms=100.0)
+    assert info.value.code == "INVALID_ARGUMENT" and str(MAX_ID_CHARS) in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+def test_an_unknown_model_name_is_not_echoed_whole(env: Env) -> None:
+    r = rig(env)
+    with pytest.raises(RankError) as info:
+        r.rank(request(model="m" * 10_000), budget_ms=100.0)
+    assert info.value.code == "NOT_FOUND" and len(str(info.value)) < 300

@@ -1,7 +1,9 @@
 """Triton python model: raw ranker features -> ids and normalized floats.
 
 Reads ``preprocessing.json`` from the newest version of the ranker model named by the
-``ranker_model`` parameter, so vocabularies always match the served ranker.
+``ranker_model`` parameter, so vocabularies always match the served ranker. Raw rows of the wrong
+width, or sparse values that are not UTF-8 text, are answered INVALID_ARGUMENT (NaN and infinite
+raw numbers are missing values: the transform's fill).
 """
 
 import json
@@ -9,6 +11,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from recserve.triton.features import FeatureEncoder, read_columns, sibling_file
+from recserve.triton.validation import error_response
 
 
 class TritonPythonModel:
@@ -21,12 +24,11 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            sparse_raw = pb_utils.get_input_tensor_by_name(request, "sparse_raw").as_numpy()
-            dense_raw = pb_utils.get_input_tensor_by_name(request, "dense_raw").as_numpy()
+            get = lambda n, r=request: pb_utils.get_input_tensor_by_name(r, n).as_numpy()  # noqa: E731
             try:
-                sparse, dense = self.encoder.encode(sparse_raw, dense_raw)
+                sparse, dense = self.encoder.encode(get("sparse_raw"), get("dense_raw"))
             except Exception as e:  # a bad request gets its own error; the model keeps serving
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+                responses.append(error_response(pb_utils, e))
                 continue
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor("sparse", sparse), pb_utils.Tensor("dense", dense)]))

@@ -1,9 +1,14 @@
-"""Triton python model: the top-k candidates by ranker score."""
+"""Triton python model: the top-k candidates by ranker score.
+
+A request that does not fit (item ids not one per score, a non-finite score, a negative ``top_k``) is answered
+INVALID_ARGUMENT; see :mod:`recserve.triton.validation`.
+"""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from recserve.triton.features import top_k
+from recserve.triton.validation import error_response, top_k_inputs
 
 
 class TritonPythonModel:
@@ -13,15 +18,14 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            scores = pb_utils.get_input_tensor_by_name(request, "score").as_numpy().ravel()
-            items = pb_utils.get_input_tensor_by_name(request, "item_ids").as_numpy().ravel()
-            k = int(pb_utils.get_input_tensor_by_name(request, "top_k").as_numpy().ravel()[0])
-            if len(items) != len(scores):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"{len(items)} item_ids for {len(scores)} candidate rows")))
+            get = lambda n, r=request: pb_utils.get_input_tensor_by_name(r, n).as_numpy()  # noqa: E731
+            try:
+                scores, items, k = top_k_inputs(get("score"), get("item_ids"), get("top_k"))
+                best = top_k(scores, k)
+                outputs = [pb_utils.Tensor("items", items[best].astype(np.object_)),
+                           pb_utils.Tensor("scores", scores[best].astype(np.float32))]
+            except Exception as e:  # a bad request gets its own error; the model keeps serving
+                responses.append(error_response(pb_utils, e))
                 continue
-            best = top_k(scores, k)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("items", items[best].astype(np.object_)),
-                pb_utils.Tensor("scores", scores[best].astype(np.float32))]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses

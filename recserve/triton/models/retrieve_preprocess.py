@@ -1,4 +1,7 @@
-"""Triton python model: raw user and context features -> user-tower ids and ranker context columns."""
+"""Triton python model: raw user and context features -> user-tower ids and ranker context columns.
+
+Raw rows of the wrong width, or values that are not UTF-8 text, are answered INVALID_ARGUMENT.
+"""
 
 import json
 
@@ -7,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from recserve.triton.features import FeatureEncoder, read_columns, sibling_file
 from recserve.triton.retrieval import Layout, context_encoder
+from recserve.triton.validation import error_response
 
 
 class TritonPythonModel:
@@ -28,7 +32,7 @@ class TritonPythonModel:
                 user, _ = self.user.encode(user_raw, np.zeros((len(user_raw), 0)))
                 sparse, dense = self.context.encode(get("context_raw"), get("context_dense_raw"))
             except Exception as e:  # a bad request gets its own error; the model keeps serving
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+                responses.append(error_response(pb_utils, e))
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("user_sparse", user), pb_utils.Tensor("context_sparse", sparse),

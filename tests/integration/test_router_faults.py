@@ -1,0 +1,406 @@
+"""The router under cloud faults, with real Triton and real Ray Serve: every request answered within its deadline
+whatever the cloud does, and the cloud used again within 2 s of its return.
+
+Each scenario runs an open-loop stream of Rank calls (a fixed arrival rate, whatever the answers take) with a
+100 ms gRPC deadline at 100 and 300 requests/s, applies one fault, and checks: no request lost, none over its
+deadline (the client's own deadline: an answer later than it is DEADLINE_EXCEEDED), every answer valid, and
+after the cloud returns, a cloud answer within 2 s. Faults: Triton SIGKILLed and restarted, Triton hung
+(SIGSTOP) and resumed, one version slow (its python stub stopped and resumed over and over: the other version is
+healthy), a half-open probe cancelled by its client, and an outage of 60 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import router_fixtures
+from router_fixtures import CANDIDATES, RouterStack, listener, policy, raw_rank, start_stack, stop_stack, wait_until
+
+from recserve.serving.client import BUDGET_HEADER
+from recserve.serving.policy import write_policy
+from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
+from recserve.serving.protos.recommender_pb2_grpc import RecommenderStub
+from recserve.triton.server import EmbeddedTriton
+
+pytestmark = pytest.mark.slow
+
+router_repo = router_fixtures.router_repo
+
+BUDGET_S = 0.100
+RATES = [100, 300]
+BACK_WITHIN_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def stack(router_repo) -> RouterStack:
+    write_policy(policy({"1": 100, "2": 0}), router_repo.policy_file)
+    s = start_stack(router_repo, max_candidates=300)  # more than the model's max_batch_size (64)
+    yield s
+    write_policy(policy({"1": 100, "2": 0}), router_repo.policy_file)
+    stop_stack(s)
+
+
+@dataclass
+class Outcome:
+    sent: float
+    done: float
+    request: RankRequest
+    response: RankResponse | None
+    code: grpc.StatusCode
+
+
+class OpenLoad:
+    """Rank calls at a fixed rate from one thread (grpc futures: a slow answer never delays the next call), each
+    with a 100 ms deadline; every outcome recorded with its send and completion times."""
+
+    def __init__(self, stack: RouterStack, rate: float):
+        self.stack, self.rate = stack, rate
+        self.outcomes: list[Outcome] = []
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._channel = grpc.insecure_channel(stack.grpc_target)
+        self._stub = RecommenderStub(self._channel)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        i = 0
+        while not self._stop.is_set():
+            due = start + i / self.rate
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            req = self.stack.request()
+            sent = time.monotonic()
+            future = self._stub.Rank.future(req, timeout=BUDGET_S)
+            future.add_done_callback(lambda f, req=req, sent=sent: self._done(f, req, sent))
+            self.sent += 1
+            i += 1
+
+    def _done(self, future, req: RankRequest, sent: float) -> None:
+        done = time.monotonic()
+        try:
+            outcome = Outcome(sent, done, req, future.result(), grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            outcome = Outcome(sent, done, req, None, e.code())
+        with self._lock:
+            self.outcomes.append(outcome)
+
+    def __enter__(self) -> OpenLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        wait_until(lambda: len(self.outcomes) == self.sent, 10, what="every call completed")
+        self._channel.close()
+
+    def served(self, by: str, after: float = 0.0) -> int:
+        with self._lock:
+            return sum(1 for o in self.outcomes if o.sent > after and o.response is not None and o.response.served_by == by)
+
+    def check(self) -> None:
+        """No request lost, none over its deadline, every answer a valid ranking of the request's candidates."""
+        assert len(self.outcomes) == self.sent
+        failed = [(o.request.request_id, o.code.name, round((o.done - o.sent) * 1e3, 1)) for o in self.outcomes
+                  if o.code != grpc.StatusCode.OK]
+        assert failed == [], (f"{len(failed)} of {self.sent} calls failed or answered late: {failed[:10]}; the router "
+                              f"wrote {self.stack.metric('recserve_router_late_answers_total'):.0f} answers late")
+        for o in self.outcomes:
+            r = o.response
+            assert r.request_id == o.request.request_id and len(r.items) == 5 and set(r.items) <= set(CANDIDATES)
+            assert r.served_by in ("cloud", "edge", "fallback"), r.served_by
+            assert len(r.scores) == (0 if r.served_by == "fallback" else 5)
+        assert self.sent >= 0.9 * self.rate * (self.outcomes[-1].sent - self.outcomes[0].sent), "the rate was not kept"
+
+    def back_after(self, ready: float) -> float:
+        """Seconds from the cloud's return to the first cloud answer to a call sent after it."""
+        wait_until(lambda: self.served("cloud", ready) > 0, 30, what="a cloud answer after the cloud returned")
+        with self._lock:
+            return min(o.done for o in self.outcomes
+                       if o.sent > ready and o.response is not None and o.response.served_by == "cloud") - ready
+
+
+def _cloud_serving(stack: RouterStack) -> None:
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        stub = RecommenderStub(channel)
+        wait_until(lambda: stub.Rank(stack.request(), timeout=5).served_by == "cloud", 60,
+                   what="the router serving from the cloud")
+
+
+def _restart(stack: RouterStack) -> float:
+    """Reap what is left of the killed Triton, start it again on the same ports; when it was ready."""
+    stack.triton.stop()
+    stack.triton = EmbeddedTriton(stack.triton.settings).start()
+    return time.monotonic()
+
+
+def _stub_of(stack: RouterStack, version: str) -> int:
+    """The pid of the python backend stub that runs the ranker's ``version`` (each version runs in its own)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"/ranker/{version}/".encode() in (proc / "cmdline").read_bytes() \
+                    and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == stack.triton.process.pid:
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no python stub of ranker version {version}")
+
+
+# --- limits and malformed input (first: the fault tests below stop Triton) -------------------------------------------
+
+
+def test_more_candidates_than_the_models_batch_limit_are_split_not_failed(stack: RouterStack) -> None:
+    """Triton refuses more rows than a model's max_batch_size (64 here); the router sends them as several calls."""
+    items = sorted(stack.repo.catalog_items())[:200]
+    _cloud_serving(stack)
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        r = RecommenderStub(channel).Rank(stack.request(candidates=items, top_k=200), timeout=10)
+    assert (r.served_by, len(r.items), len(set(r.items))) == ("cloud", 200, 200)
+    assert list(r.scores) == sorted(r.scores, reverse=True)
+    assert stack.metric("recserve_router_cloud_failures_total") == 0
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _malformed_rank_calls(stack: RouterStack, n: int) -> list[tuple[str, bytes, tuple]]:
+    """(kind, message bytes, metadata): bytes that do not decode, valid messages cut or with bits flipped, and
+    decodable requests a router must refuse (or answer) without an internal error."""
+    import random
+
+    rng = random.Random(16)
+    good = stack.request().SerializeToString()
+    items = list(CANDIDATES)
+    crafted = [
+        ("unknown model", RankRequest(model="m" * 9000, candidate_item_ids=items).SerializeToString(), ()),
+        ("negative top_k", RankRequest(candidate_item_ids=items, top_k=-5).SerializeToString(), ()),
+        ("huge top_k", RankRequest(candidate_item_ids=items, top_k=2**31 - 1).SerializeToString(), ()),
+        ("too many candidates", RankRequest(candidate_item_ids=[str(i) for i in range(5000)]).SerializeToString(), ()),
+        ("long id", RankRequest(candidate_item_ids=["9" * 5000]).SerializeToString(), ()),
+        ("long user key", RankRequest(candidate_item_ids=items, user={"k" * 5000: "1"}).SerializeToString(), ()),
+        ("no candidates", RankRequest(user={"user_id": "3"}).SerializeToString(), ()),
+        ("unknown items", RankRequest(candidate_item_ids=["nope", "", "\u00e9"]).SerializeToString(), ()),
+        ("nan numeric", RankRequest(candidate_item_ids=items, numeric={"query_category_match": float("nan")})
+         .SerializeToString(), ()),
+        ("budget abc", good, ((BUDGET_HEADER, "abc"),)),
+        ("budget nan", good, ((BUDGET_HEADER, "nan"),)),
+        ("budget negative", good, ((BUDGET_HEADER, "-1"),)),
+        ("budget 1e13", good, ((BUDGET_HEADER, "1e13"),)),
+        ("budget empty", good, ((BUDGET_HEADER, ""),)),
+    ]
+    calls = list(crafted)
+    while len(calls) < n:
+        kind = rng.choice(["random bytes", "truncated", "bit flips", "appended garbage"])
+        if kind == "random bytes":
+            payload = rng.randbytes(rng.randint(1, 400))
+        elif kind == "truncated":
+            payload = good[:rng.randint(1, len(good) - 1)]
+        elif kind == "bit flips":
+            raw = bytearray(good)
+            for _ in range(rng.randint(1, 8)):
+                raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+            payload = bytes(raw)
+        else:
+            payload = good + rng.randbytes(rng.randint(1, 50))
+        calls.append((kind, payload, ()))
+    return calls
+
+
+ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED,
+           grpc.StatusCode.RESOURCE_EXHAUSTED}
+"""What a malformed request may get (besides an answer): never INTERNAL or UNKNOWN, which mean the router broke."""
+
+
+def test_fuzz_1000_malformed_rank_calls_and_1000_http_bodies(stack: RouterStack) -> None:
+    import json
+    import random
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    from google.protobuf import json_format
+
+    _cloud_serving(stack)
+    replica = listener(stack.config.grpc_port)[0]
+    rss_before = _rss_mb(replica)
+    codes: Counter = Counter()
+
+    def grpc_call(call) -> None:
+        kind, payload, metadata = call
+        answer = raw_rank(stack.grpc_target, payload, timeout=10, metadata=metadata)
+        code = answer.code() if isinstance(answer, grpc.RpcError) else grpc.StatusCode.OK
+        codes[("grpc", kind, code.name)] += 1
+        assert code == grpc.StatusCode.OK or code in ALLOWED, (kind, payload[:80], code, answer)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(grpc_call, _malformed_rank_calls(stack, 1100)))
+
+    rng = random.Random(17)
+    good = json.loads(json_format.MessageToJson(stack.request()))
+    bodies = [("oversized", b'{"request_id": "' + b"x" * (2 << 20) + b'"}'), ("deep", b"[" * 100_000),
+              ("not utf-8", b"\xff\xfe{}"), ("list", b"[]"), ("huge int", b'{"top_k": 1' + b"0" * 400 + b"}")]
+    while len(bodies) < 1100:
+        kind = rng.choice(["random bytes", "wrong types", "truncated json", "extra fields"])
+        if kind == "random bytes":
+            body = rng.randbytes(rng.randint(0, 300))
+        elif kind == "wrong types":
+            doc = dict(good)
+            doc[rng.choice(list(doc))] = rng.choice([None, 1e308, -1, "x", [1, {}], {"a": []}, True])
+            body = json.dumps(doc).encode()
+        elif kind == "truncated json":
+            text = json.dumps(good).encode()
+            body = text[:rng.randint(0, len(text) - 1)]
+        else:
+            body = json.dumps({**good, rng.choice(["x", "top_k ", "user_id"]): rng.random()}).encode()
+        bodies.append((kind, body))
+
+    def http_call(case) -> None:
+        kind, body = case
+        status, answer = stack.http("/v1/rank", body, {"content-type": "application/json"}, timeout=10)
+        codes[("http", kind, status)] += 1
+        assert status in (200, 400, 404, 413, 504), (kind, body[:80], status, answer[:200])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(http_call, bodies))
+
+    print("\n".join(f"{iface} {kind}: {code} x{n}" for (iface, kind, code), n in sorted(codes.items(), key=str)))
+    assert sum(n for (iface, *_), n in codes.items() if iface == "grpc") >= 1000
+    assert sum(n for (iface, *_), n in codes.items() if iface == "http") >= 1000
+    assert codes[("http", "oversized", 413)] == 1
+    # still serving, and bounded in memory (one 256 MB request used to take the replica from 427 MB to 1.6 GB)
+    assert listener(stack.config.grpc_port)[0] == replica, "the replica restarted"
+    _cloud_serving(stack)
+    assert _rss_mb(replica) < rss_before + 150, (rss_before, _rss_mb(replica))
+    assert stack.metric("recserve_router_requests_total", code="INTERNAL") == 0
+
+
+# --- cloud faults ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_triton_killed_and_restarted(stack: RouterStack, rate: int) -> None:
+    _cloud_serving(stack)
+    with OpenLoad(stack, rate) as load:
+        time.sleep(1.0)
+        os.kill(stack.triton.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        time.sleep(2.0)
+        health = stack.http("/healthz")  # still answering, from the edge: degraded, not down
+        ready = _restart(stack)
+        back = load.back_after(ready)
+    load.check()
+    assert health[0] == 200 and health[1].startswith(b"degraded: ranker v1: circuit "), health
+    assert load.served("edge", killed) > 0
+    wait_until(lambda: stack.http("/healthz") == (200, b"ok"), 10, what="healthz ok again")
+    assert back <= BACK_WITHIN_S, f"the cloud answered again {back:.2f} s after Triton was ready"
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_triton_hung_then_resumed(stack: RouterStack, rate: int) -> None:
+    _cloud_serving(stack)
+    pid = stack.triton.process.pid
+    with OpenLoad(stack, rate) as load:
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGSTOP)
+        hung = time.monotonic()
+        try:
+            time.sleep(3.0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        ready = time.monotonic()
+        back = load.back_after(ready)
+    load.check()
+    assert load.served("edge", hung) > 0
+    assert back <= BACK_WITHIN_S, f"the cloud answered again {back:.2f} s after Triton resumed"
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_one_slow_version_leaves_the_other_on_the_cloud(stack: RouterStack, rate: int) -> None:
+    """Version 2 of a 50/50 split answers slowly (its stub stopped 150 ms of every 200): its requests are hedged
+    by the edge within their deadlines, and version 1's requests stay on the cloud (one breaker per version)."""
+    write_policy(policy({"1": 50, "2": 50}), stack.repo.policy_file)
+    try:
+        _cloud_serving(stack)
+        stub = _stub_of(stack, "2")
+        stop = threading.Event()
+
+        def slow() -> None:
+            while not stop.is_set():
+                os.kill(stub, signal.SIGSTOP)
+                time.sleep(0.15)
+                os.kill(stub, signal.SIGCONT)
+                time.sleep(0.05)
+
+        with OpenLoad(stack, rate) as load:
+            time.sleep(0.5)
+            slowed = time.monotonic()
+            slower = threading.Thread(target=slow, daemon=True)
+            slower.start()
+            time.sleep(4.0)
+            stop.set()
+            slower.join(5)
+            ended = time.monotonic()
+            time.sleep(1.0)
+        os.kill(stub, signal.SIGCONT)
+        load.check()
+        during = [o.response for o in load.outcomes if slowed + 1.0 < o.sent < ended]
+        v1 = sum(1 for r in during if r.served_by == "cloud" and r.version == "1")
+        assert v1 >= 0.35 * len(during), f"version 1 answered {v1} of {len(during)}: its circuit was opened by v2"
+        assert sum(1 for r in during if r.served_by == "edge") > 0
+    finally:
+        write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_a_cancelled_half_open_probe_does_not_keep_the_cloud_away(stack: RouterStack, rate: int) -> None:
+    """The reproduction of the issue: Triton hung, three calls open the circuit, after the cooldown a call with a
+    long budget takes the half-open probe and its client cancels it; then Triton resumes under load."""
+    _cloud_serving(stack)
+    pid = stack.triton.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with grpc.insecure_channel(stack.grpc_target) as channel:
+            stub = RecommenderStub(channel)
+            for _ in range(3):
+                stub.Rank(stack.request(), timeout=0.3)
+            time.sleep(2.5)
+            probe = stub.Rank.future(stack.request(), metadata=((BUDGET_HEADER, "1000"),))
+            time.sleep(0.05)
+            probe.cancel()
+            time.sleep(0.2)
+        with OpenLoad(stack, rate) as load:
+            time.sleep(1.0)
+            os.kill(pid, signal.SIGCONT)
+            ready = time.monotonic()
+            back = load.back_after(ready)
+            time.sleep(0.5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    load.check()
+    assert back <= BACK_WITHIN_S, f"the cloud answered again {back:.2f} s after Triton resumed"
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_an_outage_of_60_s(stack: RouterStack, rate: int) -> None:
+    _cloud_serving(stack)
+    with OpenLoad(stack, rate) as load:
+        time.sleep(1.0)
+        os.kill(stack.triton.process.pid, signal.SIGKILL)
+        time.sleep(60.0)
+        ready = _restart(stack)
+        back = load.back_after(ready)
+    load.check()
+    assert back <= BACK_WITHIN_S, f"the cloud answered again {back:.2f} s after a 60 s outage"
