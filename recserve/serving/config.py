@@ -70,7 +70,7 @@ class RouterConfig(BaseModel):
     edge_latency_ms: float = Field(2.0, ge=0, description="the edge's cost before it is measured (then a moving "
                                    "estimate of the measured cost takes over)")
     margin_ms: float = Field(1.0, ge=0, description="slack (ms) kept for serialization and scheduling")
-    margin_share: float = Field(0.15, ge=0, lt=0.5, description="and this share of each request's budget: time the "
+    margin_share: float = Field(0.2, ge=0, lt=0.5, description="and this share of each request's budget: time the "
                                 "router cannot see (the request queued in the kernel and the loop, the answer's way "
                                 "back), which grows with load")
     max_inflight: int = Field(256, ge=1)
@@ -79,7 +79,7 @@ class RouterConfig(BaseModel):
     cloud_calls_in_flight: int = Field(4, ge=1, description="with coalesce: Triton calls in flight per model version "
                                        "before requests queue to be coalesced")
     breaker_failures: int = Field(3, ge=1)
-    breaker_cooldown_s: float = Field(1.0, gt=0, description="how long an open circuit skips the cloud before one "
+    breaker_cooldown_s: float = Field(0.5, gt=0, description="how long an open circuit skips the cloud before one "
                                       "request probes it: the cloud is used again within about this long of its "
                                       "return, however long it was away")
     cache_ttl_s: float = Field(5.0, ge=0)

@@ -29,6 +29,10 @@ from h2.settings import SettingCodes
 from recserve.serving.grpc_wire import STATUS, grpc_timeout, message_frame, send_in_window, status_of, unframe
 
 _CONFIG = H2Configuration(client_side=True, header_encoding=None)
+CONNECT_TIMEOUT_S = 1.0
+"""How long one connection attempt may take. An attempt to a host that drops packets (a pod gone, a hung
+machine) would otherwise wait out the kernel's SYN retries (a minute or more), and every call meanwhile shares
+it: bounded, a new attempt starts at the next call, so the cloud is reached within about a second of its return."""
 _WINDOW = 16 << 20
 """Receive window of the connection and of each stream: answers never wait for a window update."""
 
@@ -162,9 +166,10 @@ def _set(future: asyncio.Future, result) -> None:
 class GrpcChannel:
     """Unary gRPC calls to ``host:port``; ``await unary(path, payload, timeout_s)`` returns the answer's bytes."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         host, _, port = target.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port)
+        self.connect_timeout_s = connect_timeout_s
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
 
@@ -184,8 +189,12 @@ class GrpcChannel:
     async def _connect(self) -> _Protocol:
         try:
             loop = asyncio.get_running_loop()
-            _, protocol = await loop.create_connection(lambda: _Protocol(f"{self.host}:{self.port}".encode()),
-                                                       self.host, self.port)
+            try:
+                _, protocol = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Protocol(f"{self.host}:{self.port}".encode()), self.host, self.port),
+                    self.connect_timeout_s)
+            except TimeoutError as e:
+                raise ConnectionError(f"no answer to the connection attempt in {self.connect_timeout_s:g} s") from e
             self._protocol = protocol
             return protocol
         finally:

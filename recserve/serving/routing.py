@@ -21,7 +21,7 @@ class RouteSettings:
     """Slack for serialization and scheduling on top of the estimates."""
     max_inflight: int = 256
     """Cloud calls in flight above which new requests go to the edge."""
-    margin_share: float = 0.15
+    margin_share: float = 0.2
     """And this share of what is left of the budget: time the router cannot see, which grows with load (the
     request in the kernel and the event loop before its headers are read, the answer's way back to the client)."""
 

@@ -41,7 +41,8 @@ BACK_WITHIN_S = 2.0
 @pytest.fixture(scope="module")
 def stack(router_repo) -> RouterStack:
     write_policy(policy({"1": 100, "2": 0}), router_repo.policy_file)
-    s = start_stack(router_repo, max_candidates=300)  # more than the model's max_batch_size (64)
+    # more candidates than the model's max_batch_size (64) allowed; the default breaker cooldown
+    s = start_stack(router_repo, max_candidates=300, breaker_cooldown_s=0.5)
     yield s
     write_policy(policy({"1": 100, "2": 0}), router_repo.policy_file)
     stop_stack(s)
@@ -64,6 +65,8 @@ class OpenLoad:
         self.stack, self.rate = stack, rate
         self.outcomes: list[Outcome] = []
         self.sent = 0
+        self.marks: dict[str, float] = {}
+        """Named moments of the scenario (the fault, the return), to place a failed call in it."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -111,7 +114,8 @@ class OpenLoad:
     def check(self) -> None:
         """No request lost, none over its deadline, every answer a valid ranking of the request's candidates."""
         assert len(self.outcomes) == self.sent
-        failed = [(o.request.request_id, o.code.name, round((o.done - o.sent) * 1e3, 1)) for o in self.outcomes
+        failed = [(o.request.request_id, o.code.name, round((o.done - o.sent) * 1e3, 1),
+                   {m: round(o.sent - t, 3) for m, t in self.marks.items()}) for o in self.outcomes
                   if o.code != grpc.StatusCode.OK]
         assert failed == [], (f"{len(failed)} of {self.sent} calls failed or answered late: {failed[:10]}; the router "
                               f"wrote {self.stack.metric('recserve_router_late_answers_total'):.0f} answers late")
@@ -122,12 +126,39 @@ class OpenLoad:
             assert len(r.scores) == (0 if r.served_by == "fallback" else 5)
         assert self.sent >= 0.9 * self.rate * (self.outcomes[-1].sent - self.outcomes[0].sent), "the rate was not kept"
 
+    def report(self, fault: str, back: float | None = None) -> None:
+        """One line of figures for the record (shown with ``pytest -s``)."""
+        from collections import Counter
+
+        served = Counter(o.response.served_by for o in self.outcomes if o.response is not None)
+        took = sorted((o.done - o.sent) * 1e3 for o in self.outcomes)
+        print(f"\nFAULT {fault} at {self.rate}/s: {self.sent} calls, {sum(served.values())} answered "
+              f"({dict(served)}), max {took[-1]:.1f} ms, p99 {took[int(0.99 * (len(took) - 1))]:.1f} ms"
+              + (f", cloud again {back:.2f} s after its return" if back is not None else ""))
+
     def back_after(self, ready: float) -> float:
         """Seconds from the cloud's return to the first cloud answer to a call sent after it."""
-        wait_until(lambda: self.served("cloud", ready) > 0, 30, what="a cloud answer after the cloud returned")
+        try:
+            wait_until(lambda: self.served("cloud", ready) > 0, 30, what="a cloud answer after the cloud returned")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; {_diagnosis(self.stack)}") from None
         with self._lock:
             return min(o.done for o in self.outcomes
                        if o.sent > ready and o.response is not None and o.response.served_by == "cloud") - ready
+
+
+def _diagnosis(stack: RouterStack) -> str:
+    """What the router's metrics and Triton itself say, for a failure message."""
+    from recserve.triton.client import TritonClient
+
+    lines = [ln for ln in stack.metrics().splitlines() if ln.startswith(("recserve_router_cloud_failures_total",
+                                                                        "recserve_router_circuit_state"))]
+    try:
+        with TritonClient(stack.triton.grpc_url) as c:
+            triton = f"Triton ready: {c.server_ready()}, ranker v1 ready: {c.model_ready('ranker', '1')}"
+    except Exception as e:  # noqa: BLE001 (a diagnosis)
+        triton = f"Triton: {type(e).__name__}: {e}"
+    return f"{triton}; router: {'; '.join(lines)}"
 
 
 def _cloud_serving(stack: RouterStack) -> None:
@@ -296,11 +327,13 @@ def test_triton_killed_and_restarted(stack: RouterStack, rate: int) -> None:
     with OpenLoad(stack, rate) as load:
         time.sleep(1.0)
         os.kill(stack.triton.process.pid, signal.SIGKILL)
-        killed = time.monotonic()
+        killed = load.marks["killed"] = time.monotonic()
         time.sleep(2.0)
         health = stack.http("/healthz")  # still answering, from the edge: degraded, not down
-        ready = _restart(stack)
+        load.marks["restart"] = time.monotonic()
+        ready = load.marks["ready"] = _restart(stack)
         back = load.back_after(ready)
+    load.report("SIGKILL", back)
     load.check()
     assert health[0] == 200 and health[1].startswith(b"degraded: ranker v1: circuit "), health
     assert load.served("edge", killed) > 0
@@ -322,6 +355,7 @@ def test_triton_hung_then_resumed(stack: RouterStack, rate: int) -> None:
             os.kill(pid, signal.SIGCONT)
         ready = time.monotonic()
         back = load.back_after(ready)
+    load.report("SIGSTOP 3 s", back)
     load.check()
     assert load.served("edge", hung) > 0
     assert back <= BACK_WITHIN_S, f"the cloud answered again {back:.2f} s after Triton resumed"
@@ -355,6 +389,7 @@ def test_one_slow_version_leaves_the_other_on_the_cloud(stack: RouterStack, rate
             ended = time.monotonic()
             time.sleep(1.0)
         os.kill(stub, signal.SIGCONT)
+        load.report("slow version 2")
         load.check()
         during = [o.response for o in load.outcomes if slowed + 1.0 < o.sent < ended]
         v1 = sum(1 for r in during if r.served_by == "cloud" and r.version == "1")
@@ -389,6 +424,7 @@ def test_a_cancelled_half_open_probe_does_not_keep_the_cloud_away(stack: RouterS
             time.sleep(0.5)
     finally:
         os.kill(pid, signal.SIGCONT)
+    load.report("cancelled probe", back)
     load.check()
     assert back <= BACK_WITHIN_S, f"the cloud answered again {back:.2f} s after Triton resumed"
 
@@ -402,5 +438,6 @@ def test_an_outage_of_60_s(stack: RouterStack, rate: int) -> None:
         time.sleep(60.0)
         ready = _restart(stack)
         back = load.back_after(ready)
+    load.report("60 s outage", back)
     load.check()
     assert back <= BACK_WITHIN_S, f"the cloud answered again {back:.2f} s after a 60 s outage"
