@@ -139,6 +139,14 @@ def port_listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (exists and is not a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of the process group ``pgid``: a stopped tritonserver's python backend stubs."""
     found = []

@@ -35,14 +35,12 @@ import grpc
 import numpy as np
 import pytest
 import triton_fixtures
-from triton_fixtures import TrainedModels, ort_run, raw_ranker_rows, start_triton, tritonserver_pids
+from triton_fixtures import TrainedModels, ort_run, raw_ranker_rows, running_triton, serving_repo, tritonserver_pids
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from recserve.converters.build import build, load_profile
 from recserve.data.schema import Dataset
-from recserve.triton.ensembles import write_ensembles
-from recserve.triton.retrieval import ItemIndex, build_retrieval
+from recserve.triton.retrieval import ItemIndex
 
 pytestmark = pytest.mark.slow
 
@@ -611,21 +609,13 @@ def malformed_cases(v: Valid, seed: int = SEED) -> list[Case]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, triton_models: TrainedModels) -> Path:
-    repo = tmp_path_factory.mktemp("fuzz-repo")
     # a queue delay, so the dynamic batcher merges malformed requests with each other and with valid ones
-    build(triton_models.ranker, "ranker", "onnxruntime", repo, load_profile(None, {"max_queue_delay_us": 2000}))
-    build_retrieval(triton_models.two_tower, triton_models.ranker, None, repo, candidates=50)
-    write_ensembles(repo)
-    return repo
+    return serving_repo(tmp_path_factory.mktemp("fuzz-repo"), triton_models, 2000, 50)
 
 
 @pytest.fixture(scope="module")
 def server(repo: Path):
-    srv = start_triton(repo)
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_triton(repo)
 
 
 @pytest.fixture(scope="module")

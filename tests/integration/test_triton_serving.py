@@ -20,17 +20,16 @@ from triton_fixtures import (
     parse_printed,
     raw_ranker_rows,
     recserve,
-    start_triton,
+    running_triton,
+    serving_repo,
     strings,
 )
 
-from recserve.converters.build import build, load_profile
 from recserve.data.schema import Dataset, load_preprocessing
 from recserve.errors import InferenceError
 from recserve.triton.client import TritonClient
-from recserve.triton.ensembles import write_ensembles
 from recserve.triton.features import FeatureEncoder, read_columns, top_k
-from recserve.triton.retrieval import ItemIndex, build_retrieval
+from recserve.triton.retrieval import ItemIndex
 
 pytestmark = pytest.mark.slow
 
@@ -47,20 +46,12 @@ MODELS = {"ranker", "user_tower", "item_index", "recommend", "recommend_preproce
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, triton_models: TrainedModels) -> Path:
-    repo = tmp_path_factory.mktemp("serving-repo")
-    build(triton_models.ranker, "ranker", "onnxruntime", repo, load_profile(None, {"max_queue_delay_us": QUEUE_DELAY_US}))
-    build_retrieval(triton_models.two_tower, triton_models.ranker, None, repo, candidates=CANDIDATES)
-    write_ensembles(repo)
-    return repo
+    return serving_repo(tmp_path_factory.mktemp("serving-repo"), triton_models, QUEUE_DELAY_US, CANDIDATES)
 
 
 @pytest.fixture(scope="module")
 def server(repo: Path):
-    srv = start_triton(repo)
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_triton(repo)
 
 
 @pytest.fixture(scope="module")

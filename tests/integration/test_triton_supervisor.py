@@ -15,7 +15,7 @@ from triton_fixtures import http_ready, kill_tritonservers, settings, tritonserv
 
 from recserve.errors import ServerError
 from recserve.triton.client import TritonClient
-from recserve.triton.server import EmbeddedTriton, group_members, shm_regions
+from recserve.triton.server import EmbeddedTriton, alive, group_members, shm_regions
 from recserve.triton.supervisor import Backoff, SupervisorSettings, TritonState, TritonSupervisor
 
 pytestmark = pytest.mark.slow
@@ -56,15 +56,6 @@ def children(pid: int) -> list[int]:
         except (OSError, IndexError):
             continue
     return found
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_killed_tritonserver_is_reaped_cleaned_up_and_ready_again_on_its_port(

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,28 @@ def settings(repository: Path, **kw) -> ServerSettings:
 
 def start_triton(repository: Path, **kw) -> EmbeddedTriton:
     return EmbeddedTriton(settings(repository, **kw)).start()
+
+
+def serving_repo(base: Path, models: TrainedModels, queue_delay_us: int, candidates: int) -> Path:
+    """A repository with everything recserve serves: the ranker (dynamic batching with ``queue_delay_us``), the
+    retrieval models and the ensembles."""
+    from recserve.converters.build import build, load_profile
+    from recserve.triton.ensembles import write_ensembles
+    from recserve.triton.retrieval import build_retrieval
+
+    build(models.ranker, "ranker", "onnxruntime", base, load_profile(None, {"max_queue_delay_us": queue_delay_us}))
+    build_retrieval(models.two_tower, models.ranker, None, base, candidates=candidates)
+    write_ensembles(base)
+    return base
+
+
+def running_triton(repository: Path) -> Iterator[EmbeddedTriton]:
+    """A module fixture's body: Triton on ``repository`` for the module, stopped after it."""
+    srv = start_triton(repository)
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 def ort_run(onnx_path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from recserve.errors import ServerError
-from recserve.triton.server import EmbeddedTriton, ServerSettings, end_process_group, free_port, group_members, shm_regions
+from recserve.triton.server import (
+    EmbeddedTriton,
+    ServerSettings,
+    alive,
+    end_process_group,
+    free_port,
+    group_members,
+    shm_regions,
+)
 from recserve.triton.supervisor import (
     Backoff,
     RestartSchedule,
@@ -133,15 +141,6 @@ def wait_for(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
