@@ -41,8 +41,6 @@ class RouterMetrics:
         self.late = Counter("recserve_router_late_answers", "Answers written after their deadline, counted from the "
                             "call's arrival at the replica's gRPC server (the client saw DEADLINE_EXCEEDED)",
                             registry=r)
-        self.hedges = Counter("recserve_router_hedges", "Requests answered by the edge because the cloud had not "
-                              "answered when only the edge still fitted the deadline", ["model"], registry=r)
         self.cache_hits = Counter("recserve_router_cache_hits", "Responses served from the result cache", registry=r)
         self.fallbacks = Counter("recserve_router_fallbacks", "Answers from the last rung (neither cloud nor edge "
                                  "fitted the deadline), by kind: stale (an expired cached answer) or given_order",

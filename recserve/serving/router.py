@@ -159,7 +159,6 @@ class Router:
         self.retrieve_fn = retrieve_fn
         self.retriever = Retriever(config.retriever, config.edge_threads) if config.retriever and not retrieve_fn else None
         self._shadow_tasks: set[asyncio.Task] = set()
-        self._background: set[asyncio.Task] = set()
         self._policy_epoch = 0
 
     def target(self, triton_model: str, version: str = "") -> _Target:
@@ -249,7 +248,7 @@ class Router:
             raise RankError("DEADLINE_EXCEEDED", "the deadline passed before ranking could start")
         reason = decision.reason
         if decision.route == "cloud":
-            answers, edge_scores = await self._cloud_or_hedge(model, version, target, sparse, dense, decision)
+            answers = await self._cloud(model, version, target, sparse, dense, decision.cloud_timeout_ms / 1e3)
             if answers is not None:
                 version = answers[0].version or version
                 scores = sum(r.weight * a.scores for r, a in zip(model.route.rankers, answers))
@@ -257,9 +256,6 @@ class Router:
                 self.cache.put(key, response)
                 self._maybe_shadow(policy, primary, version, sparse, dense, answers[0].scores, len(response.items))
                 return response
-            if edge_scores is not None:  # the hedge: the cloud had not answered when only the edge still fitted
-                return self._answer(req, name, items, edge_scores, "edge", "edge",
-                                    _why("cloud slow: answered from edge", unknown))
             decision = below_cloud(self._left(start, budget_ms), self.edge_estimate.estimate_ms, self.settings,
                                    "cloud failed")
             reason = "cloud failed: answered from edge" if decision.route == "edge" else decision.reason
@@ -275,24 +271,6 @@ class Router:
         self.edge_estimate.observe(took * 1e3)
         self.metrics.edge_latency.labels(model.name).observe(took)
         return scores
-
-    async def _cloud_or_hedge(self, model: _Model, version: str, target: _Target, sparse, dense, decision):
-        """(the cloud's answers, None), or (None, the edge's scores) when the cloud had not answered by the hedge
-        time, or (None, None) when it failed before. The cloud call runs on with its own deadline after a hedge
-        (or after the client left): its outcome still reaches the breaker and the estimate."""
-        call = self._cloud(model, version, target, sparse, dense, self.clock() + decision.cloud_timeout_ms / 1e3)
-        if decision.hedge_ms is None:
-            return await call, None
-        task = asyncio.ensure_future(call)
-        self._background.add(task)  # it may outlive this request (a hedge, a client that left)
-        task.add_done_callback(self._background.discard)
-        done, _ = await asyncio.wait((task,), timeout=max(decision.hedge_ms, 0.0) / 1e3)
-        if not done:
-            edge = self._edge(model, sparse, dense)
-            if not task.done():  # an answer that came while the edge ran is taken: first valid answer wins
-                self.metrics.hedges.labels(model.name).inc()
-                return None, edge
-        return task.result(), None
 
     def _left(self, start: float, budget_ms: float | None) -> float | None:
         return None if budget_ms is None else budget_ms - (self.clock() - start) * 1e3
@@ -362,18 +340,22 @@ class Router:
         rows = model.catalog.rows_for(items)
         return model.catalog.ranker_rows(rows, ctx_sparse, ctx_dense)
 
-    async def _cloud(self, model: _Model, version: str, target: _Target, sparse, dense, deadline: float):
+    async def _cloud(self, model: _Model, version: str, target: _Target, sparse, dense, timeout_s: float):
         """Each ranker's cloud scores, or None after a failure (recorded by the version's breaker and the metrics,
         by Triton model and version: what a ModelRollout of that model reads). Every outcome reaches the
-        breaker: success, failure, timeout, and cancellation (which releases a half-open probe)."""
+        breaker: success, failure, timeout, and cancellation (which releases a half-open probe). The timeout
+        is the router's own as well as the scorer's: no scorer can hold a request past it."""
         primary = model.route.rankers[0].triton_model
         self.inflight += 1
         t0 = self.clock()
-        timeout_s = max(deadline - t0, 1e-3)  # a task starts a loop turn or more after the decision
         try:
-            calls = [self._cloud_call(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
-                     for i, r in enumerate(model.route.rankers)]
-            answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)  # no task for one
+            try:
+                async with asyncio.timeout(timeout_s):
+                    calls = [self._cloud_call(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
+                             for i, r in enumerate(model.route.rankers)]
+                    answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)  # no task for one
+            except TimeoutError as e:
+                raise CloudError("timeout", f"{primary} v{version or '-'}: no answer in {timeout_s * 1e3:.1f} ms") from e
             answers = [replace(a, scores=checked_scores(a.scores, len(sparse), r.triton_model, version if i == 0 else ""))
                        for i, (r, a) in enumerate(zip(model.route.rankers, answers))]
         except CloudError as e:
@@ -414,7 +396,7 @@ class Router:
         self.metrics.shadow_drift.labels(triton_model, version).observe(float(np.mean(np.abs(shadow - served))))
 
     async def close(self) -> None:
-        for t in [*self._shadow_tasks, *self._background]:
+        for t in list(self._shadow_tasks):
             t.cancel()
         if self.config.coalesce:
             await self._coalescer.close()

@@ -33,10 +33,8 @@ class Decision:
     or the candidates in their given order) or ``reject`` (the deadline had passed on arrival)."""
     reason: str
     cloud_timeout_ms: float = 0.0
-    """With ``cloud``: the cloud call's own deadline; an answer after it is a timeout (a breaker failure)."""
-    hedge_ms: float | None = None
-    """With ``cloud``: when the edge starts if the cloud has not answered by then (the last moment it still fits
-    the deadline); the first valid answer wins. None: no deadline, so no hedge."""
+    """With ``cloud``: how long to wait for it: the last moment the edge still fits the deadline after it. A
+    cloud that has not answered by then (hung, slow, gone) is a timeout, and the edge answers in time."""
 
 
 def decide(budget_ms: float | None, cloud_estimate_ms: float, edge_estimate_ms: float, cloud_allowed: bool,
@@ -55,7 +53,7 @@ def decide(budget_ms: float | None, cloud_estimate_ms: float, edge_estimate_ms: 
     reserve = edge_estimate_ms + margin
     if cloud_estimate_ms + reserve > budget_ms:
         return below_cloud(budget_ms, edge_estimate_ms, settings, "deadline")
-    return Decision("cloud", "within budget", budget_ms - margin, budget_ms - reserve)
+    return Decision("cloud", "within budget", budget_ms - reserve)
 
 
 def below_cloud(budget_ms: float | None, edge_estimate_ms: float, settings: RouteSettings, why: str) -> Decision:

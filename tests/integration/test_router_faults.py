@@ -364,7 +364,7 @@ def test_triton_hung_then_resumed(stack: RouterStack, rate: int) -> None:
 
 @pytest.mark.parametrize("rate", RATES)
 def test_one_slow_version_leaves_the_other_on_the_cloud(stack: RouterStack, rate: int) -> None:
-    """Version 2 of a 50/50 split answers slowly (its stub stopped 150 ms of every 200): its requests are hedged
+    """Version 2 of a 50/50 split answers slowly (its stub stopped 150 ms of every 200): its requests are answered
     by the edge within their deadlines, and version 1's requests stay on the cloud (one breaker per version)."""
     write_policy(policy({"1": 50, "2": 50}), stack.repo.policy_file)
     try:
