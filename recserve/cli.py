@@ -555,12 +555,14 @@ def operator_run(
     os.environ["RECSERVE_OPERATOR_TICK_SECONDS"] = str(tick_seconds)
     import kopf
 
-    import recserve.operator.handlers  # noqa: F401  (registers the handlers)
+    from recserve.operator.handlers import configure_logging, operator_settings  # also registers the handlers
 
     if not namespace and not all_namespaces:
         raise ConfigError("choose what to watch: --namespace NS (repeatable) or --all-namespaces")
     check_kube_credentials()
+    configure_logging()
     kopf.run(clusterwide=all_namespaces, namespaces=namespace or [], standalone=True,
+             settings=operator_settings(scan_namespaces=all_namespaces),
              liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None)
 
 

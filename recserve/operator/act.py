@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from recserve.operator.machine import LoadVersions, SetWeights
@@ -39,30 +40,58 @@ def merged_policy(current: RoutingPolicy, action: SetWeights) -> RoutingPolicy:
     return current.model_copy(update={"models": models})
 
 
+_LOCKS: dict[object, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(target: object) -> threading.Lock:
+    """One lock per policy target: kopf handles different rollouts at once, and two rollouts of different models
+    may share one policy; their read-modify-writes take turns, so neither update is lost."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(target, threading.Lock())
+
+
 def set_weights_file(path: Path, action: SetWeights) -> RoutingPolicy:
-    current = parse_policy(path.read_text(), str(path)) if path.exists() else RoutingPolicy()
-    policy = merged_policy(current, action)
-    write_policy(policy, path)
-    return policy
+    with _lock(("file", Path(path).resolve())):
+        current = parse_policy(path.read_text(), str(path)) if path.exists() else RoutingPolicy()
+        policy = merged_policy(current, action)
+        write_policy(policy, path)
+        return policy
+
+
+CONFLICT_RETRIES = 10
 
 
 def set_weights_configmap(api, namespace: str, name: str, action: SetWeights) -> RoutingPolicy:
-    """Read-modify-write the ConfigMap the router mounts (``kubernetes.client.CoreV1Api``)."""
+    """Read-modify-write the ConfigMap the router mounts (``kubernetes.client.CoreV1Api``): a patch that carries
+    the resourceVersion it read (a precondition), so a write another operator (or replica) made meanwhile is a 409
+    Conflict and the merge is done again on the new contents, never lost; a create that lost a race is redone as
+    an update."""
     from kubernetes.client.exceptions import ApiException
 
-    try:
-        cm = api.read_namespaced_config_map(name, namespace)
-        current = parse_policy((cm.data or {}).get(POLICY_KEY, "{}"), f"configmap {namespace}/{name}")
-        exists = True
-    except ApiException as e:
-        if e.status != 404:
-            raise
-        current, exists = RoutingPolicy(), False
-    policy = merged_policy(current, action)
-    body = {"metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "recserve-operator"}},
-            "data": {POLICY_KEY: json.dumps(policy.model_dump(exclude_none=True), indent=2)}}
-    if exists:
-        api.patch_namespaced_config_map(name, namespace, body)
-    else:
-        api.create_namespaced_config_map(namespace, body)
-    return policy
+    with _lock(("configmap", namespace, name)):
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                cm = api.read_namespaced_config_map(name, namespace)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+                cm = None
+            current = parse_policy((cm.data or {}).get(POLICY_KEY, "{}") if cm is not None else "{}",
+                                   f"configmap {namespace}/{name}")
+            policy = merged_policy(current, action)
+            data = {POLICY_KEY: json.dumps(policy.model_dump(exclude_none=True), indent=2)}
+            labels = {"app.kubernetes.io/managed-by": "recserve-operator"}
+            try:
+                if cm is None:
+                    api.create_namespaced_config_map(namespace, {"metadata": {"name": name, "labels": labels},
+                                                                 "data": data})
+                else:  # a merge patch carrying resourceVersion: the API server applies it only to that version
+                    api.patch_namespaced_config_map(name, namespace, {
+                        "metadata": {"resourceVersion": cm.metadata.resource_version, "labels": labels}, "data": data})
+                return policy
+            except ApiException as e:
+                if e.status != 409:  # 409: changed since we read it, or created meanwhile: merge again
+                    raise
+        raise ApiException(status=409, reason=f"configmap {namespace}/{name} kept changing: {CONFLICT_RETRIES} "
+                                              "conflicting writes in a row")

@@ -23,6 +23,31 @@ TICK_SECONDS = float(os.environ.get("RECSERVE_OPERATOR_TICK_SECONDS", "2"))
 """How often every rollout is looked at; analyses and steps keep their own intervals."""
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""The operator's log lines on stdout (kopf's and its own), as a container's logs are read."""
+
+
+def operator_settings(*, scan_namespaces: bool) -> kopf.OperatorSettings:
+    """kopf's settings for ``recserve operator run`` (handed to ``kopf.run``). With namespaces named explicitly,
+    no cluster-wide scanning: a namespaced Role (the chart's default) may not list namespaces, and kopf retried
+    that list, 403 after 403, for about a minute before it started to handle rollouts."""
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = not scan_namespaces
+    return settings
+
+
+def configure_logging(stream=None) -> None:
+    """Every log record of the operator (kopf's included) as one line on ``stream`` (stdout)."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+
+
 def _core_api():
     from kubernetes import client, config
 
@@ -95,9 +120,12 @@ def step(body, spec, status, patch, namespace, retry, logger) -> None:
 @kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, initial_delay=0.5)
 def on_tick(body, spec, status, patch, namespace, retry, logger, **_) -> None:
     status = status or {}
+    unchanged = status.get("observedGeneration") is not None and status.get("observedGeneration") == _generation(body)
     # a finished rollout rests until its spec changes (a new candidate, a fixed spec or report)
-    if status.get("phase") in TERMINAL and status.get("unloadAfter") is None \
-            and status.get("observedGeneration") is not None and status.get("observedGeneration") == _generation(body):
+    if status.get("phase") in TERMINAL and status.get("unloadAfter") is None and unchanged:
+        return
+    # Triton was unreachable: the machine's backoff says when to look again (a spec change looks at once)
+    if unchanged and status.get("nextLookAt") is not None and time.time() < status["nextLookAt"]:
         return
     step(body, spec, status, patch, namespace, retry, logger)
 

@@ -109,6 +109,13 @@ class Status:
     """The versions Triton keeps at that unload."""
     loading_since: float | None = None
     """When this rollout first asked Triton to load its versions."""
+    inconclusive: int = 0
+    """Inconclusive analyses in a row (their requests carry over: the baseline stays where it was)."""
+    unreachable: int = 0
+    """Looks in a row that found Triton unreachable: the next one waits ``2 ** unreachable`` s (at most 30 s, and at
+    most the analysis interval)."""
+    next_look_at: float | None = None
+    """While Triton is unreachable: when to look again (the operator skips the ticks before it)."""
 
     def to_dict(self) -> dict[str, Any]:
         """camelCase at every level, as Kubernetes statuses are. A None is written as null, which the
@@ -146,8 +153,8 @@ class Result:
     """Seconds until the operator should look again (the timer also runs every interval)."""
 
 
-def _condition(status: Status, type_: str, ok: bool, reason: str, message: str, now: float) -> None:
-    value = "True" if ok else "False"
+def _condition(status: Status, type_: str, ok: bool | None, reason: str, message: str, now: float) -> None:
+    value = "Unknown" if ok is None else "True" if ok else "False"
     for c in status.conditions:
         if c["type"] == type_:
             if c["status"] != value:
@@ -185,14 +192,22 @@ def gate_failure(report: dict[str, Any] | None) -> str | None:
 
 
 def analyse(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Analysis:
-    c = obs.candidate or VersionCounters()
-    ok = max(0.0, c.success - status.baseline_success)
-    bad = max(0.0, c.failure - status.baseline_failure)
+    """The verdict on the candidate's requests since the baseline: the last conclusive analysis (requests of
+    inconclusive ones carry over, so a candidate with little traffic is judged once it has had enough)."""
+    if obs.candidate is None:
+        return Analysis(now, 0.0, None, None, obs.shadow_agreement, "inconclusive",
+                        ["the candidate's metrics could not be read"])
+    c = obs.candidate
+    base_ok, base_bad = status.baseline_success, status.baseline_failure
+    if c.success < base_ok or c.failure < base_bad:  # counters restarted (Triton or the version reloaded)
+        base_ok = base_bad = 0.0
+    ok, bad = c.success - base_ok, c.failure - base_bad
     total = ok + bad
     t = spec.analysis.thresholds
     if total < max(1, spec.analysis.min_requests):
         return Analysis(now, total, None, c.p99_ms, obs.shadow_agreement, "inconclusive",
-                        [f"{total:.0f} candidate requests < minRequests {spec.analysis.min_requests}"])
+                        [f"{total:.0f} candidate requests < minRequests {spec.analysis.min_requests} (they carry over "
+                         "to the next analysis)"])
     rate = bad / total
     reasons = []
     if rate > t.max_error_rate:
@@ -265,9 +280,13 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
     _condition(st, "QualityGate", True, "GatePassed" if spec.compression_report else "NoReport",
                "compression report gate passed" if spec.compression_report else "no compression report attached", now)
     if not obs.triton_reachable:
-        st.message = "Triton is unreachable; retrying"
+        delay = min(2.0 ** st.unreachable, 30.0, interval)
+        st.unreachable += 1
+        st.next_look_at = now + delay
+        st.message = f"Triton is unreachable; looking again in {delay:g} s"
         _condition(st, "TritonReachable", False, "Unreachable", st.message, now)
-        return Result([], st, requeue_after=min(interval, 10.0))
+        return Result([], st, requeue_after=delay)
+    st.unreachable, st.next_look_at = 0, None
     _condition(st, "TritonReachable", True, "Reachable", "Triton answers", now)
 
     if st.phase == "Pending":
@@ -287,11 +306,21 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
                          f"version {spec.candidate_version} is no longer loaded in Triton", now)
 
     actions: list[Action] = []
-    if obs.candidate is not None and (st.last_analysis_at is None or now - st.last_analysis_at >= interval):
+    if st.last_analysis_at is None or now - st.last_analysis_at >= interval:
         a = analyse(spec, st, obs, now)
         st.last_analysis, st.last_analysis_at = a, now
-        c = obs.candidate or VersionCounters()
-        st.baseline_success, st.baseline_failure = c.success, c.failure
+        _condition(st, "AnalysisPassing", None if a.verdict == "inconclusive" else a.verdict == "passed",
+                   a.verdict.title(), "; ".join(a.reasons) or "ok", now)
+        if a.verdict == "inconclusive":  # the baseline stays: these requests count in the next analysis
+            st.inconclusive += 1
+            limit = spec.analysis.max_inconclusive
+            if limit is not None and st.inconclusive >= limit:
+                return _rollback(spec, st, "RolledBack", "AnalysisInconclusive",
+                                 f"{st.inconclusive} inconclusive analyses in a row (maxInconclusive {limit}): "
+                                 + "; ".join(a.reasons), now)
+        else:
+            c = obs.candidate or VersionCounters()
+            st.baseline_success, st.baseline_failure, st.inconclusive = c.success, c.failure, 0
         if a.verdict == "failed":
             st.failures += 1
             actions.append(Emit("Warning", "AnalysisFailed", "; ".join(a.reasons)))
@@ -301,7 +330,6 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
                                  + "; ".join(a.reasons), now)
         elif a.verdict == "passed":
             st.passed_in_step += 1
-        _condition(st, "AnalysisPassing", a.verdict != "failed", a.verdict.title(), "; ".join(a.reasons) or "ok", now)
 
     if spec.paused:
         st.phase, st.message = "Paused", f"paused at step {st.step + 1} ({st.weight}%)"

@@ -36,7 +36,11 @@ class Thresholds(_Camel):
 class Analysis(_Camel):
     interval_seconds: float = Field(30.0, gt=0, description="time between analyses")
     failure_limit: int = Field(2, ge=1, description="failed analyses that roll the candidate back")
-    min_requests: int = Field(20, ge=0, description="candidate requests an analysis needs to judge (fewer: inconclusive)")
+    min_requests: int = Field(20, ge=0, description="candidate requests an analysis needs to judge (fewer: "
+                              "inconclusive, and the requests carry over to the next analysis)")
+    max_inconclusive: int | None = Field(None, ge=1, description="inconclusive analyses in a row (too few requests, "
+                                         "or no metrics) after which the rollout goes back to the stable version; "
+                                         "null: wait for enough traffic however long it takes")
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
 
@@ -64,9 +68,10 @@ class RouterTarget(_Camel):
 
 class ModelRolloutSpec(_Camel):
     model: str = Field(min_length=1, description="Triton model name")
-    stable_version: str = Field(min_length=1, pattern=r"^[0-9]+$")
-    candidate_version: str = Field(min_length=1, pattern=r"^[0-9]+$")
-    steps: list[Step] = Field(min_length=1)
+    stable_version: str = Field(pattern=r"^[1-9][0-9]{0,17}$", description="a Triton version number, as Triton "
+                                "names its version directories (no leading zeros)")
+    candidate_version: str = Field(pattern=r"^[1-9][0-9]{0,17}$")
+    steps: list[Step] = Field(min_length=1, max_length=20)
     analysis: Analysis = Field(default_factory=Analysis)
     triton: TritonEndpoint
     router: RouterTarget

@@ -116,10 +116,21 @@ def parse_policy(text: str, source: str = "policy") -> RoutingPolicy:
 
 
 def write_policy(policy: RoutingPolicy, path: Path) -> None:
-    """Atomically replace the policy file (readers never see half a file)."""
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(policy.model_dump(exclude_none=True), indent=2))
-    tmp.replace(path)
+    """Atomically replace the policy file (readers never see half a file): written to a temporary file of its own
+    in the same directory (concurrent writers never share one), then renamed over the policy."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(policy.model_dump(exclude_none=True), indent=2))
+        os.chmod(tmp, 0o644)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class PolicyWatcher:

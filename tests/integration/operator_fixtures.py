@@ -8,7 +8,8 @@ each request to the version the policy picks (and mirrors shadow traffic), and e
 Prometheus metrics (``recserve.serving.metrics.RouterMetrics``) for the operator's analyses.
 
 What kmock 0.8 leaves out and these tests add (``Emulator``): resourceVersions (kopf JSON-patches with a
-``test`` on ``/metadata/resourceVersion``), a 422 when such a test fails (kmock answers 500, and kopf would
+``test`` on ``/metadata/resourceVersion``; the operator's merge patches of the policy ConfigMap carry one as a
+precondition: 409 when it is stale), a 422 when such a test fails (kmock answers 500, and kopf would
 retry the stale patch forever), ``metadata.generation`` bumped on spec changes (the operator compares it with
 ``status.observedGeneration``), names for ``generateName`` (kopf's Events), uids and creation timestamps.
 kmock cannot serve ``/api/v1/namespaces`` (its path parser fails on it), so kopf runs with
@@ -106,6 +107,9 @@ class Emulator(kmock.KubernetesEmulator):
             meta["resourceVersion"] = str(next(_RV))
             meta.setdefault("generation", 1)
         elif request.resource is not None and request.action == kmock.action.UPDATE:
+            wanted = (request.data.get("metadata") or {}).get("resourceVersion") if isinstance(request.data, dict) else None
+            if wanted is not None and wanted != self._resource_version(request):  # a merge patch's precondition
+                raise kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
             meta: dict[str, Any] = {"resourceVersion": str(next(_RV))}
             if request.subresource is None and self._touches_spec(request.data):
                 meta["generation"] = self._generation(request) + 1  # as the API server does on spec changes
@@ -123,6 +127,13 @@ class Emulator(kmock.KubernetesEmulator):
         if isinstance(data, dict):
             return "spec" in data
         return isinstance(data, list) and any(str(op.get("path", "")).startswith("/spec") for op in data)
+
+    def _resource_version(self, request) -> str | None:
+        try:
+            obj = self.objects[request.resource, request.namespace, request.name]
+            return None if obj.deleted else obj.get("metadata", {}).get("resourceVersion")
+        except KeyError:
+            return None
 
     def _generation(self, request) -> int:
         try:

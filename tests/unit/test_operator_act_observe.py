@@ -136,22 +136,48 @@ def test_a_corrupt_policy_file_is_refused_not_overwritten(tmp_path: Path) -> Non
 
 
 class FakeCoreV1:
+    """ConfigMaps as an API server keeps them: a resourceVersion per write, 409 for a replace carrying a stale one
+    and for a create of one that exists. ``interfere`` runs between a read and the write that follows it (another
+    writer's update)."""
+
     def __init__(self, data: dict | None = None, status: int = 404):
-        self.data, self.status, self.calls = data, status, []
+        self.data, self.status, self.calls, self.rv = data, status, [], 1
+        self.interfere = None
+        self.lock = threading.Lock()
+
+    def _cm(self):
+        meta = type("Meta", (), {"resource_version": str(self.rv), "labels": {}, "annotations": {}})()
+        return type("CM", (), {"data": dict(self.data), "metadata": meta})()
 
     def read_namespaced_config_map(self, name, namespace):
         from kubernetes.client.exceptions import ApiException
 
-        self.calls.append(("read", name, namespace))
-        if self.data is None:
-            raise ApiException(status=self.status, reason="nope")
-        return type("CM", (), {"data": self.data})()
+        with self.lock:
+            self.calls.append(("read", name, namespace))
+            if self.data is None:
+                raise ApiException(status=self.status, reason="nope")
+            cm = self._cm()
+        if self.interfere is not None:
+            self.interfere(self)
+        return cm
 
     def create_namespaced_config_map(self, namespace, body):
-        self.calls.append(("create", namespace, body))
+        from kubernetes.client.exceptions import ApiException
+
+        with self.lock:
+            self.calls.append(("create", namespace, body))
+            if self.data is not None:
+                raise ApiException(status=409, reason="AlreadyExists")
+            self.data, self.rv = dict(body["data"]), self.rv + 1
 
     def patch_namespaced_config_map(self, name, namespace, body):
-        self.calls.append(("patch", name, namespace, body))
+        from kubernetes.client.exceptions import ApiException
+
+        with self.lock:
+            self.calls.append(("patch", name, namespace, body))
+            if body["metadata"].get("resourceVersion", str(self.rv)) != str(self.rv):
+                raise ApiException(status=409, reason="Conflict")
+            self.data, self.rv = {**self.data, **body["data"]}, self.rv + 1
 
 
 def test_set_weights_configmap_creates_a_missing_configmap() -> None:
@@ -169,6 +195,7 @@ def test_set_weights_configmap_patches_an_existing_one_keeping_other_models() ->
     act.set_weights_configmap(api, "serving", "routing", SetWeights("ranker", (("1", 0), ("2", 100))))
     op, name, ns, body = api.calls[-1]
     assert (op, name, ns) == ("patch", "routing", "serving")
+    assert body["metadata"]["resourceVersion"] == "1"  # the precondition: what it read
     policy = parse_policy(body["data"][act.POLICY_KEY])
     assert set(policy.models) == {"two_tower", "reranker", "ranker"}
     assert policy.models["reranker"] == OTHERS.models["reranker"]
@@ -187,6 +214,65 @@ def test_set_weights_configmap_raises_other_api_errors() -> None:
     with pytest.raises(ApiException):
         act.set_weights_configmap(api, "ns", "cm", SetWeights("ranker", (("1", 100), ("2", 0))))
     assert [c[0] for c in api.calls] == ["read"]
+
+
+def test_a_write_that_lost_a_race_is_merged_again_not_lost() -> None:
+    """Another writer (another operator replica, a person with kubectl) changed the ConfigMap between our read and
+    our write: the stale write is refused (409), and the merge is redone on what is there now."""
+    api = FakeCoreV1({act.POLICY_KEY: "{}"})
+
+    def other_writer(fake) -> None:
+        fake.interfere = None  # once
+        with fake.lock:
+            fake.data = {act.POLICY_KEY: json.dumps({"models": {"reranker": {"versions": {"3": 100}}}})}
+            fake.rv += 1
+
+    api.interfere = other_writer
+    act.set_weights_configmap(api, "ns", "cm", SetWeights("ranker", (("1", 80), ("2", 20))))
+    policy = parse_policy(api.data[act.POLICY_KEY])
+    assert set(policy.models) == {"reranker", "ranker"}  # both writes landed
+    assert [c[0] for c in api.calls] == ["read", "patch", "read", "patch"]
+
+
+def test_a_create_that_lost_a_race_becomes_an_update() -> None:
+    api = FakeCoreV1()
+    original = api.read_namespaced_config_map
+    state = {"first": True}
+
+    def read(name, namespace):
+        try:
+            return original(name, namespace)
+        finally:
+            if state.pop("first", False):  # after our 404, someone else creates it
+                api.data, api.rv = {act.POLICY_KEY: json.dumps({"models": {"x": {"versions": {"1": 100}}}})}, 5
+
+    api.read_namespaced_config_map = read
+    act.set_weights_configmap(api, "ns", "cm", SetWeights("ranker", (("1", 100), ("2", 0))))
+    assert set(parse_policy(api.data[act.POLICY_KEY]).models) == {"x", "ranker"}
+
+
+@pytest.mark.parametrize("target", ["file", "configmap"])
+def test_concurrent_rollouts_lose_no_weight(tmp_path: Path, target: str) -> None:
+    """Ten rollouts of ten models write one policy at once, each stepping through its weights: every model's last
+    weight is what the policy says at the end, and the file is never unreadable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, api = tmp_path / "policy.json", FakeCoreV1()
+
+    def rollout(i: int) -> None:
+        for w in (10, 30, 60, 100 - i):
+            action = SetWeights(f"model{i}", (("1", 100 - w), ("2", w)))
+            if target == "file":
+                act.set_weights_file(path, action)
+            else:
+                act.set_weights_configmap(api, "ns", "cm", action)
+
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(rollout, range(10)))
+    text = path.read_text() if target == "file" else api.data[act.POLICY_KEY]
+    policy = parse_policy(text)
+    assert {m: p.versions["2"] for m, p in policy.models.items()} == {f"model{i}": float(100 - i) for i in range(10)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["policy.json"] if target == "file" else [])
 
 
 # --- load_versions ---------------------------------------------------------------------------------------------------

@@ -210,3 +210,26 @@ def test_the_tick_interval_comes_from_the_environment_at_import() -> None:
                          env={**os.environ, "RECSERVE_OPERATOR_TICK_SECONDS": "0.25"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0.25", "0.25", "0.5"]
+
+
+def test_named_namespaces_run_without_cluster_wide_scanning(handlers) -> None:
+    """The chart's namespaced Role may not list namespaces: with --namespace kopf must not try (it retried about a
+    minute of 403s before it handled any rollout); --all-namespaces keeps kopf's scanning."""
+    assert handlers.operator_settings(scan_namespaces=False).scanning.disabled is True
+    assert handlers.operator_settings(scan_namespaces=True).scanning.disabled is False
+
+
+def test_operator_logs_are_lines_on_stdout(handlers) -> None:
+    import io
+    import logging
+
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        handlers.configure_logging(out)
+        logging.getLogger("kopf.objects").info("loading failed; retrying")
+    finally:
+        root.handlers, root.level = saved
+    line = out.getvalue().strip()
+    assert line.endswith("INFO kopf.objects: loading failed; retrying") and "\n" not in line

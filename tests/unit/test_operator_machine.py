@@ -243,18 +243,92 @@ def test_a_single_step_rollout_with_no_pause_promotes_on_its_first_passing_analy
 # --- analyses --------------------------------------------------------------------------------------------------------
 
 
-def test_inconclusive_analyses_never_advance_nor_fail() -> None:
+def test_requests_of_inconclusive_analyses_carry_over_until_a_failing_candidate_is_judged() -> None:
+    """Regression: each analysis reset the baseline, inconclusive ones included, so a candidate failing every
+    request at low traffic (fewer than minRequests per interval) stayed at its first step for good."""
     spec = make_spec(analysis={"failureLimit": 1, "thresholds": {"maxErrorRate": 0.0}})
     world = Rollout(spec)
     world.start()
-    for _ in range(40):  # 20 minutes, every request failing, but never minRequests of them in an interval
-        r = world.tick(30, bad=19)
-        assert r.status.phase == "Progressing" and r.status.step == 0 and r.status.failures == 0
-        assert r.status.last_analysis.verdict == "inconclusive"
-        assert r.status.last_analysis.error_rate is None
-        assert set_weights(r.actions) == []
-        assert not [e for e in emits(r.actions) if e.type == "Warning"]
-    assert "minRequests 20" in r.status.last_analysis.reasons[0]
+    r = world.tick(30, bad=12)  # 12 < minRequests 20: inconclusive, and they carry over
+    assert (r.status.phase, r.status.last_analysis.verdict, r.status.inconclusive) == ("Progressing", "inconclusive", 1)
+    assert "minRequests 20" in r.status.last_analysis.reasons[0] and "carry over" in r.status.last_analysis.reasons[0]
+    passing = next(c for c in r.status.conditions if c["type"] == "AnalysisPassing")
+    assert (passing["status"], passing["reason"]) == ("Unknown", "Inconclusive")
+    assert set_weights(r.actions) == [] and not [e for e in emits(r.actions) if e.type == "Warning"]
+    r = world.tick(30, bad=12)  # 24 since the baseline: judged
+    assert r.status.phase == "RolledBack"
+    assert r.status.last_analysis.requests == 24 and r.status.last_analysis.error_rate == 1.0
+    passing = next(c for c in r.status.conditions if c["type"] == "AnalysisPassing")
+    assert passing["status"] == "False", "the deciding failure must show in the condition"
+
+
+def test_too_many_inconclusive_analyses_roll_back_with_a_condition() -> None:
+    spec = make_spec(analysis={"maxInconclusive": 3})
+    world = Rollout(spec)
+    world.start()
+    for _ in range(2):
+        assert world.tick(30, ok=1).status.phase == "Progressing"
+    r = world.tick(30, ok=1)
+    assert r.status.phase == "RolledBack" and r.status.weight == 0
+    progressing = next(c for c in r.status.conditions if c["type"] == "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "AnalysisInconclusive")
+    assert "3 inconclusive analyses in a row (maxInconclusive 3)" in r.status.message
+    assert candidate_weight(set_weights(r.actions)[-1], spec) == 0
+
+
+def test_a_candidate_without_metrics_stays_at_its_first_step_and_a_condition_says_why() -> None:
+    """Regression: with the metrics unreachable every analysis was skipped, silently."""
+    spec = make_spec()
+    world = Rollout(spec)
+    world.start()
+    world.success = world.failure = 0.0
+    world.observations = lambda: Observations(True, frozenset(world.loaded), None)  # no counters could be read
+    for _ in range(10):
+        r = world.tick(30)
+        assert (r.status.phase, r.status.step, r.status.weight) == ("Progressing", 0, 10)
+    passing = next(c for c in r.status.conditions if c["type"] == "AnalysisPassing")
+    assert passing["status"] == "Unknown" and "metrics could not be read" in passing["message"]
+
+
+def test_counters_that_restart_are_not_read_as_negative_traffic() -> None:
+    spec = make_spec(analysis={"failureLimit": 1, "thresholds": {"maxErrorRate": 0.1}})
+    world = Rollout(spec)
+    world.start()
+    world.tick(30, ok=50)  # passed, baseline 50
+    world.success, world.failure = 0.0, 0.0  # Triton restarted: counters from zero
+    r = world.tick(30, ok=5, bad=25)
+    assert r.status.phase == "RolledBack" and r.status.last_analysis.requests == 30
+
+
+def test_an_unreachable_triton_is_looked_at_with_backoff() -> None:
+    spec = make_spec()
+    world = Rollout(spec)
+    world.start()
+    world.reachable = False
+    delays = []
+    for _ in range(7):
+        r = world.tick(0.5)
+        delays.append(r.requeue_after)
+        assert r.status.next_look_at == pytest.approx(world.now + r.requeue_after)
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
+    world.reachable = True
+    r = world.tick(0.5)
+    assert (r.status.unreachable, r.status.next_look_at) == (0, None)
+
+
+@pytest.mark.parametrize("version", ["02", "0", "1.0", " 1", "1234567890123456789"])
+def test_versions_triton_would_not_name_are_refused(version: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        make_spec(candidateVersion=version)
+
+
+def test_a_plan_of_thousands_of_steps_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        make_spec(steps=[{"weight": 1 + i % 100, "pauseSeconds": 1} for i in range(5000)])
 
 
 def test_failed_analyses_count_and_reaching_failure_limit_rolls_back() -> None:
@@ -445,7 +519,7 @@ def test_an_unreachable_triton_means_no_actions_a_false_condition_and_a_requeue(
     world.reachable = False
     r = world.tick(30, ok=100)
     assert r.actions == []
-    assert r.requeue_after == 10.0  # min(interval 30, 10)
+    assert r.requeue_after == 1.0  # the first of a backoff: 1, 2, 4 ... 30 s
     cond = [c for c in r.status.conditions if c["type"] == "TritonReachable"][0]
     assert cond["status"] == "False" and cond["reason"] == "Unreachable"
     assert "unreachable" in r.status.message
@@ -457,7 +531,10 @@ def test_an_unreachable_triton_means_no_actions_a_false_condition_and_a_requeue(
 
 
 def test_the_unreachable_requeue_is_at_most_the_analysis_interval() -> None:
-    r = reconcile(make_spec(analysis={"intervalSeconds": 2}), Status(), Observations(False), T0)
+    st = Status()
+    for _ in range(4):
+        r = reconcile(make_spec(analysis={"intervalSeconds": 2}), st, Observations(False), T0)
+        st = r.status
     assert r.requeue_after == 2
 
 
@@ -518,7 +595,8 @@ def test_status_to_dict_has_camel_case_keys_and_round_trips() -> None:
     d = st.to_dict()
     assert set(d) == {"phase", "stableVersion", "candidateVersion", "step", "weight", "stepStartedAt",
                       "lastAnalysisAt", "baselineSuccess", "baselineFailure", "failures", "passedInStep",
-                      "lastAnalysis", "message", "conditions", "unloadAfter", "keepVersions", "loadingSince"}
+                      "lastAnalysis", "message", "conditions", "unloadAfter", "keepVersions", "loadingSince",
+                      "inconclusive", "unreachable", "nextLookAt"}
     assert Status.from_dict(d) == st
     assert Status.from_dict(json.loads(json.dumps(d))) == st  # what the API server stores and gives back
     assert Status.from_dict(Status().to_dict()) == Status()

@@ -191,3 +191,30 @@ def test_the_analysis_counts_and_failure_limit_are_respected(spec, ticks) -> Non
             assert after.failures == before.failures + 1
             assert after.last_analysis.verdict == "failed"
             assert after.last_analysis.requests >= max(1, spec.analysis.min_requests)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(), traffic=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 5)), min_size=1, max_size=40),
+       dt=st.sampled_from([0.25, 1.0, 5.0, 30.0]))
+def test_any_failing_candidate_is_rolled_back_whatever_its_traffic(spec, traffic, dt) -> None:
+    """Every tick the candidate fails more than maxErrorRate of its requests (from none to a few dozen per tick):
+    it is rolled back, and until then it never gets more than its first step's weight."""
+    t = spec.analysis.thresholds.max_error_rate
+    status, success, failure, now = Status(), 0.0, 0.0, T0
+    loaded, weights = {"1"}, []
+    for i in range(5000):
+        ok, extra = traffic[i % len(traffic)]
+        bad = int(ok * t / (1 - t)) + 1 + extra if t < 1 else ok + 1 + extra  # this tick's error rate > t
+        success, failure, now = success + ok, failure + bad, now + dt
+        obs = Observations(True, frozenset(loaded), VersionCounters(success, failure, None) if "2" in loaded else None)
+        r = reconcile(spec, status, obs, now)
+        for a in r.actions:
+            if isinstance(a, LoadVersions):
+                loaded = set(a.versions)
+            if isinstance(a, SetWeights):
+                weights.append(dict(a.weights)["2"])
+        status = r.status
+        if status.phase in TERMINAL and status.unload_after is None:
+            break
+    assert status.phase == "RolledBack", (status.phase, status.message)
+    assert set(weights) <= {0, spec.steps[0].weight} and weights[-1] == 0

@@ -100,7 +100,8 @@ INVALID = [
      "router needs configMap or policyFile"),
     ("non-numeric stable version", edit(GOOD, "stableVersion", "v1"), "should match pattern"),
     ("non-numeric candidate version", edit(GOOD, "candidateVersion", "2-rc"), "should match pattern"),
-    ("empty version", edit(GOOD, "candidateVersion", ""), "at least 1 character"),
+    ("empty version", edit(GOOD, "candidateVersion", ""), "should match pattern"),
+    ("leading zero", edit(GOOD, "candidateVersion", "02"), "should match pattern"),
     ("integer version", edit(GOOD, "stableVersion", 1), "valid string"),
     ("empty model", edit(GOOD, "model", ""), "at least 1 character"),
     ("zero analysis interval", edit(GOOD, "analysis.intervalSeconds", 0), "greater than 0"),
@@ -134,7 +135,7 @@ def test_the_operator_turns_a_validation_error_into_one_readable_permanent_error
     with pytest.raises(kopf.PermanentError) as e:
         parse_spec(edit(edit(GOOD, "stableVersion", "v1"), "steps.0.weight", 0))
     msg = str(e.value)
-    assert "spec.stableVersion: String should match pattern '^[0-9]+$'" in msg
+    assert "spec.stableVersion: String should match pattern '^[1-9][0-9]{0,17}$'" in msg
     assert "spec.steps.0.weight: Input should be greater than or equal to 1" in msg
     with pytest.raises(kopf.PermanentError, match="candidateVersion must differ from stableVersion"):
         parse_spec(edit(GOOD, "candidateVersion", "1"))
