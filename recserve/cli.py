@@ -19,6 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err = Console(stderr=True)
 
+ROUTE_TRITON_NICE = 10
+"""Niceness of the Triton that ``recserve route --triton-repo`` starts beside the router on one host."""
+
 
 def _version(value: bool) -> None:
     if value:
@@ -275,6 +278,9 @@ def serve(
     load_model: Annotated[list[str] | None, typer.Option(help="with explicit: model to load at start")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's verbose log level (0: off)")] = 0,
     cache_mb: Annotated[int, typer.Option(help="response cache size for models built with response_cache")] = 0,
+    nice: Annotated[int, typer.Option(
+        min=0, max=19, help="niceness of tritonserver and its stubs: above 0 on a host whose cores it shares "
+                            "with a router or other latency-bound work")] = 0,
 ) -> None:
     """Start the embedded Triton (the real tritonserver binary, CPU) until Ctrl-C."""
     import signal
@@ -285,7 +291,7 @@ def serve(
     if model_control not in ("none", "poll", "explicit"):
         raise ConfigError(f"--model-control {model_control!r}: use none, poll or explicit")
     settings = ServerSettings(repository, grpc_port, http_port, metrics_port, model_control, load_model or [],
-                              log_verbose=log_verbose, cache_mb=cache_mb)
+                              log_verbose=log_verbose, cache_mb=cache_mb, nice=nice)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with console.status("starting tritonserver"):
@@ -429,9 +435,10 @@ def route(
 
             # tritonserver dying is one line on stderr, its restart another (supervisor's log, see _log_to_err)
             running.enter_context(_log_to_err("recserve.triton.supervisor"))
+            # on the router's own cores, Triton's (re)starts and batches wait for the router's deadlines
+            settings = ServerSettings.on_free_ports(triton_repo, nice=ROUTE_TRITON_NICE)
             with console.status("starting tritonserver"):
-                supervisor = running.enter_context(
-                    TritonSupervisor(EmbeddedTriton(ServerSettings.on_free_ports(triton_repo))))
+                supervisor = running.enter_context(TritonSupervisor(EmbeddedTriton(settings)))
             triton = supervisor.server
             for name, why in triton.skipped.items():
                 err.print(f"left out {name}: {why}", highlight=False, markup=False, soft_wrap=True)

@@ -58,6 +58,10 @@ class ServerSettings:
     four took about 10% of the batched throughput on 2 cores; the operator reads only 0.99."""
     cache_mb: int = 0
     """Size of Triton's local response cache (used by models built with ``response_cache: true``); 0: none."""
+    nice: int = 0
+    """Niceness added to tritonserver and its python stubs (``nice -n``). Above 0 where Triton shares a host's
+    cores with latency-bound processes (a router on an edge box, the fault tests): its model loads then wait
+    for them, not they for it."""
 
     @classmethod
     def on_free_ports(cls, repository: Path, **kw) -> ServerSettings:
@@ -224,11 +228,12 @@ class EmbeddedTriton:
 
     def command(self, backend_dir: Path, install: TritonInstall) -> list[str]:
         s = self.settings
-        cmd = [str(install.binary), f"--model-repository={Path(s.repository).resolve()}",
-               f"--backend-directory={backend_dir}", f"--grpc-port={s.grpc_port}", f"--http-port={s.http_port}",
-               f"--metrics-port={s.metrics_port}", f"--model-control-mode={s.model_control}",
-               f"--log-verbose={s.log_verbose}", "--allow-metrics=true", "--allow-gpu-metrics=false",
-               "--strict-readiness=true", "--exit-timeout-secs=10"]
+        cmd = ["nice", "-n", str(s.nice)] if s.nice else []
+        cmd += [str(install.binary), f"--model-repository={Path(s.repository).resolve()}",
+                f"--backend-directory={backend_dir}", f"--grpc-port={s.grpc_port}", f"--http-port={s.http_port}",
+                f"--metrics-port={s.metrics_port}", f"--model-control-mode={s.model_control}",
+                f"--log-verbose={s.log_verbose}", "--allow-metrics=true", "--allow-gpu-metrics=false",
+                "--strict-readiness=true", "--exit-timeout-secs=10"]
         if s.summary_latencies:
             cmd += ["--metrics-config=summary_latencies=true", f"--metrics-config=summary_quantiles={s.summary_quantiles}"]
         if s.cache_mb > 0:

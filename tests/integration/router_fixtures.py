@@ -90,8 +90,8 @@ def router_config(repo: RouterRepo, triton_url: str, **over: Any) -> RouterConfi
     return RouterConfig.model_validate(raw)
 
 
-def triton_settings(repository: Path) -> ServerSettings:
-    return ServerSettings.on_free_ports(Path(repository))
+def triton_settings(repository: Path, nice: int = 0) -> ServerSettings:
+    return ServerSettings.on_free_ports(Path(repository), nice=nice)
 
 
 @dataclass
@@ -247,12 +247,13 @@ def router_repo(tmp_path_factory: pytest.TempPathFactory) -> RouterRepo:
     return _REPOS["repo"]
 
 
-def start_stack(repo: RouterRepo, **config: Any) -> RouterStack:
-    """Start Triton, then Ray + Serve with the router app; wait until a Rank is served by the cloud."""
+def start_stack(repo: RouterRepo, triton_nice: int = 0, **config: Any) -> RouterStack:
+    """Start Triton (``triton_nice``: its niceness), then Ray + Serve with the router app; wait until a Rank is
+    served by the cloud."""
     from recserve.serving import app
     from recserve.serving.client import RouterClient
 
-    triton = EmbeddedTriton(triton_settings(repo.triton_repo)).start()
+    triton = EmbeddedTriton(triton_settings(repo.triton_repo, triton_nice)).start()
     try:
         cfg = router_config(repo, triton.grpc_url, **config)
         app.start(cfg)

@@ -320,3 +320,13 @@ def test_waiting_for_readiness_stops_when_cancelled(tmp_path: Path) -> None:
         assert time.monotonic() - started < 2
     finally:
         server.stop()
+
+
+def test_a_niceness_runs_tritonserver_under_nice_and_none_runs_it_bare(tmp_path: Path) -> None:
+    from recserve.triton.server import TritonInstall
+
+    install = TritonInstall(Path("/opt/triton/bin/tritonserver"), Path("/opt/triton/lib"), Path("/b"), Path("/s"))
+    bare = EmbeddedTriton(ServerSettings(tmp_path)).command(tmp_path / "backends", install)
+    niced = EmbeddedTriton(ServerSettings(tmp_path, nice=10)).command(tmp_path / "backends", install)
+    assert bare[0] == str(install.binary)
+    assert niced[:4] == ["nice", "-n", "10", str(install.binary)] and niced[4:] == bare[1:]
