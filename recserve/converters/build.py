@@ -12,6 +12,7 @@ from recserve.converters.tensorrt import build_engine
 from recserve.converters.triton_config import TARGETS, BuildProfile, graph_io, model_config, to_pbtxt
 from recserve.converters.trt_check import Finding, check
 from recserve.errors import ConfigError, ModelError
+from recserve.provenance import MANIFEST, manifest
 from recserve.specs import read_mapping, read_text, validate
 
 
@@ -50,5 +51,6 @@ def build(model_path: Path, name: str, target: str, repository: Path, profile: B
         files = {"model.onnx": graph.SerializeToString()}
     if loaded.preprocessing is not None and loaded.preprocessing.exists():
         files["preprocessing.json"] = loaded.preprocessing.read_bytes()
+    files[MANIFEST] = manifest(loaded.source)  # the file it came from: a compression report names the same
     vdir = add_version(repository, config, files, version)
     return BuildResult(vdir, to_pbtxt(config), findings)

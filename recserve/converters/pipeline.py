@@ -59,6 +59,7 @@ from recserve.models.artifact import is_trained_dir, load_trained
 from recserve.models.export import RANKER_OUTPUTS
 from recserve.models.train import TrainSettings
 from recserve.onnxrt import session
+from recserve.provenance import sha256_hex
 from recserve.timing import interleaved, paired_ratio
 
 OUTPUT_FILES = ("model.onnx", "preprocessing.json", "report.json", "report.png", "search.log")
@@ -400,14 +401,17 @@ def write_outputs(out: Path, report: CompressionReport, model: onnx.ModelProto |
     out.mkdir(parents=True, exist_ok=True)
     keep_model = model is None and (out / "model.onnx").exists()
     names = dict(zip(("report.json", "report.png"), REJECTED)) if keep_model else {}
+    data = model.SerializeToString() if model is not None else None
+    if data is not None:
+        report.model_sha256 = sha256_hex(data)  # what `recserve build` and the operator check the file against
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage = Path(tmp)
         report.write(stage / "report.json")
         plot_report(report, stage / "report.png")
         if log_lines:
             (stage / "search.log").write_text("\n".join(log_lines) + "\n")
-        if model is not None:
-            onnx.save(model, stage / "model.onnx")
+        if data is not None:
+            (stage / "model.onnx").write_bytes(data)  # the bytes model_sha256 names (what onnx.save writes)
             if preprocessing is not None and preprocessing.exists():
                 shutil.copyfile(preprocessing, stage / "preprocessing.json")
         for f in sorted(stage.iterdir(), key=lambda f: f.name == "model.onnx"):  # the model last

@@ -148,6 +148,9 @@ class CompressionReport(_Report):
     search: SearchReport | None = None
     storage: dict[str, Any] = Field(default_factory=dict)
     """How the weights are stored on disk (sparse initializers, or why the file did not shrink)."""
+    model_sha256: str | None = None
+    """sha256 of the model.onnx written beside this report (None when the gate failed and none was written):
+    ``recserve build`` records it with the version it adds, and the operator checks that they match."""
 
     def write(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2))

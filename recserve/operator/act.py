@@ -1,23 +1,34 @@
-"""Carrying out the state machine's actions: Triton model control and the routing policy."""
+"""Carrying out the state machine's actions: Triton model control, the routing policy, Events, and the status
+recorded before them (``machine.intended``)."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import threading
 from pathlib import Path
+from typing import Any
 
-from recserve.operator.machine import LoadVersions, SetWeights
-from recserve.operator.spec import ModelRolloutSpec
+from recserve.operator.machine import Emit, LoadVersions, SetWeights
+from recserve.operator.spec import GROUP, PLURAL, VERSION, ModelRolloutSpec
 from recserve.serving.policy import Assignment, ModelPolicy, RoutingPolicy, parse_policy, write_policy
 from recserve.triton.client import TritonClient
 
 POLICY_KEY = "policy.json"
 
 
+log = logging.getLogger("recserve.operator")
+
+
 def load_versions(spec: ModelRolloutSpec, action: LoadVersions) -> None:
-    """(Re)load the model serving exactly ``action.versions``: a config override of the version policy."""
+    """(Re)load the model serving exactly ``action.versions``: a config override of the version policy. A final
+    unload of a model Triton does not serve (it was removed meanwhile) has nothing to do."""
     with TritonClient(spec.triton.grpc_url, timeout=30.0) as client:
         if not client.model_ready(action.model):
+            if action.final:
+                log.warning("%s is not loaded in Triton: nothing to unload after the rollout", action.model)
+                return
             client.load(action.model)
         config = client.config(action.model)
         config["version_policy"] = {"specific": {"versions": sorted(int(v) for v in action.versions)}}
@@ -95,3 +106,55 @@ def set_weights_configmap(api, namespace: str, name: str, action: SetWeights) ->
                     raise
         raise ApiException(status=409, reason=f"configmap {namespace}/{name} kept changing: {CONFLICT_RETRIES} "
                                               "conflicting writes in a row")
+
+
+EVENT_MESSAGE_CHARS = 1024
+"""Longer Event messages are cut in the middle (as kopf does): the API server refuses long ones."""
+
+
+def event_body(owner: dict[str, Any], emit: Emit, now: datetime.datetime) -> dict[str, Any]:
+    """A core/v1 Event about ``owner`` (the ModelRollout), named after the decision (``Emit.key``)."""
+    meta = owner["metadata"]
+    message = emit.message
+    if len(message) > EVENT_MESSAGE_CHARS:
+        half = EVENT_MESSAGE_CHARS // 2 - 3
+        message = f"{message[:half]} … {message[-half:]}"
+    stamp = now.isoformat()
+    return {
+        "metadata": {"name": f"{meta['name'][:200]}.{emit.key}", "namespace": meta["namespace"],
+                     "labels": {"app.kubernetes.io/managed-by": "recserve-operator"}},
+        "involvedObject": {"apiVersion": owner.get("apiVersion", f"{GROUP}/{VERSION}"),
+                           "kind": owner.get("kind", "ModelRollout"), "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "type": emit.type, "reason": emit.reason, "message": message, "action": emit.reason,
+        "reportingComponent": "recserve-operator", "reportingInstance": "recserve-operator",
+        "source": {"component": "recserve-operator"},
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "eventTime": stamp, "count": 1,
+    }
+
+
+def post_event(api, owner: dict[str, Any], emit: Emit) -> bool:
+    """Post the Event (``kubernetes.client.CoreV1Api``); False when one of that name exists already (the same
+    decision carried out again: not posted twice). Events are auxiliary: other failures are logged, not raised."""
+    from kubernetes.client.exceptions import ApiException
+
+    body = event_body(owner, emit, datetime.datetime.now(datetime.UTC))
+    try:
+        api.create_namespaced_event(body["metadata"]["namespace"], body)
+        return True
+    except ApiException as e:
+        if e.status == 409:
+            return False
+        log.warning("could not post the Event %s %s (%s %s): %s", emit.type, emit.reason, e.status, e.reason,
+                    emit.message)
+    except OSError as e:
+        log.warning("could not post the Event %s %s (%s): %s", emit.type, emit.reason, e, emit.message)
+    return True
+
+
+def record_status(api, owner: dict[str, Any], status: dict[str, Any]) -> None:
+    """Write the status now, before the actions it records (``kubernetes.client.CustomObjectsApi``): a merge
+    patch of the status subresource, as kopf writes it after the handler."""
+    meta = owner["metadata"]
+    api.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
+                                              {"status": status}, _content_type="application/merge-patch+json")

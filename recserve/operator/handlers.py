@@ -1,7 +1,9 @@
 """kopf handlers: gather observations, run the state machine, carry out its actions, record status.
 
-Actions run before the status is written; if one fails, the status stays as it was and kopf retries
-later with backoff, so the (idempotent) actions are redone rather than a step skipped.
+A decision that changes the status is written first with its actions pending (``machine.intended``), then
+carried out, then the status is written again without them. If an action fails (or the operator stops
+in between), the next look finds them pending and carries out exactly those again (kopf retries with
+backoff): a step is neither skipped nor entered twice, and each Event is posted once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pydantic import ValidationError
 
 from recserve.errors import RecserveError
 from recserve.operator import act
-from recserve.operator.machine import Emit, LoadVersions, SetWeights, Status, reconcile
+from recserve.operator.machine import Emit, LoadVersions, SetWeights, Status, intended, reconcile
 from recserve.operator.observe import observe
 from recserve.operator.spec import GROUP, PLURAL, VERSION, ModelRolloutSpec
 
@@ -48,14 +50,26 @@ def configure_logging(stream=None) -> None:
     root.setLevel(logging.INFO)
 
 
-def _core_api():
+def _api_client():
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.CoreV1Api()
+    return client.ApiClient()
+
+
+def _core_api():
+    from kubernetes import client
+
+    return client.CoreV1Api(_api_client())
+
+
+def _custom_api():
+    from kubernetes import client
+
+    return client.CustomObjectsApi(_api_client())
 
 
 def parse_spec(spec: dict) -> ModelRolloutSpec:
@@ -76,7 +90,7 @@ def carry_out(spec: ModelRolloutSpec, actions, body, namespace: str) -> None:
             if spec.router.config_map:
                 act.set_weights_configmap(_core_api(), namespace, spec.router.config_map, a)
         elif isinstance(a, Emit):
-            kopf.event(body, type=a.type, reason=a.reason, message=a.message)
+            act.post_event(_core_api(), body, a)
 
 
 TERMINAL = ("Promoted", "RolledBack", "Aborted", "Rejected")
@@ -102,12 +116,16 @@ def step(body, spec, status, patch, namespace, retry, logger) -> None:
     fresh = status.get("phase") == "Rejected" and status.get("observedGeneration") != generation
     current = Status() if fresh else Status.from_dict(status)  # a fixed spec or report: start over
     result = reconcile(rollout, current, observe(rollout), time.time())
+    recorded = intended(current, result)
     try:
+        if recorded is not None:  # the decision first: carried out again, not decided again, after a failure
+            act.record_status(_custom_api(), body, recorded.to_dict() | {"observedGeneration": generation})
         carry_out(rollout, result.actions, body, namespace)
     except (RecserveError, OSError, Exception) as e:  # Triton or the API server failed: retry with backoff
         delay = min(60.0, 2.0 ** min(retry, 5))
         logger.warning("actions failed (%s), retrying in %.0fs", e, delay)
-        if result.status.phase == "Pending":  # nothing routed yet; the load clock (loadTimeoutSeconds) must run
+        if result.status.phase == "Pending":  # nothing routed yet; the load clock (loadTimeoutSeconds) must run,
+            # and the loading actions are decided again at the next look (nothing pending to carry out)
             patch.status.update(result.status.to_dict() | {"message": f"loading failed ({type(e).__name__}: {e}); "
                                                                       f"retrying", "observedGeneration": generation})
         raise kopf.TemporaryError(f"{type(e).__name__}: {e}", delay=delay) from e
@@ -121,8 +139,10 @@ def step(body, spec, status, patch, namespace, retry, logger) -> None:
 def on_tick(body, spec, status, patch, namespace, retry, logger, **_) -> None:
     status = status or {}
     unchanged = status.get("observedGeneration") is not None and status.get("observedGeneration") == _generation(body)
-    # a finished rollout rests until its spec changes (a new candidate, a fixed spec or report)
-    if status.get("phase") in TERMINAL and status.get("unloadAfter") is None and unchanged:
+    # a finished rollout rests until its spec changes (a new candidate, a fixed spec or report), once its last
+    # actions are known to be carried out
+    if status.get("phase") in TERMINAL and status.get("unloadAfter") is None and unchanged \
+            and not status.get("pending"):
         return
     # Triton was unreachable: the machine's backoff says when to look again (a spec change looks at once)
     if unchanged and status.get("nextLookAt") is not None and time.time() < status["nextLookAt"]:
@@ -143,5 +163,5 @@ def on_delete(body, spec, status, namespace, logger, **_) -> None:
 
     carry_out(rollout, [weights(rollout, 0)], body, namespace)
     time.sleep(min(rollout.router.drain_seconds, 30.0))  # routers pick up the policy before the candidate goes
-    carry_out(rollout, [LoadVersions(rollout.model, (rollout.stable_version,))], body, namespace)
+    carry_out(rollout, [LoadVersions(rollout.model, (rollout.stable_version,), final=True)], body, namespace)
     logger.info("deleted before promotion: version %s serves all traffic", rollout.stable_version)

@@ -7,6 +7,12 @@ up exactly where the last one stopped.
 
 Phases: Pending (candidate loading) -> Progressing (steps) <-> Paused -> Promoted, or RolledBack
 (analysis failed), Aborted (spec.abort), Rejected (quality gate or invalid spec).
+
+A decision is recorded before it is carried out: :func:`intended` gives the new status with its actions in
+``pending``, which the operator writes first; the status written after the actions clears it. An operator that
+stops in between (or an action that fails) finds ``pending`` set, and :func:`reconcile` carries out exactly
+those actions again, with the status they came with: the step's clock is not restarted, and each Event keeps
+the name it was first posted under (``Emit.key``), so the API server refuses it a second time.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ class Observations:
     """Mean overlap@k of the candidate's shadow answers with the served ones (router metrics), if known."""
     unavailable: dict[str, str] = field(default_factory=dict)
     """Versions Triton tried and failed to load: version -> Triton's reason."""
+    candidate_source: str | None = None
+    """The sha256 of the file the candidate version was built from (its ``recserve.json`` in the model repository);
+    ``""``: it has none; None: not looked at (no ``triton.modelRepository``) or unreadable (``source_error``)."""
+    source_error: str | None = None
+    """Why the candidate's manifest could not be read."""
 
 
 # -- actions ----------------------------------------------------------------------------------------
@@ -50,6 +61,9 @@ class LoadVersions:
 
     model: str
     versions: tuple[str, ...]
+    final: bool = False
+    """The unload after a finished rollout: when Triton has no such model loaded (it was removed meanwhile),
+    there is nothing to unload and the rollout rests."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +83,34 @@ class Emit:
     type: str
     reason: str
     message: str
+    key: str = field(default="", compare=False)
+    """Names the Event (with the rollout's uid): the same decision carried out again posts no second Event."""
 
 
 Action = LoadVersions | SetWeights | Emit
+_KINDS: dict[str, type] = {"LoadVersions": LoadVersions, "SetWeights": SetWeights, "Emit": Emit}
+
+
+def encode(actions: list[Action]) -> list[dict[str, Any]]:
+    """Actions as JSON-able dicts with camelCase keys, for ``status.pending``."""
+    return [{"kind": type(a).__name__, **{_camel(k): v for k, v in asdict(a).items()}} for a in actions]
+
+
+def decode(items: list[dict[str, Any]]) -> list[Action]:
+    """The inverse of :func:`encode`; entries it does not know (a newer operator wrote them) are left out."""
+    out: list[Action] = []
+    for item in items or []:
+        kind = _KINDS.get(str(item.get("kind")))
+        if kind is None:
+            continue
+        fields = {_snake(k): v for k, v in item.items() if _snake(k) in kind.__dataclass_fields__}
+        for name in ("versions",):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        if "weights" in fields:
+            fields["weights"] = tuple((str(v), int(w)) for v, w in fields["weights"])
+        out.append(kind(**fields))
+    return out
 
 
 # -- status -----------------------------------------------------------------------------------------
@@ -116,6 +155,8 @@ class Status:
     most the analysis interval)."""
     next_look_at: float | None = None
     """While Triton is unreachable: when to look again (the operator skips the ticks before it)."""
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    """Actions decided and recorded but not known to be carried out (:func:`encode`); see the module's docstring."""
 
     def to_dict(self) -> dict[str, Any]:
         """camelCase at every level, as Kubernetes statuses are. A None is written as null, which the
@@ -151,6 +192,15 @@ class Result:
     status: Status
     requeue_after: float | None = None
     """Seconds until the operator should look again (the timer also runs every interval)."""
+
+
+def intended(before: Status, result: Result) -> Status | None:
+    """The status to record before carrying out ``result.actions``: the new one with the actions pending. None
+    when there is nothing to record: no actions, or a status that did not change (deciding again from it gives
+    the same actions), or actions that are themselves a replay of ``pending``."""
+    if not result.actions or result.status == before or before.pending:
+        return None
+    return replace(result.status, pending=encode(result.actions))
 
 
 def _condition(status: Status, type_: str, ok: bool | None, reason: str, message: str, now: float) -> None:
@@ -191,6 +241,27 @@ def gate_failure(report: dict[str, Any] | None) -> str | None:
     return None
 
 
+def binding_failure(spec: ModelRolloutSpec, obs: Observations) -> tuple[bool | None, str]:
+    """Whether the compression report is the candidate's: (True, why) when the candidate version was built from
+    the model the report names, (False, why) when it was not (or cannot say: no manifest), (None, why) when it
+    cannot be checked now (the manifest is unreadable) or at all (no report hash, no ``modelRepository``)."""
+    wanted = (spec.compression_report or {}).get("model_sha256")
+    where = f"version {spec.candidate_version} of {spec.model}"
+    if not wanted:
+        return None, "the compression report names no model_sha256 (a report from before reports named it)"
+    if not spec.triton.model_repository:
+        return None, "set triton.modelRepository to check the report against the candidate's files"
+    if obs.candidate_source is None:
+        return None, f"cannot read the manifest of {where}: {obs.source_error or 'unknown error'}"
+    if obs.candidate_source == "":
+        return False, (f"{where} has no recserve.json (build it with `recserve build`): nothing says it is the model "
+                       "the compression report judged")
+    if obs.candidate_source != wanted:
+        return False, (f"the compression report judged the model with sha256 {wanted[:12]}…, but {where} was built "
+                       f"from {obs.candidate_source[:12]}…: attach that version's own report")
+    return True, f"{where} was built from the model the report judged ({wanted[:12]}…)"
+
+
 def analyse(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Analysis:
     """The verdict on the candidate's requests since the baseline: the last conclusive analysis (requests of
     inconclusive ones carry over, so a candidate with little traffic is judged once it has had enough)."""
@@ -226,7 +297,7 @@ def _finish(spec: ModelRolloutSpec, st: Status, keep: str, now: float, before: l
     drain = spec.router.drain_seconds
     route = [weights(spec, 100 if keep == spec.candidate_version else 0)]
     if drain <= 0:
-        return Result(before + route + [LoadVersions(spec.model, (keep,))] + after, st)
+        return Result(before + route + [LoadVersions(spec.model, (keep,), final=True)] + after, st)
     st.unload_after, st.keep_versions = now + drain, [keep]
     return Result(before + route + after, st, requeue_after=drain)
 
@@ -257,18 +328,37 @@ def _loading(spec: ModelRolloutSpec, st: Status, obs: Observations, missing: lis
 
 
 def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Result:
-    """The next actions and status. Pure: the same inputs always give the same result."""
+    """The next actions and status. Pure: the same inputs always give the same result. Every Event it decides
+    carries a key made of the decision's time and contents (see :class:`Emit`)."""
+    result = _decide(spec, status, obs, now)
+    actions = [replace(a, key=event_key(a, now, i)) if isinstance(a, Emit) and not a.key else a
+               for i, a in enumerate(result.actions)]
+    return replace(result, actions=actions)
+
+
+def event_key(emit: Emit, now: float, index: int) -> str:
+    """16 hex digits naming one decided Event: the same decision, carried out twice, names it the same."""
+    import hashlib
+
+    return hashlib.sha256(f"{now!r}|{index}|{emit.type}|{emit.reason}|{emit.message}".encode()).hexdigest()[:16]
+
+
+def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Result:
     st = replace(status, conditions=[dict(c) for c in status.conditions])
     interval = spec.analysis.interval_seconds
     new_target = (st.stable_version, st.candidate_version) != (spec.stable_version, spec.candidate_version)
     if new_target:  # a new rollout (or a new candidate after the last one ended): start over
         st = Status(stable_version=spec.stable_version, candidate_version=spec.candidate_version,
                     conditions=st.conditions)
+    if st.pending:  # recorded, perhaps not carried out: again, exactly these, with the status they came with
+        actions = decode(st.pending)
+        st.pending = []
+        return Result(actions, st)
     if st.phase in TERMINAL:
         if st.unload_after is not None and now >= st.unload_after:
             keep = tuple(st.keep_versions)
             st.unload_after, st.keep_versions = None, []
-            return Result([LoadVersions(spec.model, keep)], st)
+            return Result([LoadVersions(spec.model, keep, final=True)], st)
         return Result([], st, requeue_after=None if st.unload_after is None else st.unload_after - now)
     if spec.abort:
         return _rollback(spec, st, "Aborted", "Aborted", "spec.abort is set: all traffic back on the stable version", now)
@@ -277,8 +367,19 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
         st.phase, st.weight, st.message = "Rejected", 0, refusal
         _condition(st, "QualityGate", False, "GateFailed", refusal, now)
         return Result([weights(spec, 0), Emit("Warning", "QualityGateFailed", refusal)], st)
-    _condition(st, "QualityGate", True, "GatePassed" if spec.compression_report else "NoReport",
-               "compression report gate passed" if spec.compression_report else "no compression report attached", now)
+    bound, why = binding_failure(spec, obs) if spec.compression_report else (None, "")
+    if bound is False:
+        st.phase, st.weight, st.message = "Rejected", 0, why
+        _condition(st, "QualityGate", False, "ReportNotForCandidate", why, now)
+        return Result([weights(spec, 0), Emit("Warning", "ReportNotForCandidate", why)], st)
+    if not spec.compression_report:
+        _condition(st, "QualityGate", True, "NoReport", "no compression report attached", now)
+    else:
+        _condition(st, "QualityGate", True, "GatePassed" if bound else "GatePassedUnbound",
+                   "compression report gate passed" + (f"; {why}" if why else ""), now)
+    if bound is None and obs.source_error is not None and st.phase == "Pending":
+        st.message = f"waiting to check the compression report: {why}"
+        return Result([weights(spec, 0)], st, requeue_after=interval)
     if not obs.triton_reachable:
         delay = min(2.0 ** st.unreachable, 30.0, interval)
         st.unreachable += 1

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from dataclasses import replace
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.errors import RecserveError
 from recserve.operator.machine import Observations, VersionCounters
 from recserve.operator.spec import ModelRolloutSpec
+from recserve.provenance import source_sha256
 from recserve.triton.client import TritonClient
 
 
@@ -59,7 +62,23 @@ def shadow_agreement(metrics: dict, model: str, version: str) -> float | None:
     return total / count if count else None
 
 
+def candidate_source(spec: ModelRolloutSpec) -> tuple[str | None, str | None]:
+    """(sha256 the candidate version was built from or ``""``, None) from its manifest in the model repository;
+    (None, why) when it cannot be read; (None, None) without ``triton.modelRepository``."""
+    if not spec.triton.model_repository:
+        return None, None
+    try:
+        return source_sha256(Path(spec.triton.model_repository) / spec.model / spec.candidate_version), None
+    except (OSError, ValueError) as e:
+        return None, str(e)
+
+
 def observe(spec: ModelRolloutSpec) -> Observations:
+    source, error = candidate_source(spec) if spec.compression_report else (None, None)
+    return replace(_observe_triton(spec), candidate_source=source, source_error=error)
+
+
+def _observe_triton(spec: ModelRolloutSpec) -> Observations:
     try:
         with TritonClient(spec.triton.grpc_url, timeout=5.0) as client:
             # liveness, not readiness: with strict readiness one broken model elsewhere makes Triton "not ready"

@@ -47,6 +47,10 @@ class Analysis(_Camel):
 class TritonEndpoint(_Camel):
     grpc_url: str = Field(description="Triton gRPC address, e.g. triton.recserve:8001")
     metrics_url: str = Field(description="Triton metrics, e.g. http://triton.recserve:8002/metrics")
+    model_repository: str | None = Field(None, description="Triton's model repository as the operator sees it (the "
+                                         "chart's operator.mountModelRepository mounts it at /models): the canary "
+                                         "starts only if the candidate version was built from the model the "
+                                         "compressionReport names (its sha256)")
 
 
 class RouterTarget(_Camel):

@@ -11,7 +11,9 @@ What kmock 0.8 leaves out and these tests add (``Emulator``): resourceVersions (
 ``test`` on ``/metadata/resourceVersion``; the operator's merge patches of the policy ConfigMap carry one as a
 precondition: 409 when it is stale), a 422 when such a test fails (kmock answers 500, and kopf would
 retry the stale patch forever), ``metadata.generation`` bumped on spec changes (the operator compares it with
-``status.observedGeneration``), names for ``generateName`` (kopf's Events), uids and creation timestamps.
+``status.observedGeneration``), names for ``generateName`` (kopf's Events), a 409 for a create of a name that
+exists (the operator's Events are named after their decision, and one carried out twice is refused), uids and
+creation timestamps.
 kmock cannot serve ``/api/v1/namespaces`` (its path parser fails on it), so kopf runs with
 ``--all-namespaces``. kmock stores objects without validating them against the CRD's schema.
 """
@@ -102,6 +104,8 @@ class Emulator(kmock.KubernetesEmulator):
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:10]
+            elif self._exists(request.resource, request.namespace, meta.get("name")):  # as the API server does
+                raise kmock.KubernetesError(status=409, reason="AlreadyExists", message=f"{meta['name']} exists")
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             meta["resourceVersion"] = str(next(_RV))
@@ -121,6 +125,12 @@ class Emulator(kmock.KubernetesEmulator):
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as e:
             raise kmock.KubernetesError(status=422, reason="Invalid", message=f"the object has changed: {e}") from e
+
+    def _exists(self, resource, namespace: str | None, name: str | None) -> bool:
+        try:
+            return name is not None and not self.objects[resource, namespace, name].deleted
+        except KeyError:
+            return False
 
     @staticmethod
     def _touches_spec(data: Any) -> bool:

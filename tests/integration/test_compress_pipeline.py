@@ -133,11 +133,14 @@ def test_force_replaces_on_pass_and_never_on_failure(ranker_dir: Path, tmp_path:
     assert not report.gate.passed
     # the model there, and the report that goes with it, are untouched; the failure has its own report
     assert sha(out / "model.onnx") == digest and (out / "report.json").read_text() == report_before
+    assert json.loads(report_before)["model_sha256"] == sha(out / "model.onnx")
+    assert report.model_sha256 is None  # it wrote no model
     assert json.loads((out / "rejected-report.json").read_text())["gate"]["passed"] is False
     assert (out / "rejected-report.png").exists()
     passing = parse_recipe(QUANT_EMB)
     report = compress(ranker_dir, passing, out, speed=False, force=True)
     assert report.gate.passed and sha(out / "model.onnx") != digest
+    assert report.model_sha256 == sha(out / "model.onnx")
     assert json.loads((out / "report.json").read_text())["recipe"] == "tiny-int8"
     assert not (out / "rejected-report.json").exists(), "a stale rejection must not sit beside the new model"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "no staging folder is left"

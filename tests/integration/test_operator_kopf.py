@@ -243,6 +243,48 @@ def test_an_operator_restart_mid_rollout_resumes_from_the_stored_status(kube: Ap
     assert traffic.failures("1", until=promotion_written) == []
 
 
+def test_an_operator_stopped_between_recording_a_step_and_carrying_it_out_carries_it_out_once(
+        kube: ApiServer, triton: Triton, model: str, tmp_path: Path) -> None:
+    """Step 1 recorded (status written with its actions pending), its Event posted, then the operator stopped
+    before it wrote the policy: the next operator writes the step's weight, keeps the step's clock, and the
+    Step Event stays one (the API server refuses its name a second time)."""
+    from recserve.operator.machine import Emit, SetWeights, encode
+    from recserve.operator.spec import ModelRolloutSpec
+    from recserve.serving.policy import write_policy
+
+    policy = tmp_path / "policy.json"
+    with Traffic(triton, model, "1", policy) as traffic:
+        body = rollout("replay", spec(triton, model, policy, traffic, steps=[{"weight": 30, "pauseSeconds": 3},
+                                                                             {"weight": 60, "pauseSeconds": 1}]))
+        with operator():
+            kube.create(body)
+            at_step_1 = wait_for(lambda: (s := kube.status("replay")).get("phase") == "Progressing" and s,
+                                 30, lambda: f"step 1: {kube.status('replay')}")
+        [posted] = [e for e in kube.events("replay") if e["reason"] == "Step"]
+        key = posted["metadata"]["name"].rsplit(".", 1)[1]
+        # as if the operator had stopped after recording step 1 and posting its Event, before the policy write
+        rollout_spec = ModelRolloutSpec.model_validate(body["spec"])
+        from recserve.operator.act import merged_policy
+        from recserve.serving.policy import RoutingPolicy
+
+        write_policy(merged_policy(RoutingPolicy(), SetWeights(model, (("1", 100), ("2", 0)))), policy)
+        pending = encode([SetWeights(model, (("1", 70), ("2", 30))), Emit("Normal", "Step", posted["message"], key)])
+        code, out = kube.request("PATCH", kube.path("replay") + "/status", {"status": {"pending": pending}},
+                                 "application/merge-patch+json")
+        assert code == 200, (code, out)
+        assert read_policy(policy, model) == {"1": 100.0, "2": 0.0}
+        with operator() as runner:
+            wait_for(lambda: read_policy(policy, model) == {"1": 70.0, "2": 30.0}, 20, "the recorded weight written")
+            replayed = wait_for(lambda: (s := kube.status("replay")).get("pending") == [] and s, 20, "pending cleared")
+            st = wait_phase(kube, "replay", ("Promoted", "RolledBack"), 40, runner)
+    assert rollout_spec.steps[0].weight == 30
+    assert replayed["stepStartedAt"] == at_step_1["stepStartedAt"], "the step's clock restarted"
+    assert st["phase"] == "Promoted", st
+    steps = [e["message"] for e in kube.events("replay") if e["reason"] == "Step"]
+    assert steps == ["step 1/2 at 30%", "step 2/2 at 60%"], steps
+    assert traffic.failures("1") == []
+
+
 # --- 4. invalid specs, an unreachable Triton -------------------------------------------------------------------------
 
 

@@ -902,3 +902,19 @@ def test_a_cpu_profile_for_gpu_pods_is_refused(helm):
     bad = template(helm, "--set", "engineBuild.enabled=true", "--set", "engineBuild.profile.instance_kind=cpu",
                    check=False)
     assert bad.returncode != 0 and "would run the models on CPU" in bad.stderr
+
+
+def test_the_operator_mounts_the_model_repository_read_only_only_when_asked(helm):
+    docs = render(helm, "default")
+    assert "volumeMounts" not in container(docs, "Deployment", "rs-recserve-operator", "operator") or all(
+        m["name"] != "models" for m in container(docs, "Deployment", "rs-recserve-operator", "operator")["volumeMounts"])
+    out = template(helm, "--set", "operator.mountModelRepository=true")
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    c = container(docs, "Deployment", "rs-recserve-operator", "operator")
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
+    pod = one(docs, "Deployment", "rs-recserve-operator")["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert vol["persistentVolumeClaim"]["readOnly"] is True
+    s3 = template(helm, "--set", "operator.mountModelRepository=true", "-f", str(CI / "gpu-s3-values.yaml"))
+    assert "name: models" not in [d for d in s3.stdout.split("---") if "name: rs-recserve-operator\n" in d
+                                  and "kind: Deployment" in d][0], "object storage: nothing to mount"

@@ -49,6 +49,8 @@ def world(handlers, monkeypatch):
         observed = 0
         actions: list = []
         events: list = []
+        recorded: list = []
+        """Statuses written before the actions (``act.record_status``)."""
         fail_with: Exception | None = None
 
     w = World()
@@ -64,6 +66,8 @@ def world(handlers, monkeypatch):
 
     monkeypatch.setattr(handlers, "observe", fake_observe)
     monkeypatch.setattr(handlers, "carry_out", fake_carry_out)
+    monkeypatch.setattr(handlers, "_custom_api", lambda: None)
+    monkeypatch.setattr(handlers.act, "record_status", lambda api, body, status: w.recorded.append(dict(status)))
     monkeypatch.setattr(kopf, "event", lambda body, *, type, reason, message="": w.events.append((type, reason, message)))
     return w
 
@@ -96,12 +100,48 @@ def test_a_tick_that_changes_nothing_writes_nothing(handlers, world) -> None:
 
 
 @pytest.mark.parametrize("retry,delay", [(0, 1.0), (3, 8.0), (9, 32.0)])
-def test_failed_actions_leave_the_status_alone_and_retry_with_backoff(handlers, world, retry, delay) -> None:
+def test_failed_actions_stay_pending_and_are_retried_with_backoff(handlers, world, retry, delay) -> None:
     world.fail_with = OSError("disk full")
+    patch = kopf.Patch()
     with pytest.raises(kopf.TemporaryError) as e:
-        call(handlers.on_tick, retry=retry)
+        body = {**BODY, "spec": SPEC}
+        handlers.on_tick(body=body, spec=SPEC, status=None, patch=patch, namespace="ns", retry=retry, logger=LOG)
     assert e.value.delay == delay
     assert "OSError: disk full" in str(e.value)
+    assert not patch.get("status")  # kopf writes nothing: what was recorded before the actions stands
+    [recorded] = world.recorded
+    assert recorded["phase"] == "Progressing" and [a["kind"] for a in recorded["pending"]] == ["Emit", "SetWeights",
+                                                                                               "Emit"]
+
+
+def test_a_decision_is_recorded_before_its_actions_and_carried_out_again_not_decided_again(handlers, world) -> None:
+    """The operator stopped (or an action failed) after recording step 1: the next look carries out the same
+    actions, keeps the step's clock and posts the Events under the same names; then the pending list is cleared."""
+    world.fail_with = OSError("the API server went away")
+    with pytest.raises(kopf.TemporaryError):
+        call(handlers.on_tick)
+    [recorded] = world.recorded
+    world.fail_with = None
+    patch = call(handlers.on_tick, status=recorded)
+    assert len(world.recorded) == 1, "a replay records nothing new"
+    replayed = world.actions[-1]
+    assert [type(a).__name__ for a in replayed] == ["Emit", "SetWeights", "Emit"]
+    assert [a.key for a in replayed if isinstance(a, Emit)] == [a["key"] for a in recorded["pending"] if a["kind"] == "Emit"]
+    status = dict(patch["status"])
+    assert status["pending"] == [] and status["stepStartedAt"] == recorded["stepStartedAt"]
+    assert status["weight"] == 10 and status["step"] == 0
+
+
+def test_a_finished_rollout_with_actions_pending_does_not_rest(handlers, world) -> None:
+    pending = [{"kind": "SetWeights", "model": "ranker", "weights": [["1", 100], ["2", 0]], "shadowVersion": None,
+                "shadowPercent": 0.0}]
+    status = {"phase": "RolledBack", "stableVersion": "1", "candidateVersion": "2", "observedGeneration": 1,
+              "pending": pending}
+    patch = call(handlers.on_tick, status=status)
+    assert world.actions == [[SetWeights("ranker", (("1", 100), ("2", 0)))]]
+    assert patch["status"]["pending"] == []
+    assert not call(handlers.on_tick, status={**status, "pending": []}).get("status")
+    assert len(world.actions) == 1
 
 
 def test_failing_loads_still_start_the_load_clock_and_end_in_a_rollback(handlers, world) -> None:
@@ -171,7 +211,7 @@ def test_a_new_target_after_a_terminal_phase_starts_over(handlers, world, status
 def test_the_finalizer_puts_all_traffic_back_on_the_stable_version(handlers, world) -> None:
     handlers.on_delete(body=BODY, spec=SPEC, status={"phase": "Progressing", "weight": 10}, namespace="ns", logger=LOG)
     # routes first, unloads after the drain (0 s here): two separate steps
-    assert world.actions == [[SetWeights("ranker", (("1", 100), ("2", 0)))], [LoadVersions("ranker", ("1",))]]
+    assert world.actions == [[SetWeights("ranker", (("1", 100), ("2", 0)))], [LoadVersions("ranker", ("1",), final=True)]]
 
 
 @pytest.mark.parametrize("status,spec", [
@@ -191,7 +231,7 @@ def test_carry_out_runs_each_action_against_its_target(handlers, monkeypatch, tm
     monkeypatch.setattr(act, "load_versions", lambda spec, a: loads.append(a))
     monkeypatch.setattr(act, "set_weights_configmap", lambda api, ns, name, a: cms.append((ns, name, a)))
     monkeypatch.setattr(handlers, "_core_api", lambda: "core-v1")
-    monkeypatch.setattr(kopf, "event", lambda body, *, type, reason, message="": events.append((type, reason, message)))
+    monkeypatch.setattr(act, "post_event", lambda api, body, emit: events.append((api, emit.type, emit.reason, emit.message)))
     spec = ModelRolloutSpec.model_validate({**SPEC, "router": {"policyFile": str(tmp_path / "p.json"),
                                                                "configMap": "routing"}})
     w = SetWeights("ranker", (("1", 60), ("2", 40)))
@@ -199,7 +239,54 @@ def test_carry_out_runs_each_action_against_its_target(handlers, monkeypatch, tm
     assert loads == [LoadVersions("ranker", ("1", "2"))]
     assert parse_policy((tmp_path / "p.json").read_text()).models["ranker"].versions == {"1": 60.0, "2": 40.0}
     assert cms == [("ns", "routing", w)]
-    assert events == [("Normal", "Step", "hi")]
+    assert events == [("core-v1", "Normal", "Step", "hi")]
+
+
+class FakeEvents:
+    """``CoreV1Api.create_namespaced_event`` as the API server answers it: 409 for a name it has."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.stored: dict[str, dict] = {}
+        self.fail = fail
+
+    def create_namespaced_event(self, namespace: str, body: dict) -> dict:
+        from kubernetes.client.exceptions import ApiException
+
+        if self.fail is not None:
+            raise self.fail
+        name = body["metadata"]["name"]
+        if name in self.stored:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.stored[name] = body
+        return body
+
+
+def test_an_event_carried_out_twice_is_posted_once_and_names_its_rollout() -> None:
+    from recserve.operator import act
+
+    api = FakeEvents()
+    emit = Emit("Normal", "Step", "step 1/3 at 10%", key="0123456789abcdef")
+    assert act.post_event(api, BODY, emit) is True
+    assert act.post_event(api, BODY, emit) is False
+    [(name, ev)] = api.stored.items()
+    assert name == "r.0123456789abcdef"
+    assert ev["involvedObject"] == {"apiVersion": "recserve.io/v1alpha1", "kind": "ModelRollout", "name": "r",
+                                    "namespace": "ns", "uid": "u-1"}
+    assert (ev["type"], ev["reason"], ev["message"]) == ("Normal", "Step", "step 1/3 at 10%")
+    assert act.post_event(api, BODY, Emit("Normal", "Step", "step 2/3 at 30%", key="fedcba9876543210")) is True
+    long = act.event_body(BODY, Emit("Warning", "AnalysisFailed", "x" * 5000, key="k"), __import__("datetime").datetime.now())
+    assert len(long["message"]) <= act.EVENT_MESSAGE_CHARS
+
+
+def test_an_event_the_api_server_refuses_is_logged_not_raised(caplog) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    from recserve.operator import act
+
+    with caplog.at_level(logging.WARNING, logger="recserve.operator"):
+        act.post_event(FakeEvents(ApiException(status=403, reason="Forbidden")), BODY, Emit("Normal", "Step", "m", key="k"))
+        act.post_event(FakeEvents(ConnectionRefusedError("refused")), BODY, Emit("Normal", "Step", "m", key="k"))
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["could not post the Event Normal Step"] * 2
 
 
 def test_the_tick_interval_comes_from_the_environment_at_import() -> None:

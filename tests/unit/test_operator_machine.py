@@ -22,6 +22,9 @@ from recserve.operator.machine import (
     SetWeights,
     Status,
     VersionCounters,
+    decode,
+    encode,
+    intended,
     reconcile,
 )
 from recserve.operator.spec import ModelRolloutSpec
@@ -153,7 +156,7 @@ def test_a_candidate_triton_cannot_load_ends_the_rollout_on_the_stable_version()
     assert "Triton could not load version 2: failed to load: model.onnx is not a valid ONNX model" in r.status.message
     assert [(e.type, e.reason) for e in emits(r.actions)] == [("Warning", "LoadFailed")]
     assert set_weights(r.actions) == [SetWeights("ranker", (("1", 100), ("2", 0)))]
-    assert LoadVersions("ranker", ("1",)) in r.actions  # the stable version alone keeps serving
+    assert LoadVersions("ranker", ("1",), final=True) in r.actions  # the stable version alone keeps serving
     assert not any(isinstance(a, SetWeights) and dict(a.weights).get("2") for a in world.history)
 
 
@@ -220,7 +223,7 @@ def test_after_the_last_step_the_candidate_is_promoted_then_the_stable_version_u
     r = world.tick(30, ok=30)
     assert r.status.phase == "Promoted" and r.status.weight == 100
     weights_i = r.actions.index(SetWeights("ranker", (("1", 0), ("2", 100))))
-    load_i = r.actions.index(LoadVersions("ranker", ("2",)))
+    load_i = r.actions.index(LoadVersions("ranker", ("2",), final=True))
     assert weights_i < load_i, "traffic must leave the stable version before it is unloaded"
     assert ("Normal", "Promoted") in [(e.type, e.reason) for e in emits(r.actions)]
     assert world.loaded == {"2"}
@@ -351,7 +354,7 @@ def test_failed_analyses_count_and_reaching_failure_limit_rolls_back() -> None:
     r = world.tick(30, ok=40, bad=10)
     assert r.status.phase == "RolledBack" and r.status.weight == 0 and r.status.failures == 2
     assert r.actions[0] == SetWeights("ranker", (("1", 100), ("2", 0)))
-    assert r.actions[1] == LoadVersions("ranker", ("1",))
+    assert r.actions[1] == LoadVersions("ranker", ("1",), final=True)
     assert [(e.type, e.reason) for e in emits(r.actions)] == [("Warning", "AnalysisFailed")]
     assert "2 failed analyses (limit 2)" in r.status.message
     progressing = [c for c in r.status.conditions if c["type"] == "Progressing"][0]
@@ -457,7 +460,7 @@ def test_abort_rolls_back_to_weight_0_then_nothing_more_happens() -> None:
     world.spec = spec.model_copy(update={"abort": True})
     r = world.tick(1)
     assert r.status.phase == "Aborted" and r.status.weight == 0
-    assert r.actions == [SetWeights("ranker", (("1", 100), ("2", 0))), LoadVersions("ranker", ("1",)),
+    assert r.actions == [SetWeights("ranker", (("1", 100), ("2", 0))), LoadVersions("ranker", ("1",), final=True),
                          Emit("Warning", "Aborted", "spec.abort is set: all traffic back on the stable version")]
     for _ in range(5):
         later = world.tick(30, ok=100, bad=100)
@@ -501,9 +504,67 @@ def test_a_passed_compression_gate_lets_the_rollout_proceed() -> None:
     world = Rollout(spec)
     r = world.start()
     gate = [c for c in r.status.conditions if c["type"] == "QualityGate"][0]
-    assert gate["status"] == "True" and gate["reason"] == "GatePassed"
+    assert gate["status"] == "True" and gate["reason"] == "GatePassedUnbound"
     no_report = Rollout(make_spec()).start()
     assert [c for c in no_report.status.conditions if c["type"] == "QualityGate"][0]["reason"] == "NoReport"
+
+
+SHA = "a" * 64
+
+
+class Bound(Rollout):
+    """A world whose observations carry the candidate's manifest (``triton.modelRepository`` set)."""
+
+    def __init__(self, spec: ModelRolloutSpec, source: str | None, error: str | None = None):
+        super().__init__(spec)
+        self.source, self.error = source, error
+
+    def observations(self) -> Observations:
+        from dataclasses import replace
+
+        return replace(super().observations(), candidate_source=self.source, source_error=self.error)
+
+
+def bound_spec(**report) -> ModelRolloutSpec:
+    return make_spec(compressionReport={"gate": {"passed": True, "reasons": []}, **report},
+                     triton={"grpcUrl": "t:8001", "metricsUrl": "http://t:8002/metrics", "modelRepository": "/models"})
+
+
+def test_a_report_for_the_candidates_own_model_lets_the_canary_start() -> None:
+    r = Bound(bound_spec(model_sha256=SHA), SHA).start()
+    gate = [c for c in r.status.conditions if c["type"] == "QualityGate"][0]
+    assert gate["status"] == "True" and gate["reason"] == "GatePassed" and "was built from the model" in gate["message"]
+
+
+@pytest.mark.parametrize(("source", "says"), [("b" * 64, "was built from bbbbbbbbbbbb"),
+                                               ("", "has no recserve.json")])
+def test_a_report_for_another_model_is_rejected_before_any_traffic(source: str, says: str) -> None:
+    world = Bound(bound_spec(model_sha256=SHA), source)
+    for _ in range(3):
+        r = world.tick(30, ok=100)
+    assert r.status.phase == "Rejected" and r.status.weight == 0 and says in r.status.message
+    gate = [c for c in r.status.conditions if c["type"] == "QualityGate"][0]
+    assert gate["status"] == "False" and gate["reason"] == "ReportNotForCandidate"
+    assert all(candidate_weight(a, world.spec) == 0 for a in set_weights(world.history))
+    assert [e.reason for e in world.history if isinstance(e, Emit)] == ["ReportNotForCandidate"]
+
+
+def test_an_unreadable_manifest_holds_the_canary_at_0_until_it_can_be_read() -> None:
+    world = Bound(bound_spec(model_sha256=SHA), None, "Permission denied: /models/ranker/2/recserve.json")
+    world.loaded = {"1", "2"}
+    for _ in range(3):
+        r = world.tick(30, ok=100)
+        assert r.status.phase == "Pending" and "Permission denied" in r.status.message
+    assert all(candidate_weight(a, world.spec) == 0 for a in set_weights(world.history))
+    world.source, world.error = SHA, None
+    assert world.tick(1).status.phase == "Progressing"
+
+
+def test_without_a_hash_or_a_repository_the_report_is_unbound_and_the_rollout_proceeds() -> None:
+    for spec in (bound_spec(), make_spec(compressionReport={"gate": {"passed": True}, "model_sha256": SHA})):
+        r = Bound(spec, None).start()
+        gate = [c for c in r.status.conditions if c["type"] == "QualityGate"][0]
+        assert gate["reason"] == "GatePassedUnbound", gate
 
 
 # --- Triton ----------------------------------------------------------------------------------------------------------
@@ -596,7 +657,7 @@ def test_status_to_dict_has_camel_case_keys_and_round_trips() -> None:
     assert set(d) == {"phase", "stableVersion", "candidateVersion", "step", "weight", "stepStartedAt",
                       "lastAnalysisAt", "baselineSuccess", "baselineFailure", "failures", "passedInStep",
                       "lastAnalysis", "message", "conditions", "unloadAfter", "keepVersions", "loadingSince",
-                      "inconclusive", "unreachable", "nextLookAt"}
+                      "inconclusive", "unreachable", "nextLookAt", "pending"}
     assert Status.from_dict(d) == st
     assert Status.from_dict(json.loads(json.dumps(d))) == st  # what the API server stores and gives back
     assert Status.from_dict(Status().to_dict()) == Status()
@@ -724,5 +785,46 @@ def test_with_a_drain_the_old_version_is_unloaded_only_after_routers_had_time() 
         early = world.tick(10)
         assert early.actions == [] and early.status.unload_after is not None
         late = world.tick(10)
-        assert late.actions == [LoadVersions("ranker", (keep,))] and late.status.unload_after is None
+        assert late.actions == [LoadVersions("ranker", (keep,), final=True)] and late.status.unload_after is None
         assert world.tick(30).actions == []  # once unloaded, nothing more
+
+
+# --- decisions recorded before they are carried out ------------------------------------------------------------------
+
+
+def test_pending_actions_round_trip_through_the_status_as_camel_case_json() -> None:
+    import json
+
+    actions = [LoadVersions("ranker", ("1", "2")), LoadVersions("ranker", ("1",), final=True),
+               SetWeights("ranker", (("1", 90), ("2", 10)), "2", 5.0), Emit("Normal", "Step", "step 1/2", key="abc")]
+    items = json.loads(json.dumps(encode(actions)))
+    assert items[2] == {"kind": "SetWeights", "model": "ranker", "weights": [["1", 90], ["2", 10]],
+                        "shadowVersion": "2", "shadowPercent": 5.0}
+    back = decode(items)
+    assert back == actions and back[3].key == "abc"
+    assert decode(items + [{"kind": "Scale", "replicas": 3}]) == actions  # a newer operator's action: left out
+    st = Status(phase="Progressing", pending=items)
+    assert Status.from_dict(json.loads(json.dumps(st.to_dict()))) == st
+
+
+def test_a_step_entry_is_recorded_and_a_recorded_decision_is_replayed_as_it_was() -> None:
+    spec = make_spec()
+    world = Rollout(spec, loaded=("1", "2"))
+    before = world.status
+    first = reconcile(spec, before, world.observations(), world.now)  # Pending -> step 1
+    recorded = intended(before, first)
+    assert recorded is not None and recorded.step_started_at == world.now and decode(recorded.pending) == first.actions
+    keys = [a.key for a in first.actions if isinstance(a, Emit)]
+    assert len(keys) == 2 and all(len(k) == 16 for k in keys) and len(set(keys)) == 2
+    later = reconcile(spec, recorded, world.observations(), world.now + 45)  # the operator came back 45 s later
+    assert later.actions == first.actions and [a.key for a in later.actions if isinstance(a, Emit)] == keys
+    assert later.status.pending == [] and later.status.step_started_at == world.now
+    assert intended(recorded, later) is None  # a replay records nothing new
+    assert intended(later.status, reconcile(spec, later.status, world.observations(), world.now + 46)) is None  # no change
+
+
+def test_the_same_event_decided_at_another_time_gets_another_key() -> None:
+    spec = make_spec()
+    obs = Rollout(spec, loaded=("1", "2")).observations()
+    a, b = reconcile(spec, Status(), obs, T0), reconcile(spec, Status(), obs, T0 + 1)
+    assert [e.key for e in a.actions if isinstance(e, Emit)] != [e.key for e in b.actions if isinstance(e, Emit)]

@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 
 from recserve.operator.machine import (
     TERMINAL,
+    Emit,
     LoadVersions,
     Observations,
     SetWeights,
     Status,
     VersionCounters,
+    intended,
     reconcile,
 )
 from recserve.operator.spec import ModelRolloutSpec
@@ -128,8 +130,8 @@ def test_every_failed_rollout_ends_with_all_traffic_on_the_stable_version(spec, 
             assert (writes[-1].shadow_version, writes[-1].shadow_percent) == (None, 0.0), "still mirroring"
             assert result.status.weight == 0
             if result.status.phase != "Rejected" and spec.router.drain_seconds == 0:
-                assert LoadVersions("ranker", ("1",)) in result.actions
-                load_i = result.actions.index(LoadVersions("ranker", ("1",)))
+                assert LoadVersions("ranker", ("1",), final=True) in result.actions
+                load_i = result.actions.index(LoadVersions("ranker", ("1",), final=True))
                 assert result.actions.index(writes[-1]) < load_i, "unloaded before the traffic moved away"
             elif result.status.phase != "Rejected":  # with a drain: the unload comes later, never now
                 assert not [a for a in result.actions if isinstance(a, LoadVersions)]
@@ -218,3 +220,46 @@ def test_any_failing_candidate_is_rolled_back_whatever_its_traffic(spec, traffic
             break
     assert status.phase == "RolledBack", (status.phase, status.message)
     assert set(weights) <= {0, spec.steps[0].weight} and weights[-1] == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(), ticks=st.lists(st.tuples(tick, st.sampled_from(["none"] * 4 + ["before", "after"]),
+                                              st.integers(0, 3)), min_size=1, max_size=60))
+def test_an_operator_stopped_anywhere_neither_repeats_a_step_nor_restarts_its_clock(spec, ticks) -> None:
+    """Each tick the operator may stop before it records the decision, or after recording it with only some of
+    its actions done (the API server refuses an Event name it has). Whatever the stops, no step is entered twice
+    (no second Step Event), a step's clock never restarts, and once it runs without stops nothing stays pending."""
+    status, now, ok, bad, loaded = Status(), T0, 0.0, 0.0, {"1"}
+    posted: dict[str, Emit] = {}
+    started: dict[int, float] = {}
+
+    def carry_out(actions) -> None:
+        nonlocal loaded
+        for a in actions:
+            if isinstance(a, LoadVersions):
+                loaded = set(a.versions)
+            if isinstance(a, Emit):
+                assert a.key, a
+                posted.setdefault(a.key, a)
+
+    for t, stop, done in ticks + [(dict(ticks[-1][0], dt=1.0, reachable=True), "none", 0)] * 3:
+        now, ok, bad = now + t["dt"], ok + t["ok"], bad + t["bad"]
+        obs = Observations(False) if not t["reachable"] else \
+            Observations(True, frozenset(loaded), VersionCounters(ok, bad, t["p99"]) if "2" in loaded else None)
+        result = reconcile(spec, status, obs, now)
+        recorded = intended(status, result)
+        if stop == "before":
+            continue
+        if stop == "after":
+            carry_out(result.actions[:done])
+            status = recorded if recorded is not None else status
+        else:
+            carry_out(result.actions)
+            status = result.status
+        if status.phase in ("Progressing", "Paused") and status.step_started_at is not None:
+            assert started.setdefault(status.step, status.step_started_at) == status.step_started_at, \
+                f"step {status.step} restarted"
+    steps = [e.message for e in posted.values() if e.reason == "Step"]
+    assert len(steps) == len(set(steps)), steps
+    assert sum(1 for e in posted.values() if e.reason == "Started") <= 1
+    assert status.pending == []

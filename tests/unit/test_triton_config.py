@@ -5,6 +5,7 @@ All on graphs exported from tiny untrained reference models (or built by hand): 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from recserve.converters.tensorrt import profile_shapes, trtexec_command
 from recserve.converters.triton_config import BuildProfile, TensorSpec, from_pbtxt, graph_io, model_config, to_pbtxt
 from recserve.converters.trt_check import check
 from recserve.errors import ConfigError, ModelError
+from recserve.provenance import source_sha256
 
 CARDINALITIES = [11, 21, 7, 5, 9, 4]
 
@@ -403,6 +405,7 @@ def test_build_for_onnxruntime_trt_writes_the_onnx_model(ranker_onnx: Path, tmp_
     result = build(ranker_onnx, "ranker", "onnxruntime-trt", tmp_path / "repo", BuildProfile(precision="fp16"))
     assert result.version_dir == tmp_path / "repo" / "ranker" / "1"
     assert (result.version_dir / "model.onnx").read_bytes() == ranker_onnx.read_bytes()
+    assert source_sha256(result.version_dir) == hashlib.sha256(ranker_onnx.read_bytes()).hexdigest()
     assert not [f for f in result.findings if f.severity == "error"]
     cfg = from_pbtxt((tmp_path / "repo" / "ranker" / "config.pbtxt").read_text())
     assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "FP16"
