@@ -66,7 +66,8 @@ def set_weights_file(path: Path, action: SetWeights) -> RoutingPolicy:
     with _lock(("file", Path(path).resolve())):
         current = parse_policy(path.read_text(), str(path)) if path.exists() else RoutingPolicy()
         policy = merged_policy(current, action)
-        write_policy(policy, path)
+        if policy != current or not path.exists():  # what is there already is not written again
+            write_policy(policy, path)
         return policy
 
 
@@ -91,6 +92,8 @@ def set_weights_configmap(api, namespace: str, name: str, action: SetWeights) ->
             current = parse_policy((cm.data or {}).get(POLICY_KEY, "{}") if cm is not None else "{}",
                                    f"configmap {namespace}/{name}")
             policy = merged_policy(current, action)
+            if cm is not None and policy == current:  # what is there already is not written again
+                return policy
             data = {POLICY_KEY: json.dumps(policy.model_dump(exclude_none=True), indent=2)}
             labels = {"app.kubernetes.io/managed-by": "recserve-operator"}
             try:

@@ -25,8 +25,19 @@ TICK_SECONDS = float(os.environ.get("RECSERVE_OPERATOR_TICK_SECONDS", "2"))
 """How often every rollout is looked at; analyses and steps keep their own intervals."""
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-"""The operator's log lines on stdout (kopf's and its own), as a container's logs are read."""
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(rollout)s%(message)s"
+"""The operator's log lines on stdout (kopf's and its own), as a container's logs are read; a line about one
+rollout names it (``[namespace/name] ``)."""
+
+WORKERS = 32
+"""Threads for the handlers: every rollout's tick holds one while it waits for Triton (a load can take
+seconds); kopf's default (CPU count + 4: 6 on 2 cores) made ten rollouts wait for each other."""
+
+STOP_WAIT_S = 40.0
+"""The longest a tick under way may still run after SIGTERM: kopf leaves it ("did not exit in time. Leaving it
+orphaned."), but its thread finishes before the process exits (Python joins the executor's threads), and its
+Triton call times out after 30 s. The chart's terminationGracePeriodSeconds (60) is longer, so the kubelet
+never kills a tick half-done."""
 
 
 def operator_settings(*, scan_namespaces: bool) -> kopf.OperatorSettings:
@@ -35,7 +46,21 @@ def operator_settings(*, scan_namespaces: bool) -> kopf.OperatorSettings:
     that list, 403 after 403, for about a minute before it started to handle rollouts."""
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = not scan_namespaces
+    settings.execution.max_workers = WORKERS
     return settings
+
+
+class _RolloutLines:
+    """A logging filter: names the rollout a record is about (kopf's ``k8s_ref``), and drops kopf's line for
+    every tick that went well (one per rollout per tick: noise that hid the lines that matter)."""
+
+    def filter(self, record) -> bool:
+        if record.name == "kopf.objects" and str(record.msg).startswith("Timer 'on_tick' succeeded"):
+            return False
+        ref = getattr(record, "k8s_ref", None) or {}
+        name, namespace = ref.get("name"), ref.get("namespace")
+        record.rollout = (f"[{namespace}/{name}] " if namespace else f"[{name}] ") if name else ""
+        return True
 
 
 def configure_logging(stream=None) -> None:
@@ -45,6 +70,7 @@ def configure_logging(stream=None) -> None:
 
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_RolloutLines())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.INFO)

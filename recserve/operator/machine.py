@@ -407,7 +407,8 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
                          f"version {spec.candidate_version} is no longer loaded in Triton", now)
 
     actions: list[Action] = []
-    if st.last_analysis_at is None or now - st.last_analysis_at >= interval:
+    analysed = st.last_analysis_at is None or now - st.last_analysis_at >= interval
+    if analysed:
         a = analyse(spec, st, obs, now)
         st.last_analysis, st.last_analysis_at = a, now
         _condition(st, "AnalysisPassing", None if a.verdict == "inconclusive" else a.verdict == "passed",
@@ -432,9 +433,12 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
         elif a.verdict == "passed":
             st.passed_in_step += 1
 
+    # holding the weight: with every analysis it is written again, so a policy someone overwrote (or a write
+    # that was lost) is put right within an interval (writing what is already there writes nothing)
+    hold = [weights(spec, st.weight, shadow=True)] if analysed else []
     if spec.paused:
         st.phase, st.message = "Paused", f"paused at step {st.step + 1} ({st.weight}%)"
-        return Result(actions, st, requeue_after=interval)
+        return Result(actions + hold, st, requeue_after=interval)
     st.phase = "Progressing"
     st.step = min(st.step, len(spec.steps) - 1)  # steps may have been removed from a running rollout
     step = spec.steps[st.step]
@@ -449,7 +453,7 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
     st.message = f"step {st.step + 1}/{len(spec.steps)} at {st.weight}%"
     if st.passed_in_step == 0:
         st.message += " (waiting for a passing analysis)"
-    return Result(actions, st, requeue_after=min(interval, step.pause_seconds) or interval)
+    return Result(actions + hold, st, requeue_after=min(interval, step.pause_seconds) or interval)
 
 
 def _enter_step(spec: ModelRolloutSpec, st: Status, obs: Observations, index: int, now: float,

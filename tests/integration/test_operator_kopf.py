@@ -285,6 +285,27 @@ def test_an_operator_stopped_between_recording_a_step_and_carrying_it_out_carrie
     assert traffic.failures("1") == []
 
 
+def test_a_policy_overwritten_mid_step_is_put_right_by_the_next_analysis(kube: ApiServer, triton: Triton, model: str,
+                                                                        tmp_path: Path) -> None:
+    """Someone (or a lost write) put the stable version back at 100% while step 1 holds 30%: the candidate would
+    get no traffic and never be judged. The next analysis writes the step's weight again."""
+    from recserve.operator.act import merged_policy
+    from recserve.operator.machine import SetWeights
+    from recserve.serving.policy import RoutingPolicy, write_policy
+
+    policy = tmp_path / "policy.json"
+    with Traffic(triton, model, "1", policy) as traffic, operator():
+        kube.create(rollout("drift", spec(triton, model, policy, traffic, steps=[{"weight": 30, "pauseSeconds": 600}])))
+        wait_for(lambda: policy.exists() and read_policy(policy, model) == {"1": 70.0, "2": 30.0}, 30, "step 1 at 30%")
+        write_policy(merged_policy(RoutingPolicy(), SetWeights(model, (("1", 100), ("2", 0)))), policy)
+        overwritten = time.monotonic()
+        wait_for(lambda: read_policy(policy, model) == {"1": 70.0, "2": 30.0}, 10, "the step's weight written again")
+        back = time.monotonic() - overwritten
+        assert kube.status("drift")["phase"] == "Progressing"
+    assert traffic.failures("1") == []
+    report(test="policy drift", seconds_to_repair=round(back, 2), analysis_interval_s=1)
+
+
 # --- 4. invalid specs, an unreachable Triton -------------------------------------------------------------------------
 
 

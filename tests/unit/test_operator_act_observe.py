@@ -190,6 +190,25 @@ def test_set_weights_configmap_creates_a_missing_configmap() -> None:
     assert parse_policy(body["data"][act.POLICY_KEY]).models["ranker"].versions == {"1": 90.0, "2": 10.0}
 
 
+def test_weights_already_in_place_are_not_written_again(tmp_path: Path) -> None:
+    """The operator writes a held step's weight with every analysis: only a policy that differs is written (a
+    router reloads a policy whose file changed)."""
+    path = tmp_path / "policy.json"
+    action = SetWeights("ranker", (("1", 90), ("2", 10)))
+    act.set_weights_file(path, action)
+    inode = path.stat().st_ino
+    act.set_weights_file(path, action)
+    assert path.stat().st_ino == inode
+    write_policy(OTHERS, path)  # someone overwrote it: the next write puts the step's weight back
+    assert act.set_weights_file(path, action).models["ranker"].versions == {"1": 90.0, "2": 10.0}
+    assert parse_policy(path.read_text()).models["ranker"].versions == {"1": 90.0, "2": 10.0}
+    api = FakeCoreV1()
+    act.set_weights_configmap(api, "serving", "routing", action)
+    calls = len(api.calls)
+    act.set_weights_configmap(api, "serving", "routing", action)
+    assert [c[0] for c in api.calls[calls:]] == ["read"]
+
+
 def test_set_weights_configmap_patches_an_existing_one_keeping_other_models() -> None:
     api = FakeCoreV1({act.POLICY_KEY: json.dumps(OTHERS.model_dump(exclude_none=True))})
     act.set_weights_configmap(api, "serving", "routing", SetWeights("ranker", (("1", 0), ("2", 100))))

@@ -316,7 +316,20 @@ def test_operator_logs_are_lines_on_stdout(handlers) -> None:
     try:
         handlers.configure_logging(out)
         logging.getLogger("kopf.objects").info("loading failed; retrying")
+        ref = {"k8s_ref": {"name": "ranker-v2", "namespace": "shop"}}
+        logging.getLogger("kopf.objects").warning("actions failed", extra=ref)
+        logging.getLogger("kopf.objects").info("Timer 'on_tick' succeeded.", extra=ref)  # every tick: dropped
     finally:
         root.handlers, root.level = saved
-    line = out.getvalue().strip()
-    assert line.endswith("INFO kopf.objects: loading failed; retrying") and "\n" not in line
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("INFO kopf.objects: loading failed; retrying")
+    assert lines[1].endswith("WARNING kopf.objects: [shop/ranker-v2] actions failed")
+
+
+def test_ticks_get_a_thread_each_and_the_chart_lets_one_under_way_finish(handlers) -> None:
+    import yaml
+
+    assert handlers.operator_settings(scan_namespaces=False).execution.max_workers >= 32
+    values = yaml.safe_load((Path(__file__).resolve().parents[2] / "helm/recserve/values.yaml").read_text())
+    assert values["operator"]["terminationGracePeriodSeconds"] > handlers.STOP_WAIT_S > 30  # Triton's timeout

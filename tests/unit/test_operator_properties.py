@@ -106,6 +106,8 @@ def test_weights_only_move_as_the_steps_allow(spec, ticks) -> None:
             elif after.phase == "Promoted":
                 assert w == 100
                 assert before.phase in ("Progressing", "Paused") and before.step == len(spec.steps) - 1
+            elif w == before.weight and after.step == before.step and before.phase in ("Progressing", "Paused"):
+                assert after.phase in ("Progressing", "Paused")  # holding the step: its weight written again
             else:  # entering a step: the next one, never further
                 assert after.phase == "Progressing"
                 expected_step = 0 if before.phase == "Pending" else before.step + 1
@@ -162,6 +164,8 @@ def test_a_paused_rollout_never_moves_traffic_forward(spec, ticks) -> None:
             for a in (a for a in result.actions if isinstance(a, SetWeights)):
                 if before.phase == "Pending":  # a rollout paused before its first step keeps the candidate at 0
                     assert candidate(a) == 0
+                elif result.status.phase == "Paused":  # held: the step's weight written again, never more
+                    assert candidate(a) == before.weight and result.status.step == before.step
                 else:
                     assert candidate(a) == 0 and result.status.phase in ("RolledBack", "Aborted", "Rejected")
             if before.phase == "Pending":
