@@ -335,6 +335,17 @@ def test_load_versions_overrides_the_version_policy(monkeypatch, ready) -> None:
                                  "version_policy": {"specific": {"versions": [9, 10]}}})]
 
 
+def test_a_final_unload_of_a_model_triton_does_not_serve_does_nothing_and_a_load_still_loads(monkeypatch) -> None:
+    """After a rollout of a model since removed from Triton, the unload has nothing to do (it used to load the
+    model, fail, and be retried forever: the rollout never rested)."""
+    FakeTriton.instances = []
+    monkeypatch.setattr(act, "TritonClient", lambda url, timeout: FakeTriton(url, timeout, False))
+    act.load_versions(make_spec(), LoadVersions("ranker", ("1",), final=True))
+    act.load_versions(make_spec(), LoadVersions("ranker", ("1", "2")))
+    final, rollout = FakeTriton.instances
+    assert final.loads == [] and rollout.loads[0] == ("ranker", None)
+
+
 # --- observe ---------------------------------------------------------------------------------------------------------
 
 TRITON_TEXT = """\
