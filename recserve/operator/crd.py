@@ -37,7 +37,9 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     for k, v in node.items():
         if k in DROP or k == "$defs":
             continue
-        if k == "additionalProperties" and v is False:
+        if k == "additionalProperties" and isinstance(v, bool):
+            # false: Kubernetes forbids it (unknown fields are pruned anyway); true (any JSON object): a real API
+            # server prunes what a schema does not declare unless told to keep it (below)
             continue
         if k in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(v, bool):
             # JSON Schema 2020 numbers -> OpenAPI v3.0 (Kubernetes): the bound plus a boolean flag
@@ -47,7 +49,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[k] = {name: _structural(p, defs) for name, p in v.items()}
         else:
             out[k] = _structural(v, defs)
-    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out \
+            and node.get("additionalProperties") is not False:
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
 

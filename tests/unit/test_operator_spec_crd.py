@@ -320,3 +320,26 @@ def test_every_spec_field_is_in_the_schema_under_its_camel_case_name() -> None:
         {"maxErrorRate", "maxP99LatencyMs", "minShadowAgreement"}
     assert set(props["router"]["properties"]) == {"configMap", "policyFile", "metricsUrl", "shadowPercent",
                                                   "drainSeconds"}
+
+
+def test_free_form_objects_are_kept_whole_by_the_api_server() -> None:
+    """A real API server prunes what a structural schema does not declare: the compression report (any JSON
+    object) must say x-kubernetes-preserve-unknown-fields, and no schema may carry a boolean additionalProperties
+    (false is refused by Kubernetes, true would not stop the pruning)."""
+    from recserve.operator.crd import spec_schema
+
+    schema = spec_schema()
+    report = schema["properties"]["compressionReport"]
+    assert report == {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "nullable": True,
+                      "description": report["description"]}
+
+    def walk(node):
+        if isinstance(node, dict):
+            assert not isinstance(node.get("additionalProperties"), bool), node
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
