@@ -313,6 +313,36 @@ def rollout(name: str, spec: dict) -> dict:
             "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
 
 
+def rollout_spec(tri: Triton, model: str, policy: Path, traffic: Traffic | None = None, **over) -> dict:
+    """A ModelRollout spec against ``tri``, two quick steps, the policy in a file (and the router's metrics from
+    ``traffic``); ``over`` replaces keys, merging dicts one level deep."""
+    s = {
+        "model": model, "stableVersion": "1", "candidateVersion": "2",
+        "steps": [{"weight": 30, "pauseSeconds": 1}, {"weight": 60, "pauseSeconds": 1}],
+        "analysis": {"intervalSeconds": 1, "failureLimit": 2, "minRequests": 3,
+                     "thresholds": {"maxErrorRate": 0.0, "minShadowAgreement": 0.9}},
+        "triton": {"grpcUrl": tri.grpc_url, "metricsUrl": tri.metrics_url},
+        "router": {"policyFile": str(policy), "shadowPercent": 50, "drainSeconds": 1},
+    }
+    if traffic is not None:
+        s["router"]["metricsUrl"] = traffic.metrics_url
+    for k, v in over.items():
+        s[k] = {**s[k], **v} if isinstance(v, dict) and isinstance(s.get(k), dict) else v
+    return s
+
+
+def only_loaded(triton: Triton, model: str, version: str) -> None:
+    """Wait until Triton serves ``version`` of ``model`` and no other."""
+    wait_for(lambda: triton.loaded_states(model).get(version) == "READY"
+             and all(s not in ("READY", "UNLOADING") for v, s in triton.loaded_states(model).items() if v != version),
+             30, lambda: f"Triton to serve only version {version} of {model}: {triton.loaded_states(model)}")
+
+
+def report(**numbers) -> None:
+    """One line of figures for the record (``pytest -s``)."""
+    print("\nOPERATOR " + " ".join(f"{k}={v}" for k, v in numbers.items()))
+
+
 def phases(history: list[dict]) -> list[str]:
     """The status phases a rollout went through, consecutive repeats folded."""
     out: list[str] = []

@@ -19,10 +19,13 @@ from operator_fixtures import (
     Traffic,
     Triton,
     kube,
+    only_loaded,
     operator,
     phases,
     read_policy,
+    report,
     rollout,
+    rollout_spec,
     trained_ranker,
     wait_for,
 )
@@ -54,22 +57,6 @@ def model(request, triton: Triton):
     triton.unload(name)
 
 
-def spec(tri: Triton, model: str, policy: Path, traffic: Traffic | None = None, **over) -> dict:
-    s = {
-        "model": model, "stableVersion": "1", "candidateVersion": "2",
-        "steps": [{"weight": 30, "pauseSeconds": 1}, {"weight": 60, "pauseSeconds": 1}],
-        "analysis": {"intervalSeconds": 1, "failureLimit": 2, "minRequests": 3,
-                     "thresholds": {"maxErrorRate": 0.0, "minShadowAgreement": 0.9}},
-        "triton": {"grpcUrl": tri.grpc_url, "metricsUrl": tri.metrics_url},
-        "router": {"policyFile": str(policy), "shadowPercent": 50, "drainSeconds": 1},
-    }
-    if traffic is not None:
-        s["router"]["metricsUrl"] = traffic.metrics_url
-    for k, v in over.items():
-        s[k] = {**s[k], **v} if isinstance(v, dict) and isinstance(s.get(k), dict) else v
-    return s
-
-
 def reasons(api: ApiServer, name: str) -> list[str]:
     return [e["reason"] for e in api.events(name)]
 
@@ -85,23 +72,13 @@ def wait_phase(api: ApiServer, name: str, phase: str | tuple[str, ...], timeout:
     return wait_for(lambda: api.status(name).get("phase") in want and api.status(name), timeout, describe)
 
 
-def only_loaded(triton: Triton, model: str, version: str) -> None:
-    wait_for(lambda: triton.loaded_states(model).get(version) == "READY"
-             and all(s != "READY" and s != "UNLOADING" for v, s in triton.loaded_states(model).items() if v != version),
-             30, lambda: f"Triton to serve only version {version} of {model}: {triton.loaded_states(model)}")
-
-
-def report(**numbers) -> None:
-    print("\nOPERATOR-NUMBERS " + " ".join(f"{k}={v}" for k, v in numbers.items()))
-
-
 # --- 1. a good candidate is promoted ---------------------------------------------------------------------------------
 
 
 def test_a_good_candidate_is_promoted(kube: ApiServer, triton: Triton, model: str, tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy) as traffic, operator() as runner:
-        body = rollout("promote", spec(triton, model, policy, traffic,
+        body = rollout("promote", rollout_spec(triton, model, policy, traffic,
                                        router={"configMap": "routing", "shadowPercent": 50}))
         created = time.time()
         kube.create(body)
@@ -149,7 +126,7 @@ def test_a_good_candidate_is_promoted_on_tritons_counters_alone(kube: ApiServer,
                                                                  tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy), operator() as runner:
-        kube.create(rollout("triton-only", spec(triton, model, policy, None,
+        kube.create(rollout("triton-only", rollout_spec(triton, model, policy, None,
                                                 analysis={"thresholds": {"maxErrorRate": 0.0}})))
         st = wait_phase(kube, "triton-only", ("Promoted", "RolledBack"), 30, runner)
     assert st["phase"] == "Promoted", st
@@ -172,7 +149,7 @@ def test_a_bad_candidate_is_rolled_back_while_the_stable_version_keeps_serving(k
         time.sleep(0.5)  # the stable version is serving before the rollout starts
         with operator() as runner:
             # the candidate's p99 can never meet 1 microsecond: every conclusive analysis of it fails
-            kube.create(rollout("bad", spec(triton, model, policy, traffic,
+            kube.create(rollout("bad", rollout_spec(triton, model, policy, traffic,
                                             steps=[{"weight": 50, "pauseSeconds": 60}],
                                             analysis={"intervalSeconds": interval, "failureLimit": 2,
                                                       "thresholds": {"maxP99LatencyMs": 0.001}})))
@@ -214,7 +191,7 @@ def test_an_operator_restart_mid_rollout_resumes_from_the_stored_status(kube: Ap
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy) as traffic:
         with operator() as runner:
-            kube.create(rollout("restart", spec(triton, model, policy, traffic,
+            kube.create(rollout("restart", rollout_spec(triton, model, policy, traffic,
                                                 steps=[{"weight": 30, "pauseSeconds": 4},
                                                        {"weight": 60, "pauseSeconds": 1}])))
             at_step_1 = wait_for(lambda: (s := kube.status("restart")).get("phase") == "Progressing"
@@ -254,7 +231,7 @@ def test_an_operator_stopped_between_recording_a_step_and_carrying_it_out_carrie
 
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy) as traffic:
-        body = rollout("replay", spec(triton, model, policy, traffic, steps=[{"weight": 30, "pauseSeconds": 3},
+        body = rollout("replay", rollout_spec(triton, model, policy, traffic, steps=[{"weight": 30, "pauseSeconds": 3},
                                                                              {"weight": 60, "pauseSeconds": 1}]))
         with operator():
             kube.create(body)
@@ -263,7 +240,7 @@ def test_an_operator_stopped_between_recording_a_step_and_carrying_it_out_carrie
         [posted] = [e for e in kube.events("replay") if e["reason"] == "Step"]
         key = posted["metadata"]["name"].rsplit(".", 1)[1]
         # as if the operator had stopped after recording step 1 and posting its Event, before the policy write
-        rollout_spec = ModelRolloutSpec.model_validate(body["spec"])
+        parsed = ModelRolloutSpec.model_validate(body["spec"])
         from recserve.operator.act import merged_policy
         from recserve.serving.policy import RoutingPolicy
 
@@ -277,7 +254,7 @@ def test_an_operator_stopped_between_recording_a_step_and_carrying_it_out_carrie
             wait_for(lambda: read_policy(policy, model) == {"1": 70.0, "2": 30.0}, 20, "the recorded weight written")
             replayed = wait_for(lambda: (s := kube.status("replay")).get("pending") == [] and s, 20, "pending cleared")
             st = wait_phase(kube, "replay", ("Promoted", "RolledBack"), 40, runner)
-    assert rollout_spec.steps[0].weight == 30
+    assert parsed.steps[0].weight == 30
     assert replayed["stepStartedAt"] == at_step_1["stepStartedAt"], "the step's clock restarted"
     assert st["phase"] == "Promoted", st
     steps = [e["message"] for e in kube.events("replay") if e["reason"] == "Step"]
@@ -295,7 +272,7 @@ def test_a_policy_overwritten_mid_step_is_put_right_by_the_next_analysis(kube: A
 
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy) as traffic, operator():
-        kube.create(rollout("drift", spec(triton, model, policy, traffic, steps=[{"weight": 30, "pauseSeconds": 600}])))
+        kube.create(rollout("drift", rollout_spec(triton, model, policy, traffic, steps=[{"weight": 30, "pauseSeconds": 600}])))
         wait_for(lambda: policy.exists() and read_policy(policy, model) == {"1": 70.0, "2": 30.0}, 30, "step 1 at 30%")
         write_policy(merged_policy(RoutingPolicy(), SetWeights(model, (("1", 100), ("2", 0)))), policy)
         overwritten = time.monotonic()
@@ -313,9 +290,9 @@ def test_invalid_specs_are_rejected_with_a_clear_message_and_no_crash_loop(kube:
                                                                           model: str, tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy) as traffic, operator() as runner:
-        same = spec(triton, model, policy, traffic, candidateVersion="1", steps=[{"weight": 50, "pauseSeconds": 0}])
+        same = rollout_spec(triton, model, policy, traffic, candidateVersion="1", steps=[{"weight": 50, "pauseSeconds": 0}])
         # what the CRD's schema refuses; kmock does not validate against it, so the operator sees it too
-        schema_invalid = spec(triton, "never_loaded", tmp_path / "other.json", candidateVersion="v2",
+        schema_invalid = rollout_spec(triton, "never_loaded", tmp_path / "other.json", candidateVersion="v2",
                               steps=[{"weight": 0, "pauseSeconds": 1}])
         kube.create(rollout("same-versions", same))
         kube.create(rollout("schema-invalid", schema_invalid))
@@ -348,7 +325,7 @@ def test_an_unreachable_triton_is_reported_and_retried_until_the_spec_points_at_
     policy = tmp_path / "policy.json"
     nowhere = {"grpcUrl": f"127.0.0.1:{free_port()}", "metricsUrl": f"http://127.0.0.1:{free_port()}/metrics"}
     with Traffic(triton, model, "1", policy) as traffic, operator() as runner:
-        kube.create(rollout("lost", spec(triton, model, policy, traffic, triton=nowhere,
+        kube.create(rollout("lost", rollout_spec(triton, model, policy, traffic, triton=nowhere,
                                          steps=[{"weight": 50, "pauseSeconds": 0}])))
         st = wait_for(lambda: (s := kube.status("lost")) and any(
             c["type"] == "TritonReachable" and c["status"] == "False" for c in s.get("conditions", [])) and s,
@@ -376,7 +353,7 @@ def test_deleting_a_rollout_mid_way_puts_all_traffic_back_on_the_stable_version(
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy) as traffic:
         with operator() as runner:
-            kube.create(rollout("doomed", spec(triton, model, policy, traffic,
+            kube.create(rollout("doomed", rollout_spec(triton, model, policy, traffic,
                                                steps=[{"weight": 40, "pauseSeconds": 60}])))
             wait_for(lambda: kube.status("doomed").get("phase") == "Progressing"
                      and traffic.candidate_weights("2")[-1:] == [40.0], 30,
@@ -401,7 +378,7 @@ def test_a_candidate_missing_from_the_repository_times_out_on_the_stable_version
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy) as traffic:
         with operator() as runner:
-            kube.create(rollout("ghost", spec(triton, model, policy, traffic, candidateVersion="7",
+            kube.create(rollout("ghost", rollout_spec(triton, model, policy, traffic, candidateVersion="7",
                                               loadTimeoutSeconds=3)))
             st = wait_phase(kube, "ghost", "RolledBack", 30, runner)
         only_loaded(triton, model, "1")
@@ -419,7 +396,7 @@ def test_a_new_candidate_after_promotion_starts_a_new_rollout(kube: ApiServer, t
                                                               tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy) as traffic, operator() as runner:
-        kube.create(rollout("again", spec(triton, model, policy, traffic, steps=[{"weight": 50, "pauseSeconds": 0}])))
+        kube.create(rollout("again", rollout_spec(triton, model, policy, traffic, steps=[{"weight": 50, "pauseSeconds": 0}])))
         first = wait_phase(kube, "again", ("Promoted", "RolledBack"), 40, runner)
         assert first["phase"] == "Promoted", first
         only_loaded(triton, model, "2")
@@ -465,7 +442,7 @@ def test_an_unrelated_broken_model_does_not_stop_a_rollout(kube: ApiServer, tmp_
         assert own.ready_versions("healthy") == {"1"}  # the model to roll out is fine
         policy = tmp_path / "policy.json"
         with Traffic(own, "healthy", "1", policy) as traffic, operator() as runner:
-            kube.create(rollout("neighbour", spec(own, "healthy", policy, traffic,
+            kube.create(rollout("neighbour", rollout_spec(own, "healthy", policy, traffic,
                                                   steps=[{"weight": 50, "pauseSeconds": 0}])))
             st = wait_phase(kube, "neighbour", ("Progressing", "Promoted", "RolledBack"), 10, runner)
         assert traffic.failures("1") == []
@@ -478,7 +455,7 @@ def test_promotion_keeps_the_old_version_until_routers_have_the_new_policy(kube:
                                                                           model: str, tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     with Traffic(triton, model, "1", policy, policy_delay_s=1.0) as traffic, operator() as runner:
-        kube.create(rollout("stale-router", spec(triton, model, policy, traffic,
+        kube.create(rollout("stale-router", rollout_spec(triton, model, policy, traffic,
                                                  steps=[{"weight": 50, "pauseSeconds": 1}])))
         st = wait_phase(kube, "stale-router", ("Promoted", "RolledBack"), 40, runner)
         time.sleep(1.5)  # the router catches up with the promotion

@@ -32,9 +32,12 @@ from operator_fixtures import (
     Traffic,
     Triton,
     kube,
+    only_loaded,
     phases,
     read_policy,
+    report,
     rollout,
+    rollout_spec,
     trained_ranker,
     wait_for,
 )
@@ -162,20 +165,10 @@ def copy_model(triton: Triton, source: str, name: str) -> str:
 
 
 def spec(tri: Triton, model: str, policy: Path, traffic: Traffic | None = None, **over) -> dict:
-    """A ModelRollout spec as in ``test_operator_kopf`` (overrides merge one level deep)."""
-    s = {
-        "model": model, "stableVersion": "1", "candidateVersion": "2",
-        "steps": [{"weight": 30, "pauseSeconds": 1}, {"weight": 60, "pauseSeconds": 1}],
-        "analysis": {"intervalSeconds": 1, "failureLimit": 2, "minRequests": 3,
-                     "thresholds": {"maxErrorRate": 0.0}},
-        "triton": {"grpcUrl": tri.grpc_url, "metricsUrl": tri.metrics_url},
-        "router": {"policyFile": str(policy), "shadowPercent": 0, "drainSeconds": 1},
-    }
-    if traffic is not None:
-        s["router"]["metricsUrl"] = traffic.metrics_url
-    for k, v in over.items():
-        s[k] = {**s[k], **v} if isinstance(v, dict) and isinstance(s.get(k), dict) else v
-    return s
+    """``rollout_spec`` without shadow traffic: the candidate is judged on its errors alone."""
+    analysis = {"thresholds": {"maxErrorRate": 0.0}, **over.pop("analysis", {})}
+    router = {"shadowPercent": 0, **over.pop("router", {})}
+    return rollout_spec(tri, model, policy, traffic, analysis=analysis, router=router, **over)
 
 
 def wait_phase(api: ApiServer, name: str, phase: tuple[str, ...], timeout: float, op: OperatorProcess) -> dict:
@@ -187,18 +180,8 @@ def wait_phase(api: ApiServer, name: str, phase: tuple[str, ...], timeout: float
                     every=0.1)
 
 
-def only_loaded(triton: Triton, model: str, version: str) -> None:
-    wait_for(lambda: triton.loaded_states(model).get(version) == "READY"
-             and all(s not in ("READY", "UNLOADING") for v, s in triton.loaded_states(model).items() if v != version),
-             30, lambda: f"Triton to serve only version {version} of {model}: {triton.loaded_states(model)}")
-
-
 def folded(values: list[float]) -> list[float]:
     return [w for i, w in enumerate(values) if i == 0 or values[i - 1] != w]
-
-
-def report(**numbers) -> None:
-    print("\nOPERATOR " + " ".join(f"{k}={v}" for k, v in numbers.items()))
 
 
 # --- 1. start-up -----------------------------------------------------------------------------------------------------
