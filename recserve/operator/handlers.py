@@ -47,6 +47,9 @@ def operator_settings(*, scan_namespaces: bool) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = not scan_namespaces
     settings.execution.max_workers = WORKERS
+    # kopf keeps the spec it last handled in an annotation (the API server caps annotations at 256 KiB); the
+    # compression report, which can be large, is left out of it: no handler reacts to its changes
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(ignored_fields=["spec.compressionReport"])
     return settings
 
 

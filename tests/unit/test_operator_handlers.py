@@ -333,3 +333,16 @@ def test_ticks_get_a_thread_each_and_the_chart_lets_one_under_way_finish(handler
     assert handlers.operator_settings(scan_namespaces=False).execution.max_workers >= 32
     values = yaml.safe_load((Path(__file__).resolve().parents[2] / "helm/recserve/values.yaml").read_text())
     assert values["operator"]["terminationGracePeriodSeconds"] > handlers.STOP_WAIT_S > 30  # Triton's timeout
+
+
+def test_the_spec_kopf_remembers_leaves_out_the_compression_report(handlers) -> None:
+    """kopf stores the last handled spec in an annotation (256 KiB at most for all of them): a large report
+    must not go there."""
+    import kopf
+
+    storage = handlers.operator_settings(scan_namespaces=False).persistence.diffbase_storage
+    report = {"gate": {"passed": True}, "pareto": [{"name": f"c{i}", "stages": ["x" * 1000]} for i in range(300)]}
+    body = kopf.Body({**BODY, "spec": {**SPEC, "compressionReport": report}})
+    essence = storage.build(body=body)
+    assert "compressionReport" not in essence["spec"] and essence["spec"]["model"] == "ranker"
+    assert len(str(essence)) < 2000
