@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= .demo
 
-.PHONY: install demo test test-all bench lint clean protos
+.PHONY: install demo test test-all bench lint clean protos k8s-tools
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: install tools
 tools:
 	bash scripts/fetch_helm.sh
 	bash scripts/fetch_h2load.sh
+
+# the real kube-apiserver and etcd, built from their Go modules (tools/k8s/README.md): minutes and GBs the
+# first time, cached outside the clone after that. Not part of install/test/tools, nor of CI.
+k8s-tools:
+	bash tools/k8s/build.sh
 
 bench: install tools
 	$(PY) -m bench.run
