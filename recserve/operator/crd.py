@@ -55,9 +55,17 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
+RULES = [
+    {"rule": "self.stableVersion != self.candidateVersion", "message": "candidateVersion must differ from stableVersion"},
+    {"rule": "self.steps.map(s, s.weight).isSorted()", "message": "step weights must not decrease"},
+]
+"""CEL rules (``x-kubernetes-validations``) for what the schema alone cannot say; the same checks as the pydantic
+spec's validators, so the API server refuses those rollouts too (``isSorted`` is Kubernetes' list library)."""
+
+
 def spec_schema() -> dict[str, Any]:
     schema = ModelRolloutSpec.model_json_schema(by_alias=True)
-    return _structural(schema, schema.get("$defs", {}))
+    return {**_structural(schema, schema.get("$defs", {})), "x-kubernetes-validations": RULES}
 
 
 STATUS_SCHEMA = {

@@ -343,3 +343,20 @@ def test_free_form_objects_are_kept_whole_by_the_api_server() -> None:
                 walk(v)
 
     walk(schema)
+
+
+def test_the_crds_cel_rules_say_what_the_specs_validators_say() -> None:
+    """The API server runs these (tests/e2e/test_apiserver.py checks it refuses both): the same refusals as the
+    operator's own pydantic spec, in the same words."""
+    import pytest
+    from pydantic import ValidationError
+
+    from recserve.operator.crd import RULES, spec_schema
+    from recserve.operator.spec import ModelRolloutSpec
+
+    assert spec_schema()["x-kubernetes-validations"] == RULES
+    base = {"model": "ranker", "stableVersion": "1", "candidateVersion": "2", "steps": [{"weight": 10}],
+            "triton": {"grpcUrl": "t:1", "metricsUrl": "http://t:2/metrics"}, "router": {"policyFile": "p.json"}}
+    for bad, rule in (({"candidateVersion": "1"}, RULES[0]), ({"steps": [{"weight": 50}, {"weight": 10}]}, RULES[1])):
+        with pytest.raises(ValidationError, match=rule["message"]):
+            ModelRolloutSpec.model_validate({**base, **bad})
