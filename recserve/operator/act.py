@@ -20,11 +20,14 @@ POLICY_KEY = "policy.json"
 
 log = logging.getLogger("recserve.operator")
 
+TRITON_TIMEOUT_S = 30.0
+"""How long one model-control call to Triton (a load with its config override) may take."""
+
 
 def load_versions(spec: ModelRolloutSpec, action: LoadVersions) -> None:
     """(Re)load the model serving exactly ``action.versions``: a config override of the version policy. A final
     unload of a model Triton does not serve (it was removed meanwhile) has nothing to do."""
-    with TritonClient(spec.triton.grpc_url, timeout=30.0) as client:
+    with TritonClient(spec.triton.grpc_url, timeout=TRITON_TIMEOUT_S) as client:
         if not client.model_ready(action.model):
             if action.final:
                 log.warning("%s is not loaded in Triton: nothing to unload after the rollout", action.model)

@@ -33,11 +33,11 @@ WORKERS = 32
 """Threads for the handlers: every rollout's tick holds one while it waits for Triton (a load can take
 seconds); kopf's default (CPU count + 4: 6 on 2 cores) made ten rollouts wait for each other."""
 
-STOP_WAIT_S = 40.0
+STOP_WAIT_S = act.TRITON_TIMEOUT_S + 10.0
 """The longest a tick under way may still run after SIGTERM: kopf leaves it ("did not exit in time. Leaving it
-orphaned."), but its thread finishes before the process exits (Python joins the executor's threads), and its
-Triton call times out after 30 s. The chart's terminationGracePeriodSeconds (60) is longer, so the kubelet
-never kills a tick half-done."""
+orphaned."), but its thread finishes before the process exits (Python joins the executor's threads), bounded by
+its Triton call's timeout. The chart's terminationGracePeriodSeconds (60) is longer, so the kubelet never kills
+a tick half-done."""
 
 
 def operator_settings(*, scan_namespaces: bool) -> kopf.OperatorSettings:

@@ -84,7 +84,7 @@ class Emit:
     reason: str
     message: str
     key: str = field(default="", compare=False)
-    """Names the Event (with the rollout's uid): the same decision carried out again posts no second Event."""
+    """Names the Event (``<rollout>.<key>``): the same decision carried out again posts no second Event."""
 
 
 Action = LoadVersions | SetWeights | Emit
@@ -104,9 +104,8 @@ def decode(items: list[dict[str, Any]]) -> list[Action]:
         if kind is None:
             continue
         fields = {_snake(k): v for k, v in item.items() if _snake(k) in kind.__dataclass_fields__}
-        for name in ("versions",):
-            if name in fields:
-                fields[name] = tuple(fields[name])
+        if "versions" in fields:
+            fields["versions"] = tuple(fields["versions"])
         if "weights" in fields:
             fields["weights"] = tuple((str(v), int(w)) for v, w in fields["weights"])
         out.append(kind(**fields))
@@ -241,7 +240,7 @@ def gate_failure(report: dict[str, Any] | None) -> str | None:
     return None
 
 
-def binding_failure(spec: ModelRolloutSpec, obs: Observations) -> tuple[bool | None, str]:
+def report_binding(spec: ModelRolloutSpec, obs: Observations) -> tuple[bool | None, str]:
     """Whether the compression report is the candidate's: (True, why) when the candidate version was built from
     the model the report names, (False, why) when it was not (or cannot say: no manifest), (None, why) when it
     cannot be checked now (the manifest is unreadable) or at all (no report hash, no ``modelRepository``)."""
@@ -367,7 +366,7 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
         st.phase, st.weight, st.message = "Rejected", 0, refusal
         _condition(st, "QualityGate", False, "GateFailed", refusal, now)
         return Result([weights(spec, 0), Emit("Warning", "QualityGateFailed", refusal)], st)
-    bound, why = binding_failure(spec, obs) if spec.compression_report else (None, "")
+    bound, why = report_binding(spec, obs) if spec.compression_report else (None, "")
     if bound is False:
         st.phase, st.weight, st.message = "Rejected", 0, why
         _condition(st, "QualityGate", False, "ReportNotForCandidate", why, now)

@@ -227,20 +227,19 @@ def test_set_weights_configmap_concurrent(apiserver, core, namespace, monkeypatc
     barrier = threading.Barrier(len(models))
     errors: list[BaseException] = []
 
-    class Counting(client.CoreV1Api):
-        def create_namespaced_config_map(self, *a, **kw):
+    def counted(op: str, call):
+        """``call``, recording the status of each ApiException it raises (as ``(op, status)``)."""
+        def wrapper(self, *a, **kw):
             try:
-                return super().create_namespaced_config_map(*a, **kw)
+                return call(self, *a, **kw)
             except ApiException as e:
-                conflicts.append(("create", e.status))
+                conflicts.append((op, e.status))
                 raise
+        return wrapper
 
-        def patch_namespaced_config_map(self, *a, **kw):
-            try:
-                return super().patch_namespaced_config_map(*a, **kw)
-            except ApiException as e:
-                conflicts.append(("patch", e.status))
-                raise
+    class Counting(client.CoreV1Api):
+        create_namespaced_config_map = counted("create", client.CoreV1Api.create_namespaced_config_map)
+        patch_namespaced_config_map = counted("patch", client.CoreV1Api.patch_namespaced_config_map)
 
     def write(i: int) -> None:
         api = Counting(apiserver.client())

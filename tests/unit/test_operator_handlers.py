@@ -332,7 +332,7 @@ def test_ticks_get_a_thread_each_and_the_chart_lets_one_under_way_finish(handler
 
     assert handlers.operator_settings(scan_namespaces=False).execution.max_workers >= 32
     values = yaml.safe_load((Path(__file__).resolve().parents[2] / "helm/recserve/values.yaml").read_text())
-    assert values["operator"]["terminationGracePeriodSeconds"] > handlers.STOP_WAIT_S > 30  # Triton's timeout
+    assert values["operator"]["terminationGracePeriodSeconds"] > handlers.STOP_WAIT_S > handlers.act.TRITON_TIMEOUT_S
 
 
 def test_the_spec_kopf_remembers_leaves_out_the_compression_report(handlers) -> None:
