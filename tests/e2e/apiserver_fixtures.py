@@ -2,7 +2,8 @@
 
 ``apiserver`` (session scope) starts both as ``tools/k8s/smoke.sh`` does: free loopback ports, a temp dir,
 a service-account key pair, a static token file, ``--authorization-mode=RBAC``, ``--anonymous-auth=false``,
-``--endpoint-reconciler-type=none``, PodSecurity admission. It waits for /readyz, yields an :class:`ApiServer`,
+``--endpoint-reconciler-type=none``, PodSecurity admission, and an audit log of every request the operator's
+identity makes (``ApiServer.audit``). It waits for /readyz, yields an :class:`ApiServer`,
 and stops both at teardown (SIGTERM, then SIGKILL after 10 s). No controller-manager, scheduler or kubelet:
 objects are stored, validated and admitted, but nothing acts on them.
 
@@ -52,6 +53,15 @@ class ApiServer:
     """user name -> static token, for every user in the token file"""
     ca_file: Path | None = None
 
+    def audit(self, user: str = OPERATOR_USER) -> list[dict]:
+        """Every request ``user`` made so far, as the server's audit log recorded it when the response was sent
+        (``verb``, ``objectRef``, ``responseStatus.code``, ...). Only ``OPERATOR_USER`` is audited."""
+        path = self.workdir / "audit.log"
+        if not path.exists():
+            return []
+        events = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        return [e for e in events if e.get("stage") == "ResponseComplete" and e["user"]["username"] == user]
+
     def kubeconfig_for(self, user: str) -> Path:
         """A kubeconfig file for ``user``, one of the static token file's users (``OPERATOR_USER``, ...)."""
         if user not in self.tokens:
@@ -81,6 +91,41 @@ def _write_kubeconfig(path: Path, url: str, user: str, token: str, ca_file: Path
         "users": [{"name": user, "user": {"token": token}}],
         "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
     }))
+
+
+def ensure_crd(api_client, body: dict, timeout_s: float = 60.0) -> None:
+    """Install the CRD ``body`` unless a test before did (helm installs the chart's own), and wait until it is
+    Established and its endpoint serves."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    ext = client.ApiextensionsV1Api(api_client)
+    try:
+        ext.create_custom_resource_definition(body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    deadline = time.monotonic() + timeout_s
+    name = body["metadata"]["name"]
+    while True:
+        conditions = ext.read_custom_resource_definition(name).status.conditions or []
+        if any(c.type == "Established" and c.status == "True" for c in conditions):
+            break
+        assert time.monotonic() < deadline, f"CRD {name} not Established after {timeout_s:g} s: {conditions}"
+        time.sleep(0.1)
+    spec = body["spec"]
+    version = next(v["name"] for v in spec["versions"] if v.get("served", True))
+    custom = client.CustomObjectsApi(api_client)
+    while True:  # the new group's endpoint can lag Established by a moment
+        try:
+            if spec["scope"] == "Namespaced":
+                custom.list_namespaced_custom_object(spec["group"], version, "default", spec["names"]["plural"])
+            else:
+                custom.list_cluster_custom_object(spec["group"], version, spec["names"]["plural"])
+            return
+        except ApiException as e:
+            assert e.status == 404 and time.monotonic() < deadline, e
+            time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -183,6 +228,9 @@ def apiserver(tmp_path_factory):
         (t / "tokens.csv").write_text(
             f'{tokens[ADMIN_USER]},{ADMIN_USER},admin-uid,"system:masters"\n'
             f'{tokens[OPERATOR_USER]},{OPERATOR_USER},recserve-operator-uid,"{",".join(OPERATOR_GROUPS)}"\n')
+        (t / "audit-policy.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+            "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}]}))
         port = free_port()
         url = f"https://127.0.0.1:{port}"
         api_log = t / "apiserver.log"
@@ -200,7 +248,10 @@ def apiserver(tmp_path_factory):
                  "--authorization-mode=RBAC",
                  "--enable-admission-plugins=PodSecurity",
                  "--service-cluster-ip-range=10.96.0.0/24",
-                 "--anonymous-auth=false"],
+                 "--anonymous-auth=false",
+                 "--allow-privileged=true",  # as kubeadm and managed clusters run it: Pod Security decides
+                 f"--audit-policy-file={t / 'audit-policy.yaml'}", f"--audit-log-path={t / 'audit.log'}",
+                 "--audit-log-mode=blocking"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         insecure = ssl.create_default_context()
         insecure.check_hostname = False

@@ -86,26 +86,8 @@ def namespace(core):
 @pytest.fixture(scope="module")
 def crd(admin, custom):
     """The chart's CRD, installed and Established, and its endpoint serving."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    ext = client.ApiextensionsV1Api(admin)
     body = yaml.safe_load(CRD_FILE.read_text())
-    ext.create_custom_resource_definition(body)
-    deadline = time.monotonic() + 60
-    while True:
-        conditions = ext.read_custom_resource_definition(body["metadata"]["name"]).status.conditions or []
-        if any(c.type == "Established" and c.status == "True" for c in conditions):
-            break
-        assert time.monotonic() < deadline, f"CRD not Established after 60 s: {conditions}"
-        time.sleep(0.1)
-    while True:  # the new group's endpoint can lag Established by a moment
-        try:
-            custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL)
-            break
-        except ApiException as e:
-            assert e.status == 404 and time.monotonic() < deadline, e
-            time.sleep(0.1)
+    apiserver_fixtures.ensure_crd(admin, body)
     return body
 
 

