@@ -165,8 +165,9 @@ def test_h2load_says_when_the_server_is_not_there():
 def test_h2load_open_loop_keeps_its_rate_and_shows_the_queue(trivial_server):
     """Open loop against a server that takes 4 ms a call, one at a time (250 calls/s at most): at 100
     calls/s the calls leave on schedule (40 take ~0.4 s, where a closed loop would be done in 0.16 s)
-    and no queue builds (the last calls take about what the first did); at 500 calls/s they still leave on schedule and the queue shows in the latency
-    (the last calls wait for the ones before them), which a closed loop would hide by slowing down."""
+    and no queue builds (the last calls take about what the first did); at 500 calls/s they still
+    leave on schedule and the queue shows in the latency (the last calls wait for the ones before
+    them), which a closed loop would hide by slowing down."""
     from bench import h2load
     from recserve.serving.protos.recommender_pb2 import RankRequest
 
