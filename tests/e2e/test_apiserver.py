@@ -310,15 +310,19 @@ def test_rbac_operator_identity(apiserver, admin, crd, core):
         "metadata": {"name": "recserve-operator"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "modelrollouts-reader"},
         "subjects": [{"kind": "ServiceAccount", "name": "recserve-operator", "namespace": ns}]})
-    deadline = time.monotonic() + 10
-    while True:  # the RBAC authorizer reads bindings from an informer: a moment's lag
-        try:
-            listed = op_custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
-            break
-        except ApiException as e:
-            assert e.status == 403 and time.monotonic() < deadline, e
-            time.sleep(0.1)
-    assert listed["items"] == [] and listed["kind"] == "ModelRolloutList"
-    forbidden(lambda: op_core.list_namespaced_secret(ns))
-    forbidden(lambda: op_custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _rollout("r")))
-    forbidden(lambda: op_custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL))
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the RBAC authorizer reads bindings from an informer: a moment's lag
+            try:
+                listed = op_custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
+                break
+            except ApiException as e:
+                assert e.status == 403 and time.monotonic() < deadline, e
+                time.sleep(0.1)
+        assert listed["items"] == [] and listed["kind"] == "ModelRolloutList"
+        forbidden(lambda: op_core.list_namespaced_secret(ns))
+        forbidden(lambda: op_custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _rollout("r")))
+        forbidden(lambda: op_custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL))
+    finally:  # the namespace is the chart's in test_operator_apiserver: it installs its own Role and binding
+        rbac.delete_namespaced_role_binding("recserve-operator", ns)
+        rbac.delete_namespaced_role("modelrollouts-reader", ns)

@@ -35,9 +35,9 @@ K8S_VERSION = "1.37"
 CUSTOM_KINDS = {"RayService", "ServiceMonitor", "ModelRollout"}  # CRD-typed: no Kubernetes schema for them
 SCENARIOS = ["default"] + sorted(p.name.removesuffix("-values.yaml") for p in CI.glob("*-values.yaml"))
 OPERATOR_RULES = [
-    {"apiGroups": ["recserve.io"], "resources": ["modelrollouts"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["recserve.io"], "resources": ["modelrollouts"], "verbs": ["list", "watch", "patch"]},
     {"apiGroups": ["recserve.io"], "resources": ["modelrollouts/status"], "verbs": ["patch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
 ]
 

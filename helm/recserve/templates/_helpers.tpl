@@ -360,21 +360,23 @@ latency settings (`recserve route` sets the same ones itself).
 {{- end }}
 
 {{/*
-The operator's RBAC rules: exactly what it touches. kopf lists and watches ModelRollouts, patches them
-(finalizers, its progress annotations) and their status subresource, and posts events; the operator
-reads, creates and patches the routing-policy ConfigMap. create cannot be limited by name (the object
-does not exist yet); get and patch are limited to the policy ConfigMaps.
+The operator's RBAC rules: exactly what it touches (the real API server's audit log of a rollout run by
+the chart's ServiceAccount shows these requests and no others: tests/e2e/test_operator_apiserver.py).
+kopf lists and watches ModelRollouts, patches them (finalizers, its progress annotations) and their
+status subresource, and creates events; the operator reads, creates and patches the routing-policy
+ConfigMap. create cannot be limited by name (the object does not exist yet); get and patch are limited
+to the policy ConfigMaps.
 */}}
 {{- define "recserve.operator.rules" -}}
 - apiGroups: ["recserve.io"]
   resources: ["modelrollouts"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["recserve.io"]
   resources: ["modelrollouts/status"]
   verbs: ["patch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create"]
