@@ -40,7 +40,7 @@ k8s-tools:
 # the k8s tests against a real kube-apiserver + etcd on loopback (tests/e2e/apiserver_fixtures.py): needs
 # `make k8s-tools` first (skipped otherwise); no cluster or KUBECONFIG
 test-k8s: install
-	$(PY) -m pytest -q -m k8s tests/e2e/test_apiserver.py
+	$(PY) -m pytest -q -m k8s tests/e2e/test_apiserver.py tests/e2e/test_helm_apiserver.py tests/e2e/test_operator_apiserver.py
 
 bench: install tools
 	$(PY) -m bench.run

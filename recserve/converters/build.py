@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recserve.converters.pipeline import load_model
-from recserve.converters.repository import add_version
+from recserve.converters.repository import add_version, check_fits
 from recserve.converters.storage import densify
 from recserve.converters.tensorrt import build_engine
 from recserve.converters.triton_config import TARGETS, BuildProfile, graph_io, model_config, to_pbtxt
@@ -39,11 +39,12 @@ def build(model_path: Path, name: str, target: str, repository: Path, profile: B
     loaded = load_model(model_path)
     # TensorRT reads no sparse initializers (pruned weights stored sparse): build from dense ones
     graph = densify(loaded.graph) if target != "onnxruntime" else loaded.graph
+    config = model_config(name, graph, target, profile)
+    check_fits(repository, config)  # the model it joins first: before any engine is built
     findings = check(graph, profile.max_batch_size) if target != "onnxruntime" else []
     errors = [f for f in findings if f.severity == "error"]
     if target == "tensorrt" and errors:
         raise ModelError("the model is not ready for TensorRT:\n  " + "\n  ".join(map(str, errors)))
-    config = model_config(name, graph, target, profile)
     if target == "tensorrt":
         inputs, _ = graph_io(graph)
         files = {"model.plan": build_engine(graph.SerializeToString(), inputs, profile)}

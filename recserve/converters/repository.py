@@ -24,11 +24,35 @@ def _signature(cfg: mc.ModelConfig) -> tuple:
             tuple((t.name, t.data_type, tuple(t.dims)) for t in cfg.output))
 
 
+def _runtime(cfg: mc.ModelConfig) -> str:
+    """What Triton runs every version of the model with: its platform or backend (one per model)."""
+    return cfg.platform or cfg.backend
+
+
+def check_fits(repository: Path, config: mc.ModelConfig) -> None:
+    """Raise ConfigError unless a version with ``config`` can join the model's served versions (if any): the
+    same platform, inputs, outputs and max_batch_size. Cheap: ``build`` asks before compiling an engine."""
+    model_dir = Path(repository) / config.name
+    cfg_path = model_dir / "config.pbtxt"
+    if not cfg_path.exists():
+        return
+    existing = versions(model_dir)
+    old = from_pbtxt(cfg_path.read_text())
+    if _runtime(old) != _runtime(config):
+        raise ConfigError(f"{config.name}: its versions {existing} run on {_runtime(old)} and Triton serves every "
+                          f"version of a model with one platform, so a {_runtime(config)} version cannot join "
+                          f"them; build it under another --name (e.g. {config.name}_trt) and roll out to that model")
+    if _signature(old) != _signature(config):
+        raise ConfigError(f"{config.name}: the new model's inputs/outputs/max_batch_size differ from the served "
+                          f"versions {existing}; build it under another --name")
+
+
 def add_version(repository: Path, config: mc.ModelConfig, files: dict[str, bytes], version: int | None = None) -> Path:
     """Write ``files`` into ``repository/<name>/<version>/`` and the model's ``config.pbtxt``.
 
     The version is the next free one unless given; an existing version is never touched. The new
-    config must keep the inputs and outputs of the existing one (every version is served with it).
+    config must keep the inputs and outputs of the existing one and its platform (every version is
+    served with the one config: a TensorRT version in an ONNX model would stop the ONNX ones loading).
     """
     if not NAME.match(config.name):
         raise ConfigError(f"model name {config.name!r}: use letters, digits, '_', '-' and '.'")
@@ -45,12 +69,8 @@ def add_version(repository: Path, config: mc.ModelConfig, files: dict[str, bytes
     if version in existing:
         raise ConfigError(f"{model_dir}/{version} already exists; versions are never overwritten: "
                           "omit --version to add the next one")
+    check_fits(repository, config)
     cfg_path = model_dir / "config.pbtxt"
-    if cfg_path.exists():
-        old = from_pbtxt(cfg_path.read_text())
-        if _signature(old) != _signature(config):
-            raise ConfigError(f"{config.name}: the new model's inputs/outputs/max_batch_size differ from the served "
-                              f"versions {existing}; build it under another --name")
     vdir = model_dir / str(version)
     vdir.mkdir(parents=True)
     for name, data in files.items():

@@ -172,7 +172,13 @@ def test_build_for_onnxruntime_trt_notes_what_tensorrt_skips_and_succeeds(traine
                     "--target", "onnxruntime-trt")
     assert proc.returncode == 0, proc.stderr
     assert "note:" in proc.stderr and "UINT8" in proc.stderr and "error:" not in proc.stderr
-    assert "KIND_GPU" in (tmp_path / "repo" / "ranker" / "config.pbtxt").read_text()
+    config = (tmp_path / "repo" / "ranker" / "config.pbtxt").read_text()
+    assert "KIND_GPU" in config
+    # a TensorRT version cannot join ONNX ones (one platform per Triton model): refused before any engine build
+    proc = recserve("build", tmp_path / "c", "--name", "ranker", "--repository", tmp_path / "repo", "--target", "tensorrt")
+    assert_one_error_line(proc, 2, "one platform", "--name (e.g. ranker_trt)")
+    assert (tmp_path / "repo" / "ranker" / "config.pbtxt").read_text() == config
+    assert sorted(p.name for p in (tmp_path / "repo" / "ranker").iterdir()) == ["1", "config.pbtxt"]
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
     assert_one_error_line(recserve("build", tmp_path / "c", "--name", "ranker", "--repository", blocked), 2,

@@ -324,6 +324,19 @@ def test_add_version_refuses_a_changed_signature(tmp_path: Path, ranker_graph, t
     assert (tmp_path / "ranker" / "config.pbtxt").read_bytes() == config_before
 
 
+@pytest.mark.parametrize(("first", "then"), [("onnxruntime", "tensorrt"), ("tensorrt", "onnxruntime")])
+def test_add_version_refuses_another_platform(tmp_path: Path, ranker_graph, first: str, then: str) -> None:
+    """Triton's platform is per model: a TensorRT version added to an ONNX model rewrote the shared config to
+    tensorrt_plan and its ONNX versions could no longer load. Refused, the repository untouched."""
+    add_version(tmp_path, model_config("ranker", ranker_graph, first, BuildProfile()), _files(b"1"))
+    config_before = (tmp_path / "ranker" / "config.pbtxt").read_bytes()
+    with pytest.raises(ConfigError, match="one platform") as info:
+        add_version(tmp_path, model_config("ranker", ranker_graph, then, BuildProfile()), _files(b"2"))
+    assert "another --name (e.g. ranker_trt)" in str(info.value) and "\n" not in str(info.value)
+    assert versions(tmp_path / "ranker") == [1]
+    assert (tmp_path / "ranker" / "config.pbtxt").read_bytes() == config_before
+
+
 def test_add_version_keeps_the_signature_but_takes_new_serving_options(tmp_path: Path, ranker_graph) -> None:
     add_version(tmp_path, model_config("ranker", ranker_graph, "onnxruntime", BuildProfile()), _files(b"1"))
     new = model_config("ranker", ranker_graph, "onnxruntime", BuildProfile(instance_count=3, max_queue_delay_us=900))
