@@ -403,12 +403,16 @@ def test_triton_hung_then_resumed(stack: RouterStack, rate: int) -> None:
 @pytest.mark.parametrize("rate", RATES)
 def test_one_slow_version_leaves_the_other_on_the_cloud(stack: RouterStack, rate: int) -> None:
     """Version 2 of a 50/50 split answers slowly (its stub stopped 150 ms of every 200): its requests are answered
-    by the edge within their deadlines, and version 1's requests stay on the cloud (one breaker per version)."""
+    by the edge within their deadlines, and version 1's circuit stays closed throughout (one breaker per
+    version: sampled from the router's metrics while version 2 is slow), so version 1 keeps answering from the
+    cloud. (How many of version 1's requests the cloud answers also depends on how busy this machine is: a slow
+    cloud answer raises the estimate that keeps requests whose deadline it would miss on the edge.)"""
     write_policy(policy({"1": 50, "2": 50}), stack.repo.policy_file)
     try:
         _cloud_serving(stack)
         stub = _stub_of(stack, "2")
         stop = threading.Event()
+        circuits: list[tuple[float, float]] = []
 
         def slow() -> None:
             while not stop.is_set():
@@ -417,24 +421,35 @@ def test_one_slow_version_leaves_the_other_on_the_cloud(stack: RouterStack, rate
                 os.kill(stub, signal.SIGCONT)
                 time.sleep(0.05)
 
+        def sample() -> None:
+            stop.wait(1.0)  # from a second into the fault
+            while not stop.wait(0.25):
+                circuits.append(tuple(stack.metric("recserve_router_circuit_state", model="ranker", version=v)
+                                      for v in ("1", "2")))
+
         with OpenLoad(stack, rate) as load:
             time.sleep(0.5)
             slowed = time.monotonic()
-            slower = threading.Thread(target=slow, daemon=True)
-            slower.start()
+            workers = [threading.Thread(target=f, daemon=True) for f in (slow, sample)]
+            for w in workers:
+                w.start()
             time.sleep(4.0)
             stop.set()
-            slower.join(5)
+            for w in workers:
+                w.join(5)
             ended = time.monotonic()
             time.sleep(1.0)
         os.kill(stub, signal.SIGCONT)
         load.report("slow version 2")
         load.check()
-        during = [o.response for o in load.outcomes if slowed + 1.0 < o.sent < ended]
+        assert len(circuits) >= 5, circuits
+        assert all(v1 == 0 for v1, _ in circuits), f"version 1's circuit left closed while v2 was slow: {circuits}"
+        assert any(v2 > 0 for _, v2 in circuits), f"version 2's circuit never opened: {circuits}"
+        during = [o.response for o in load.outcomes if slowed + 1.0 < o.sent < ended and o.response is not None]
         v1 = sum(1 for r in during if r.served_by == "cloud" and r.version == "1")
         why = Counter(r.reason for r in during if r.served_by != "cloud")
-        assert v1 >= 0.35 * len(during), (f"version 1 answered {v1} of {len(during)} on the cloud; the others were "
-                                          f"answered below it because: {dict(why)}")
+        assert v1 > 0, (f"version 1 answered {v1} of {len(during)} on the cloud; the others were "
+                        f"answered below it because: {dict(why)}")
         assert sum(1 for r in during if r.served_by == "edge") > 0
     finally:
         write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
