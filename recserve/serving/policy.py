@@ -1,5 +1,9 @@
 """Routing policy: per model, version -> traffic weight, a shadow percentage and how requests are assigned.
 
+A version is a Triton version of the model (``"2"``) or a version of another Triton model
+(``"ranker_trt:1"``): Triton serves every version of a model with one platform, so an ONNX -> TensorRT
+canary splits ``ranker``'s traffic between its ONNX version and the TensorRT model built under its own name.
+
 The operator writes it (a file, e.g. a mounted ConfigMap); the router reads it once per request and
 picks a version. By default the pick is sticky: a hash of the request's user id (salted per rollout)
 places the user in [0, 1), so one user sees one version for the life of a split. Choices are pure
@@ -41,7 +45,8 @@ class ModelPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     assignment: Assignment = Field(default_factory=Assignment)
-    versions: dict[str, float] = Field(description="Triton version -> weight (relative, >= 0)")
+    versions: dict[str, float] = Field(description="Triton version -> weight (relative, >= 0); 'model:version' "
+                                       "names a version of another Triton model")
     shadow_percent: float = Field(0.0, ge=0.0, le=100.0, description="share of requests also sent to the shadow version")
     shadow_version: str | None = Field(None, description="version that receives shadow traffic (not returned)")
 
@@ -60,6 +65,9 @@ class ModelPolicy(BaseModel):
     def _weights(self) -> ModelPolicy:
         if not self.versions:
             raise ValueError("versions must name at least one version")
+        bad = next((k for k in [*self.versions, self.shadow_version or "x"] if not all(split_target("m", k))), None)
+        if bad is not None:
+            raise ValueError(f"version {bad!r}: give a Triton version ('2') or another model's ('ranker_trt:1')")
         if any(w < 0 for w in self.versions.values()) or sum(self.versions.values()) <= 0:
             raise ValueError("version weights must be >= 0 and not all 0")
         if self.shadow_percent > 0 and not self.shadow_version:
@@ -101,6 +109,13 @@ def choose_version(policy: RoutingPolicy, model: str, u: float) -> str:
         if u < acc:
             return version
     return max((v for v, w in p.versions.items() if w > 0), key=lambda v: (p.versions[v], v))
+
+
+def split_target(model: str, version: str) -> tuple[str, str]:
+    """The Triton model and version a policy version names: ``"2"`` is version 2 of ``model``, ``"ranker_trt:1"``
+    version 1 of Triton model ``ranker_trt``. (Triton model names have no ':'.)"""
+    other, sep, number = version.partition(":")
+    return (other, number) if sep else (model, version)
 
 
 def shadow_version(policy: RoutingPolicy, model: str, served: str, u: float) -> str | None:

@@ -25,7 +25,14 @@ from recserve.serving.cache import TTLCache
 from recserve.serving.coalesce import Coalescer
 from recserve.serving.config import ModelRoute, RetrieverRoute, RouterConfig
 from recserve.serving.metrics import RouterMetrics
-from recserve.serving.policy import PolicyWatcher, RoutingPolicy, assignment_point, choose_version, shadow_version
+from recserve.serving.policy import (
+    PolicyWatcher,
+    RoutingPolicy,
+    assignment_point,
+    choose_version,
+    shadow_version,
+    split_target,
+)
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
 from recserve.serving.routing import BreakerState, CircuitBreaker, LatencyEstimate, RouteSettings, below_cloud, decide
 from recserve.serving.scorers import CloudError, CloudScorer, EdgeScorer
@@ -237,8 +244,9 @@ class Router:
         point, hashed = assignment_point(policy, primary, req.user, self.rng())
         if not hashed and primary in policy.models and policy.models[primary].assignment.by == "hash":
             self.metrics.unsticky.labels(name).inc()
-        version = choose_version(policy, primary, point)
-        target = self.target(primary, version)
+        version = choose_version(policy, primary, point)  # a version of primary, or another model's ("m:1")
+        triton_model, triton_version = split_target(primary, version)
+        target = self.target(triton_model, triton_version)
         decision = decide(self._left(start, budget_ms), target.estimate.estimate_ms, self.edge_estimate.estimate_ms,
                           target.breaker.available(), self.inflight, self.settings)
         if decision.route == "cloud" and not target.breaker.allow():  # the half-open probe went to another request
@@ -248,9 +256,11 @@ class Router:
             raise RankError("DEADLINE_EXCEEDED", "the deadline passed before ranking could start")
         reason = decision.reason
         if decision.route == "cloud":
-            answers = await self._cloud(model, version, target, sparse, dense, decision.cloud_timeout_ms / 1e3)
+            answers = await self._cloud(model, triton_model, triton_version, target, sparse, dense,
+                                        decision.cloud_timeout_ms / 1e3)
             if answers is not None:
-                version = answers[0].version or version
+                served = answers[0].version or triton_version
+                version = served if triton_model == primary else f"{triton_model}:{served}"
                 scores = sum(r.weight * a.scores for r, a in zip(model.route.rankers, answers))
                 response = self._answer(req, name, items, scores, "cloud", version, _why(reason, unknown))
                 self.cache.put(key, response)
@@ -340,23 +350,25 @@ class Router:
         rows = model.catalog.rows_for(items)
         return model.catalog.ranker_rows(rows, ctx_sparse, ctx_dense)
 
-    async def _cloud(self, model: _Model, version: str, target: _Target, sparse, dense, timeout_s: float):
+    async def _cloud(self, model: _Model, primary: str, version: str, target: _Target, sparse, dense,
+                     timeout_s: float):
         """Each ranker's cloud scores, or None after a failure (recorded by the version's breaker and the metrics,
-        by Triton model and version: what a ModelRollout of that model reads). Every outcome reaches the
-        breaker: success, failure, timeout, and cancellation (which releases a half-open probe). The timeout
-        is the router's own as well as the scorer's: no scorer can hold a request past it."""
-        primary = model.route.rankers[0].triton_model
+        by Triton model and version: what a ModelRollout of that model reads). The first ranker is called as
+        ``primary`` (the route's model, or the other model the policy chose for it), ``version``. Every outcome
+        reaches the breaker: success, failure, timeout, and cancellation (which releases a half-open probe). The
+        timeout is the router's own as well as the scorer's: no scorer can hold a request past it."""
         self.inflight += 1
         t0 = self.clock()
         try:
             try:
                 async with asyncio.timeout(timeout_s):
-                    calls = [self._cloud_call(r.triton_model, version if i == 0 else "", sparse, dense, timeout_s)
-                             for i, r in enumerate(model.route.rankers)]
+                    calls = [self._cloud_call(primary if i == 0 else r.triton_model, version if i == 0 else "", sparse,
+                                              dense, timeout_s) for i, r in enumerate(model.route.rankers)]
                     answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)  # no task for one
             except TimeoutError as e:
                 raise CloudError("timeout", f"{primary} v{version or '-'}: no answer in {timeout_s * 1e3:.1f} ms") from e
-            answers = [replace(a, scores=checked_scores(a.scores, len(sparse), r.triton_model, version if i == 0 else ""))
+            answers = [replace(a, scores=checked_scores(a.scores, len(sparse), primary if i == 0 else r.triton_model,
+                                                        version if i == 0 else ""))
                        for i, (r, a) in enumerate(zip(model.route.rankers, answers))]
         except CloudError as e:
             target.breaker.record_failure()
@@ -383,7 +395,8 @@ class Router:
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(self, triton_model: str, version: str, sparse, dense, served, k: int) -> None:
+    async def _shadow(self, model: str, target: str, sparse, dense, served, k: int) -> None:
+        triton_model, version = split_target(model, target)
         self.metrics.shadow_requests.labels(triton_model, version).inc()
         try:
             shadow = checked_scores((await self._cloud_call(triton_model, version, sparse, dense, 1.0)).scores,

@@ -699,6 +699,57 @@ def test_cloud_and_shadow_metrics_name_the_triton_model_whose_versions_they_coun
     assert r.metric("recserve_router_requests_total", model="ranker", version="1", route="cloud") == 1.0
 
 
+def test_the_policy_splits_between_triton_models_as_between_versions(env: Env) -> None:
+    """An ONNX -> TensorRT canary: Triton serves each model's versions with one platform, so the TensorRT build
+    is its own model (``ranker_trt``) and the policy splits ``ranker``'s traffic with a version of it
+    (``ranker_trt:1``). Requests drawn for it go to that model; its breaker, metrics and shadow are its own."""
+    from recserve.operator.observe import router_counters
+
+    r = rig(env)
+    r.router.policy.set(RoutingPolicy.model_validate(
+        {"models": {"ranker": {"versions": {"1": 50, "ranker_trt:1": 50}, "assignment": {"by": "random"},
+                               "shadow_percent": 100, "shadow_version": "ranker_trt:1"}}}))
+
+    async def one(u: float, shadows: float):
+        r.rng.value = u
+        resp = await r.router.rank(request(request_id=str(u)), 100.0)
+        await _drain(r.router, lambda: (r.metric("recserve_router_shadow_requests_total", model="ranker_trt",
+                                                 version="1") or 0.0) == shadows)
+        return resp
+
+    resp = asyncio.run(one(0.9, 0.0))  # drawn for the other model: no shadow of the version that served
+    assert (resp.served_by, resp.version) == ("cloud", "ranker_trt:1")
+    assert [(c.model, c.version) for c in r.cloud.calls] == [("ranker_trt", "1")]
+    fake = cloud_scores("ranker_trt", "1", r.cloud.calls[-1].sparse, r.cloud.calls[-1].dense)
+    assert list(resp.items) == expected_order(fake, CANDIDATES, 3)[0]
+    resp = asyncio.run(one(0.1, 1.0))  # drawn for ranker v1, mirrored to ranker_trt v1
+    assert (resp.served_by, resp.version) == ("cloud", "1")
+    assert [(c.model, c.version) for c in r.cloud.calls[1:]] == [("ranker", "1"), ("ranker_trt", "1")]
+    # the per-version metrics a ModelRollout reads name the Triton model that answered
+    scraped: dict = {}
+    for family in text_string_to_metric_families(r.router.metrics.exposition().decode()):
+        for smp in family.samples:
+            name = smp.name[:-len("_total")] if family.type == "counter" and smp.name.endswith("_total") else smp.name
+            scraped.setdefault(name, []).append((smp.labels, smp.value))
+    assert router_counters(scraped, "ranker_trt", "1", None).success == 1.0
+    assert router_counters(scraped, "ranker", "1", None).success == 1.0
+    # one breaker per Triton model version: the other model failing opens only its own circuit
+    r.cloud.fail = CloudError("error", "down")
+    for i in range(10):
+        r.rng.value = 0.9
+        assert r.rank(request(request_id=f"f{i}"), budget_ms=100.0).served_by == "edge"
+    assert r.metric("recserve_router_circuit_state", model="ranker_trt", version="1") == 2.0
+    assert r.metric("recserve_router_circuit_state", model="ranker", version="1") == 0.0
+
+
+@pytest.mark.parametrize("version", [":1", "ranker_trt:", ""])
+def test_a_policy_version_must_name_a_version(version: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="another model's"):
+        RoutingPolicy.model_validate({"models": {"ranker": {"versions": {version: 100}}}})
+
+
 def test_shadow_percent_zero_and_shadow_failures(env: Env) -> None:
     r = rig(env)
     r.router.policy.set(RoutingPolicy.model_validate(
