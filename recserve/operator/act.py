@@ -25,14 +25,18 @@ TRITON_TIMEOUT_S = 30.0
 
 
 def load_versions(spec: ModelRolloutSpec, action: LoadVersions) -> None:
-    """(Re)load the model serving exactly ``action.versions``: a config override of the version policy. A final
-    unload of a model Triton does not serve (it was removed meanwhile) has nothing to do."""
+    """(Re)load the model serving exactly ``action.versions``: a config override of the version policy; no versions:
+    unload the model (the other model of a cross-model rollout). A final unload of a model Triton does not serve
+    (it was removed meanwhile) has nothing to do."""
     with TritonClient(spec.triton.grpc_url, timeout=TRITON_TIMEOUT_S) as client:
         if not client.model_ready(action.model):
-            if action.final:
+            if action.final or not action.versions:
                 log.warning("%s is not loaded in Triton: nothing to unload after the rollout", action.model)
                 return
             client.load(action.model)
+        if not action.versions:
+            client.unload(action.model)
+            return
         config = client.config(action.model)
         config["version_policy"] = {"specific": {"versions": sorted(int(v) for v in action.versions)}}
         client.load(action.model, config=json.dumps(config))

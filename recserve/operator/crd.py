@@ -56,7 +56,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 
 
 RULES = [
-    {"rule": "self.stableVersion != self.candidateVersion", "message": "candidateVersion must differ from stableVersion"},
+    {"rule": "self.stableVersion != self.candidateVersion || (has(self.candidateModel) && self.candidateModel != "
+             "self.model)", "message": "candidateVersion must differ from stableVersion (or name another candidateModel)"},
     {"rule": "self.steps.map(s, s.weight).isSorted()", "message": "step weights must not decrease"},
 ]
 """CEL rules (``x-kubernetes-validations``) for what the schema alone cannot say; the same checks as the pydantic

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from recserve.errors import RecserveError
 from recserve.operator import act
-from recserve.operator.machine import Emit, LoadVersions, SetWeights, Status, intended, reconcile
+from recserve.operator.machine import Emit, LoadVersions, SetWeights, Status, intended, loads, reconcile
 from recserve.operator.observe import observe
 from recserve.operator.spec import GROUP, PLURAL, VERSION, ModelRolloutSpec
 
@@ -192,5 +192,5 @@ def on_delete(body, spec, status, namespace, logger, **_) -> None:
 
     carry_out(rollout, [weights(rollout, 0)], body, namespace)
     time.sleep(min(rollout.router.drain_seconds, 30.0))  # routers pick up the policy before the candidate goes
-    carry_out(rollout, [LoadVersions(rollout.model, (rollout.stable_version,), final=True)], body, namespace)
+    carry_out(rollout, loads(rollout, (rollout.stable_version,), final=True), body, namespace)
     logger.info("deleted before promotion: version %s serves all traffic", rollout.stable_version)

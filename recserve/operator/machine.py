@@ -42,11 +42,13 @@ class VersionCounters:
 class Observations:
     triton_reachable: bool = True
     loaded_versions: frozenset[str] = frozenset()
+    """The versions Triton serves, as the routing policy names them: ``"1"`` of the rollout's model, ``"m:1"`` of
+    the candidate's own model (``spec.candidate_key``)."""
     candidate: VersionCounters | None = None
     shadow_agreement: float | None = None
     """Mean overlap@k of the candidate's shadow answers with the served ones (router metrics), if known."""
     unavailable: dict[str, str] = field(default_factory=dict)
-    """Versions Triton tried and failed to load: version -> Triton's reason."""
+    """Versions Triton tried and failed to load: version (named as in ``loaded_versions``) -> Triton's reason."""
     candidate_source: str | None = None
     """The sha256 of the file the candidate version was built from (its ``recserve.json`` in the model repository);
     ``""``: it has none; None: not looked at (no ``triton.modelRepository``) or unreadable (``source_error``)."""
@@ -57,7 +59,7 @@ class Observations:
 # -- actions ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadVersions:
-    """Serve exactly these versions of the model (Triton model control, config override)."""
+    """Serve exactly these versions of the model (Triton model control, config override); none: unload it."""
 
     model: str
     versions: tuple[str, ...]
@@ -223,8 +225,18 @@ def _iso(t: float) -> str:
 def weights(spec: ModelRolloutSpec, candidate_weight: int, shadow: bool = False) -> SetWeights:
     """The policy action; ``shadow`` mirrors traffic to the candidate (only while it is being rolled out)."""
     mirror = shadow and spec.router.shadow_percent > 0 and candidate_weight < 100
-    return SetWeights(spec.model, ((spec.stable_version, 100 - candidate_weight), (spec.candidate_version, candidate_weight)),
-                      spec.candidate_version if mirror else None, spec.router.shadow_percent if mirror else 0.0)
+    return SetWeights(spec.model, ((spec.stable_version, 100 - candidate_weight), (spec.candidate_key, candidate_weight)),
+                      spec.candidate_key if mirror else None, spec.router.shadow_percent if mirror else 0.0)
+
+
+def loads(spec: ModelRolloutSpec, keep: tuple[str, ...], final: bool = False) -> list[LoadVersions]:
+    """Triton serving exactly ``keep`` (versions named as the policy names them, ``spec.candidate_key``): one
+    action for the rollout's model, and one for the candidate's own model when it has one."""
+    if spec.candidate_model_name == spec.model:
+        return [LoadVersions(spec.model, keep, final)]
+    mine = tuple(v for v in keep if v != spec.candidate_key)
+    theirs = (spec.candidate_version,) if spec.candidate_key in keep else ()
+    return [LoadVersions(spec.model, mine, final), LoadVersions(spec.candidate_model_name, theirs, final)]
 
 
 def gate_failure(report: dict[str, Any] | None) -> str | None:
@@ -245,7 +257,7 @@ def report_binding(spec: ModelRolloutSpec, obs: Observations) -> tuple[bool | No
     the model the report names, (False, why) when it was not (or cannot say: no manifest), (None, why) when it
     cannot be checked now (the manifest is unreadable) or at all (no report hash, no ``modelRepository``)."""
     wanted = (spec.compression_report or {}).get("model_sha256")
-    where = f"version {spec.candidate_version} of {spec.model}"
+    where = f"version {spec.candidate_version} of {spec.candidate_model_name}"
     if not wanted:
         return None, "the compression report names no model_sha256 (a report from before reports named it)"
     if not spec.triton.model_repository:
@@ -294,9 +306,9 @@ def _finish(spec: ModelRolloutSpec, st: Status, keep: str, now: float, before: l
             after: list[Action]) -> Result:
     """Route everything to ``keep`` now; unload the other version once routers have drained (or now)."""
     drain = spec.router.drain_seconds
-    route = [weights(spec, 100 if keep == spec.candidate_version else 0)]
+    route = [weights(spec, 100 if keep == spec.candidate_key else 0)]
     if drain <= 0:
-        return Result(before + route + [LoadVersions(spec.model, (keep,), final=True)] + after, st)
+        return Result(before + route + loads(spec, (keep,), final=True) + after, st)
     st.unload_after, st.keep_versions = now + drain, [keep]
     return Result(before + route + after, st, requeue_after=drain)
 
@@ -321,9 +333,8 @@ def _loading(spec: ModelRolloutSpec, st: Status, obs: Observations, missing: lis
         return _rollback(spec, st, "RolledBack", "LoadTimeout",
                          f"version(s) {', '.join(missing)} of {spec.model} not loaded after {waited:.0f} s "
                          f"(loadTimeoutSeconds {spec.load_timeout_seconds:g}): are they in Triton's model repository?", now)
-    st.message = f"loading versions {spec.stable_version} and {spec.candidate_version}"
-    return Result([LoadVersions(spec.model, (spec.stable_version, spec.candidate_version)), weights(spec, 0)], st,
-                  requeue_after=1.0)
+    st.message = f"loading versions {spec.stable_version} and {spec.candidate_key}"
+    return Result([*loads(spec, (spec.stable_version, spec.candidate_key)), weights(spec, 0)], st, requeue_after=1.0)
 
 
 def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Result:
@@ -345,9 +356,9 @@ def event_key(emit: Emit, now: float, index: int) -> str:
 def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: float) -> Result:
     st = replace(status, conditions=[dict(c) for c in status.conditions])
     interval = spec.analysis.interval_seconds
-    new_target = (st.stable_version, st.candidate_version) != (spec.stable_version, spec.candidate_version)
+    new_target = (st.stable_version, st.candidate_version) != (spec.stable_version, spec.candidate_key)
     if new_target:  # a new rollout (or a new candidate after the last one ended): start over
-        st = Status(stable_version=spec.stable_version, candidate_version=spec.candidate_version,
+        st = Status(stable_version=spec.stable_version, candidate_version=spec.candidate_key,
                     conditions=st.conditions)
     if st.pending:  # recorded, perhaps not carried out: again, exactly these, with the status they came with
         actions = decode(st.pending)
@@ -357,7 +368,7 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
         if st.unload_after is not None and now >= st.unload_after:
             keep = tuple(st.keep_versions)
             st.unload_after, st.keep_versions = None, []
-            return Result([LoadVersions(spec.model, keep, final=True)], st)
+            return Result(loads(spec, keep, final=True), st)
         return Result([], st, requeue_after=None if st.unload_after is None else st.unload_after - now)
     if spec.abort:
         return _rollback(spec, st, "Aborted", "Aborted", "spec.abort is set: all traffic back on the stable version", now)
@@ -390,7 +401,7 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
     _condition(st, "TritonReachable", True, "Reachable", "Triton answers", now)
 
     if st.phase == "Pending":
-        missing = [v for v in (spec.stable_version, spec.candidate_version) if v not in obs.loaded_versions]
+        missing = [v for v in (spec.stable_version, spec.candidate_key) if v not in obs.loaded_versions]
         if missing:
             return _loading(spec, st, obs, missing, now)
         if spec.paused:
@@ -399,11 +410,11 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
         c = obs.candidate or VersionCounters()  # analyses count from here
         st.baseline_success, st.baseline_failure, st.last_analysis_at = c.success, c.failure, now
         return _enter_step(spec, st, obs, 0, now, [Emit("Normal", "Started", f"canary of version "
-                                                         f"{spec.candidate_version} started")])
+                                                         f"{spec.candidate_key} started")])
 
-    if spec.candidate_version not in obs.loaded_versions:
+    if spec.candidate_key not in obs.loaded_versions:
         return _rollback(spec, st, "RolledBack", "CandidateUnloaded",
-                         f"version {spec.candidate_version} is no longer loaded in Triton", now)
+                         f"version {spec.candidate_key} is no longer loaded in Triton", now)
 
     actions: list[Action] = []
     analysed = st.last_analysis_at is None or now - st.last_analysis_at >= interval
@@ -446,9 +457,9 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
         if st.step + 1 < len(spec.steps):
             return _enter_step(spec, st, obs, st.step + 1, now, actions)
         st.phase, st.weight = "Promoted", 100
-        st.message = f"version {spec.candidate_version} serves all traffic"
+        st.message = f"version {spec.candidate_key} serves all traffic"
         _condition(st, "Progressing", True, "Promoted", st.message, now)
-        return _finish(spec, st, spec.candidate_version, now, actions, [Emit("Normal", "Promoted", st.message)])
+        return _finish(spec, st, spec.candidate_key, now, actions, [Emit("Normal", "Promoted", st.message)])
     st.message = f"step {st.step + 1}/{len(spec.steps)} at {st.weight}%"
     if st.passed_in_step == 0:
         st.message += " (waiting for a passing analysis)"

@@ -68,7 +68,7 @@ def candidate_source(spec: ModelRolloutSpec) -> tuple[str | None, str | None]:
     if not spec.triton.model_repository:
         return None, None
     try:
-        return source_sha256(Path(spec.triton.model_repository) / spec.model / spec.candidate_version), None
+        return source_sha256(Path(spec.triton.model_repository) / spec.candidate_model_name / spec.candidate_version), None
     except (OSError, ValueError) as e:
         return None, str(e)
 
@@ -88,17 +88,21 @@ def _observe_triton(spec: ModelRolloutSpec) -> Observations:
         metrics = scrape(spec.triton.metrics_url)
     except (RecserveError, urllib.error.URLError, OSError, ValueError):
         return Observations(triton_reachable=False)
-    mine = [m for m in index if m.get("name") == spec.model]
-    loaded = frozenset(str(m.get("version")) for m in mine if m.get("state") == "READY")
-    unavailable = {str(m.get("version")): m.get("reason") or "unavailable" for m in mine
+    def key(m: dict) -> str:  # a version as the routing policy names it (spec.candidate_key)
+        return str(m.get("version")) if m.get("name") == spec.model else f"{m.get('name')}:{m.get('version')}"
+
+    mine = [m for m in index if m.get("name") in (spec.model, spec.candidate_model_name)]
+    loaded = frozenset(key(m) for m in mine if m.get("state") == "READY")
+    unavailable = {key(m): m.get("reason") or "unavailable" for m in mine
                    if m.get("state") == "UNAVAILABLE" and m.get("version")}
-    counters = version_counters(metrics, spec.model, spec.candidate_version)
+    model, version = spec.candidate_model_name, spec.candidate_version
+    counters = version_counters(metrics, model, version)
     agreement = None
     if spec.router.metrics_url:
         try:
             router = scrape(spec.router.metrics_url)
         except (urllib.error.URLError, OSError, ValueError):
             return Observations(True, loaded, unavailable=unavailable)  # no judgement without the router's numbers
-        agreement = shadow_agreement(router, spec.model, spec.candidate_version)
-        counters = router_counters(router, spec.model, spec.candidate_version, counters.p99_ms)
+        agreement = shadow_agreement(router, model, version)
+        counters = router_counters(router, model, version, counters.p99_ms)
     return Observations(True, loaded, counters, agreement, unavailable)

@@ -75,6 +75,10 @@ class ModelRolloutSpec(_Camel):
     stable_version: str = Field(pattern=r"^[1-9][0-9]{0,17}$", description="a Triton version number, as Triton "
                                 "names its version directories (no leading zeros)")
     candidate_version: str = Field(pattern=r"^[1-9][0-9]{0,17}$")
+    candidate_model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the Triton model "
+                                        "of the candidate version when it is not `model`: Triton serves every version "
+                                        "of a model with one platform, so a TensorRT build of an ONNX model is its "
+                                        "own model (`ranker_trt`); the router splits `model`'s traffic with it")
     steps: list[Step] = Field(min_length=1, max_length=20)
     analysis: Analysis = Field(default_factory=Analysis)
     triton: TritonEndpoint
@@ -86,10 +90,23 @@ class ModelRolloutSpec(_Camel):
     paused: bool = Field(False, description="hold the current step (analysis goes on)")
     abort: bool = Field(False, description="roll back to the stable version now")
 
+    @property
+    def candidate_model_name(self) -> str:
+        """The Triton model the candidate version is a version of."""
+        return self.candidate_model or self.model
+
+    @property
+    def candidate_key(self) -> str:
+        """The candidate as the routing policy names it among ``model``'s versions: ``"2"``, or ``"ranker_trt:1"``
+        for a version of another model (``recserve.serving.policy.split_target``)."""
+        if self.candidate_model_name == self.model:
+            return self.candidate_version
+        return f"{self.candidate_model}:{self.candidate_version}"
+
     @model_validator(mode="after")
     def _versions(self) -> ModelRolloutSpec:
-        if self.stable_version == self.candidate_version:
-            raise ValueError("candidateVersion must differ from stableVersion")
+        if self.stable_version == self.candidate_version and self.candidate_model_name == self.model:
+            raise ValueError("candidateVersion must differ from stableVersion (or name another candidateModel)")
         weights = [s.weight for s in self.steps]
         if weights != sorted(weights):
             raise ValueError("step weights must not decrease")

@@ -126,8 +126,10 @@ def test_crd_prunes_undeclared_field(crd, custom, namespace):
     ({"steps": [{"weight": 5}] * 21}, "spec.steps"),
     ({"steps": [{"weight": 101}]}, "spec.steps[0].weight"),
     ({"candidateVersion": "1"}, "candidateVersion must differ from stableVersion"),
+    ({"candidateVersion": "1", "candidateModel": "ranker"}, "candidateVersion must differ from stableVersion"),
     ({"steps": [{"weight": 50}, {"weight": 10}]}, "step weights must not decrease"),
-], ids=["leading-zero-version", "21-steps", "weight-101", "same-versions (CEL)", "decreasing-weights (CEL)"])
+], ids=["leading-zero-version", "21-steps", "weight-101", "same-versions (CEL)", "same-model-named (CEL)",
+        "decreasing-weights (CEL)"])
 def test_crd_refuses_invalid(crd, custom, namespace, spec, field):
     from kubernetes.client.exceptions import ApiException
 
@@ -139,6 +141,13 @@ def test_crd_refuses_invalid(crd, custom, namespace, spec, field):
     assert field in body["message"], body["message"]
     if field.startswith("spec."):  # a schema error names its field; a CEL rule's names the object and says why
         assert any(c.get("field") == field for c in body["details"]["causes"]), body["details"]
+
+
+def test_crd_accepts_the_same_version_number_of_another_model(crd, custom, namespace):
+    """An ONNX -> TensorRT canary: version 1 of ranker_trt against version 1 of ranker (CEL allows it)."""
+    made = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _rollout(
+        "cross", candidateVersion="1", candidateModel="ranker_trt"))
+    assert (made["spec"]["candidateModel"], made["spec"]["candidateVersion"]) == ("ranker_trt", "1")
 
 
 # ---- b. status and events as the operator writes them

@@ -48,7 +48,7 @@ import yaml
 
 from recserve.errors import RecserveError
 from recserve.serving.metrics import RouterMetrics
-from recserve.serving.policy import RoutingPolicy, choose_version, parse_policy, shadow_version
+from recserve.serving.policy import RoutingPolicy, choose_version, parse_policy, shadow_version, split_target
 from recserve.triton.client import TritonClient
 from recserve.triton.server import EmbeddedTriton, ServerSettings
 
@@ -510,7 +510,9 @@ class Traffic:
         return self._policy
 
     def _call(self, client: TritonClient, version: str) -> np.ndarray:
-        return client.infer(self.model, self.triton.feed, version=version, outputs=["score"], timeout=10)["score"]
+        """``version`` as the policy names it: ``"2"``, or ``"other:1"`` (a version of another Triton model)."""
+        model, number = split_target(self.model, version)
+        return client.infer(model, self.triton.feed, version=number, outputs=["score"], timeout=10)["score"]
 
     def _run(self) -> None:
         with TritonClient(self.triton.grpc_url, timeout=10) as client:
@@ -522,24 +524,24 @@ class Traffic:
                     scores = self._call(client, version)
                 except RecserveError as e:
                     self.served.append((t0, version, False, str(e)))
-                    self.metrics.cloud_failures.labels(self.model, version, "error").inc()
+                    self.metrics.cloud_failures.labels(*split_target(self.model, version), "error").inc()
                     scores = None
                 else:
                     self.served.append((t0, version, True, ""))
-                    self.metrics.cloud_latency.labels(self.model, version).observe(time.time() - t0)
+                    self.metrics.cloud_latency.labels(*split_target(self.model, version)).observe(time.time() - t0)
                 target = shadow_version(policy, self.model, version, float(self.rng.random()))
                 if target is not None and scores is not None:
-                    self.metrics.shadow_requests.labels(self.model, target).inc()
+                    self.metrics.shadow_requests.labels(*split_target(self.model, target)).inc()
                     try:
                         shadow = self._call(client, target)
                     except RecserveError:
-                        self.metrics.shadow_failures.labels(self.model, target).inc()
+                        self.metrics.shadow_failures.labels(*split_target(self.model, target)).inc()
                         self.shadowed.append((time.time(), target, False, None))
                     else:
                         a = set(np.argsort(-scores.ravel())[: self.k].tolist())
                         b = set(np.argsort(-shadow.ravel())[: self.k].tolist())
                         overlap = len(a & b) / self.k
-                        self.metrics.shadow_overlap.labels(self.model, target).observe(overlap)
+                        self.metrics.shadow_overlap.labels(*split_target(self.model, target)).observe(overlap)
                         self.shadowed.append((time.time(), target, True, overlap))
                 self._stop.wait(max(0.0, self.period - (time.time() - t0)))
 

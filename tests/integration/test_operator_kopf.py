@@ -122,6 +122,36 @@ def test_a_good_candidate_is_promoted(kube: ApiServer, triton: Triton, model: st
            seconds_create_to_promoted=round(promoted_at - created, 1))
 
 
+def test_a_candidate_of_another_triton_model_is_promoted(kube: ApiServer, triton: Triton, model: str,
+                                                       tmp_path: Path) -> None:
+    """ONNX -> TensorRT: Triton serves each model's versions with one platform, so the candidate is version 1 of
+    its own model (here a second ONNX build standing in for the TensorRT one, which needs a GPU). The operator
+    loads it on that model, the policy splits ``model`` with ``<other>:1``, the analysis reads that model's
+    metrics, and after the promotion the other model serves alone and ``model`` is unloaded."""
+    other = triton.add_model(f"{model}_trt")
+    triton.unload(other)  # the operator loads it
+    policy = tmp_path / "policy.json"
+    key = f"{other}:1"
+    try:
+        with Traffic(triton, model, "1", policy) as traffic, operator() as runner:
+            kube.create(rollout("cross", rollout_spec(triton, model, policy, traffic, candidateModel=other,
+                                                      candidateVersion="1", router={"shadowPercent": 50})))
+            st = wait_phase(kube, "cross", ("Promoted", "RolledBack", "Rejected", "Aborted"), 60, runner)
+            only_loaded(triton, other, "1")
+            wait_for(lambda: not triton.ready_versions(model), 30, f"{model} unloaded after the promotion")
+        assert st["phase"] == "Promoted" and st["candidateVersion"] == key, st
+        assert read_policy(policy, model) == {"1": 0.0, key: 100.0}
+        weights = traffic.candidate_weights(key)
+        assert [w for i, w in enumerate(weights) if i == 0 or weights[i - 1] != w] == [0.0, 30.0, 60.0, 100.0]
+        promotion_written = min(t for t, w, _ in traffic.policy_changes if w.get(key) == 100)
+        assert traffic.failures("1", until=promotion_written) == [] and traffic.failures(key) == []
+        assert traffic.requests(key) > 0 and traffic.shadowed and all(ok for _, _, ok, _ in traffic.shadowed)
+        analyses = [v["status"]["lastAnalysis"] for v in kube.history("cross") if (v.get("status") or {}).get("lastAnalysis")]
+        assert analyses and all(a["verdict"] == "passed" and a["requests"] > 0 for a in analyses)
+    finally:
+        triton.unload(other)
+
+
 def test_a_good_candidate_is_promoted_on_tritons_counters_alone(kube: ApiServer, triton: Triton, model: str,
                                                                  tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"

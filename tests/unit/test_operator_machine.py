@@ -54,7 +54,7 @@ def make_spec(**over: Any) -> ModelRolloutSpec:
 
 
 def candidate_weight(a: SetWeights, spec: ModelRolloutSpec) -> int:
-    return dict(a.weights)[spec.candidate_version]
+    return dict(a.weights)[spec.candidate_key]
 
 
 def set_weights(actions) -> list[SetWeights]:
@@ -86,7 +86,7 @@ class Rollout:
     def observations(self) -> Observations:
         if not self.reachable:
             return Observations(triton_reachable=False)
-        candidate = VersionCounters(self.success, self.failure, self.p99) if self.spec.candidate_version in self.loaded \
+        candidate = VersionCounters(self.success, self.failure, self.p99) if self.spec.candidate_key in self.loaded \
             else None
         return Observations(True, frozenset(self.loaded), candidate, self.agreement, dict(self.unavailable))
 
@@ -96,8 +96,10 @@ class Rollout:
         self.failure += bad
         result = reconcile(self.spec, self.status, self.observations(), self.now)
         for a in result.actions:
-            if isinstance(a, LoadVersions):
-                self.loaded = set(a.versions)
+            if isinstance(a, LoadVersions):  # exactly these versions of a.model; keys as the policy names them
+                mine = a.model == self.spec.model
+                self.loaded = {k for k in self.loaded if (k.partition(":")[0] if ":" in k else self.spec.model)
+                               != a.model} | {v if mine else f"{a.model}:{v}" for v in a.versions}
         self.history.extend(result.actions)
         self.status = result.status
         return result
@@ -232,6 +234,50 @@ def test_after_the_last_step_the_candidate_is_promoted_then_the_stable_version_u
     # the candidate weights ever written: 0 (pending), the steps, 100
     written = [candidate_weight(a, spec) for a in set_weights(world.history)]
     assert [w for i, w in enumerate(written) if i == 0 or written[i - 1] != w] == [0, 10, 50, 100]
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["promoted", "rolled-back"])
+def test_a_candidate_of_another_triton_model_is_split_and_loaded_as_that_model(good: bool) -> None:
+    """ONNX -> TensorRT: the candidate is version 1 of ``ranker_trt`` (Triton serves each model's versions with one
+    platform). Its versions load on that model, the policy names it ``ranker_trt:1`` among ranker's versions,
+    and the finish unloads whichever model no longer serves."""
+    spec = make_spec(candidateModel="ranker_trt", candidateVersion="1")
+    assert spec.candidate_key == "ranker_trt:1"
+    world = Rollout(spec)
+    first = world.tick()
+    assert first.actions[:2] == [LoadVersions("ranker", ("1",)), LoadVersions("ranker_trt", ("1",))]
+    assert world.loaded == {"1", "ranker_trt:1"}
+    started = world.tick()
+    assert started.status.phase == "Progressing" and started.status.candidate_version == "ranker_trt:1"
+    assert set_weights(started.actions)[0].weights == (("1", 90), ("ranker_trt:1", 10))
+    for _ in range(4):
+        r = world.tick(30, ok=30) if good else world.tick(30, ok=10, bad=20)
+        if r.status.phase in ("Promoted", "RolledBack"):
+            break
+    if good:
+        assert r.status.phase == "Promoted" and "ranker_trt:1 serves all traffic" in r.status.message
+        assert set_weights(r.actions)[-1].weights == (("1", 0), ("ranker_trt:1", 100))
+        assert [a for a in r.actions if isinstance(a, LoadVersions)] == [
+            LoadVersions("ranker", (), final=True), LoadVersions("ranker_trt", ("1",), final=True)]
+        assert world.loaded == {"ranker_trt:1"}
+    else:
+        assert r.status.phase == "RolledBack"
+        assert set_weights(r.actions)[-1].weights == (("1", 100), ("ranker_trt:1", 0))
+        assert [a for a in r.actions if isinstance(a, LoadVersions)] == [
+            LoadVersions("ranker", ("1",), final=True), LoadVersions("ranker_trt", (), final=True)]
+        assert world.loaded == {"1"}
+
+
+def test_the_candidate_may_share_the_stable_version_number_only_on_another_model() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="or name another candidateModel"):
+        make_spec(candidateVersion="1")
+    with pytest.raises(ValidationError, match="or name another candidateModel"):
+        make_spec(candidateVersion="1", candidateModel="ranker")
+    assert make_spec(candidateVersion="1", candidateModel="ranker_trt").candidate_model_name == "ranker_trt"
+    with pytest.raises(ValidationError, match="pattern"):
+        make_spec(candidateModel="ranker:trt")
 
 
 def test_a_single_step_rollout_with_no_pause_promotes_on_its_first_passing_analysis() -> None:
