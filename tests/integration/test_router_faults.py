@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+import urllib.error
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,7 +337,12 @@ def test_fuzz_1000_malformed_rank_calls_and_1000_http_bodies(stack: RouterStack)
 
     def http_call(case) -> None:
         kind, body = case
-        status, answer = stack.http("/v1/rank", body, {"content-type": "application/json"}, timeout=10)
+        try:
+            status, answer = stack.http("/v1/rank", body, {"content-type": "application/json"}, timeout=10)
+        except urllib.error.URLError as e:  # a 2 MiB body: the server may answer 413 and close before it is sent
+            assert kind == "oversized" and isinstance(e.reason, (BrokenPipeError, ConnectionResetError)), (kind, e)
+            codes[("http", kind, "refused unread")] += 1
+            return
         codes[("http", kind, status)] += 1
         assert status in (200, 400, 404, 413, 504), (kind, body[:80], status, answer[:200])
 
@@ -346,7 +352,7 @@ def test_fuzz_1000_malformed_rank_calls_and_1000_http_bodies(stack: RouterStack)
     print("\n".join(f"{iface} {kind}: {code} x{n}" for (iface, kind, code), n in sorted(codes.items(), key=str)))
     assert sum(n for (iface, *_), n in codes.items() if iface == "grpc") >= 1000
     assert sum(n for (iface, *_), n in codes.items() if iface == "http") >= 1000
-    assert codes[("http", "oversized", 413)] == 1
+    assert codes[("http", "oversized", 413)] + codes[("http", "oversized", "refused unread")] == 1
     # still serving, and bounded in memory (one 256 MB request used to take the replica from 427 MB to 1.6 GB)
     assert listener(stack.config.grpc_port)[0] == replica, "the replica restarted"
     _cloud_serving(stack)

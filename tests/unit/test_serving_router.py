@@ -673,6 +673,16 @@ def test_shadow_traffic_is_mirrored_and_measured(env: Env) -> None:
     assert r.metric("recserve_router_shadow_overlap_sum", model="ranker", version="2") == 1.0
 
 
+def _scraped(r: Rig) -> dict:
+    """The router's metrics as the operator's ``observe.scrape`` keys them."""
+    scraped: dict = {}
+    for family in text_string_to_metric_families(r.router.metrics.exposition().decode()):
+        for smp in family.samples:
+            name = smp.name[:-len("_total")] if family.type == "counter" and smp.name.endswith("_total") else smp.name
+            scraped.setdefault(name, []).append((smp.labels, smp.value))
+    return scraped
+
+
 def test_cloud_and_shadow_metrics_name_the_triton_model_whose_versions_they_count(env: Env) -> None:
     """The router's model (``ranker``) serves Triton's ``ranker_v``: the per-version metrics the operator
     reads for a ModelRollout of ``ranker_v`` carry that name (the request counts keep the router's)."""
@@ -689,11 +699,7 @@ def test_cloud_and_shadow_metrics_name_the_triton_model_whose_versions_they_coun
         return resp
 
     assert asyncio.run(one()).version == "1"
-    scraped: dict = {}
-    for family in text_string_to_metric_families(r.router.metrics.exposition().decode()):
-        for smp in family.samples:
-            name = smp.name[:-len("_total")] if family.type == "counter" and smp.name.endswith("_total") else smp.name
-            scraped.setdefault(name, []).append((smp.labels, smp.value))
+    scraped = _scraped(r)
     assert router_counters(scraped, "ranker_v", "1", None).success == 1.0
     assert shadow_agreement(scraped, "ranker_v", "2") == 1.0  # all candidates: full overlap
     assert r.metric("recserve_router_requests_total", model="ranker", version="1", route="cloud") == 1.0
@@ -726,11 +732,7 @@ def test_the_policy_splits_between_triton_models_as_between_versions(env: Env) -
     assert (resp.served_by, resp.version) == ("cloud", "1")
     assert [(c.model, c.version) for c in r.cloud.calls[1:]] == [("ranker", "1"), ("ranker_trt", "1")]
     # the per-version metrics a ModelRollout reads name the Triton model that answered
-    scraped: dict = {}
-    for family in text_string_to_metric_families(r.router.metrics.exposition().decode()):
-        for smp in family.samples:
-            name = smp.name[:-len("_total")] if family.type == "counter" and smp.name.endswith("_total") else smp.name
-            scraped.setdefault(name, []).append((smp.labels, smp.value))
+    scraped = _scraped(r)
     assert router_counters(scraped, "ranker_trt", "1", None).success == 1.0
     assert router_counters(scraped, "ranker", "1", None).success == 1.0
     # one breaker per Triton model version: the other model failing opens only its own circuit
