@@ -14,6 +14,7 @@ from recserve.errors import RecserveError
 from recserve.operator.machine import Observations, VersionCounters
 from recserve.operator.spec import ModelRolloutSpec
 from recserve.provenance import source_sha256
+from recserve.serving.policy import target_key
 from recserve.triton.client import TritonClient
 
 
@@ -89,7 +90,7 @@ def _observe_triton(spec: ModelRolloutSpec) -> Observations:
     except (RecserveError, urllib.error.URLError, OSError, ValueError):
         return Observations(triton_reachable=False)
     def key(m: dict) -> str:  # a version as the routing policy names it (spec.candidate_key)
-        return str(m.get("version")) if m.get("name") == spec.model else f"{m.get('name')}:{m.get('version')}"
+        return target_key(spec.model, str(m.get("name")), str(m.get("version")))
 
     mine = [m for m in index if m.get("name") in (spec.model, spec.candidate_model_name)]
     loaded = frozenset(key(m) for m in mine if m.get("state") == "READY")

@@ -11,6 +11,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from recserve.serving.policy import target_key
+
 GROUP, VERSION, PLURAL, KIND = "recserve.io", "v1alpha1", "modelrollouts", "ModelRollout"
 
 
@@ -99,9 +101,7 @@ class ModelRolloutSpec(_Camel):
     def candidate_key(self) -> str:
         """The candidate as the routing policy names it among ``model``'s versions: ``"2"``, or ``"ranker_trt:1"``
         for a version of another model (``recserve.serving.policy.split_target``)."""
-        if self.candidate_model_name == self.model:
-            return self.candidate_version
-        return f"{self.candidate_model}:{self.candidate_version}"
+        return target_key(self.model, self.candidate_model_name, self.candidate_version)
 
     @model_validator(mode="after")
     def _versions(self) -> ModelRolloutSpec:

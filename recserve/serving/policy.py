@@ -65,7 +65,8 @@ class ModelPolicy(BaseModel):
     def _weights(self) -> ModelPolicy:
         if not self.versions:
             raise ValueError("versions must name at least one version")
-        bad = next((k for k in [*self.versions, self.shadow_version or "x"] if not all(split_target("m", k))), None)
+        named = [*self.versions, *filter(None, [self.shadow_version])]
+        bad = next((k for k in named if not all(split_target("model", k))), None)
         if bad is not None:
             raise ValueError(f"version {bad!r}: give a Triton version ('2') or another model's ('ranker_trt:1')")
         if any(w < 0 for w in self.versions.values()) or sum(self.versions.values()) <= 0:
@@ -116,6 +117,11 @@ def split_target(model: str, version: str) -> tuple[str, str]:
     version 1 of Triton model ``ranker_trt``. (Triton model names have no ':'.)"""
     other, sep, number = version.partition(":")
     return (other, number) if sep else (model, version)
+
+
+def target_key(model: str, triton_model: str, version: str) -> str:
+    """The inverse of :func:`split_target`: version ``version`` of ``triton_model`` as ``model``'s policy names it."""
+    return version if triton_model == model else f"{triton_model}:{version}"
 
 
 def shadow_version(policy: RoutingPolicy, model: str, served: str, u: float) -> str | None:

@@ -32,6 +32,7 @@ from recserve.serving.policy import (
     choose_version,
     shadow_version,
     split_target,
+    target_key,
 )
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
 from recserve.serving.routing import BreakerState, CircuitBreaker, LatencyEstimate, RouteSettings, below_cloud, decide
@@ -260,7 +261,7 @@ class Router:
                                         decision.cloud_timeout_ms / 1e3)
             if answers is not None:
                 served = answers[0].version or triton_version
-                version = served if triton_model == primary else f"{triton_model}:{served}"
+                version = target_key(primary, triton_model, served)
                 scores = sum(r.weight * a.scores for r, a in zip(model.route.rankers, answers))
                 response = self._answer(req, name, items, scores, "cloud", version, _why(reason, unknown))
                 self.cache.put(key, response)

@@ -28,6 +28,7 @@ from recserve.operator.machine import (
     reconcile,
 )
 from recserve.operator.spec import ModelRolloutSpec
+from recserve.serving.policy import split_target, target_key
 
 T0 = 1_700_000_000.0
 """The fake clock's start (an epoch time, like ``time.time()`` in the operator)."""
@@ -97,9 +98,9 @@ class Rollout:
         result = reconcile(self.spec, self.status, self.observations(), self.now)
         for a in result.actions:
             if isinstance(a, LoadVersions):  # exactly these versions of a.model; keys as the policy names them
-                mine = a.model == self.spec.model
-                self.loaded = {k for k in self.loaded if (k.partition(":")[0] if ":" in k else self.spec.model)
-                               != a.model} | {v if mine else f"{a.model}:{v}" for v in a.versions}
+                model = self.spec.model
+                self.loaded = {k for k in self.loaded if split_target(model, k)[0] != a.model} | \
+                    {target_key(model, a.model, v) for v in a.versions}
         self.history.extend(result.actions)
         self.status = result.status
         return result
