@@ -276,7 +276,7 @@ def run(workdir: Path) -> dict:
     triton = EmbeddedTriton(settings).start()
     cfg = RouterConfig.model_validate({
         "triton_url": triton.grpc_url, "grpc_port": free_ports(REPLICAS),
-        "http_port": free_ports(REPLICAS, start=30_000, stop=32_000),
+        "http_port": free_ports(REPLICAS),
         "cache_ttl_s": 0, "ingress": INGRESS, "num_replicas": REPLICAS,
         "models": {"ranker": {"rankers": [{"triton_model": "ranker", "edge_model": str(model_dir / "model.onnx")}],
                               "catalog": str(catalog_dir), "preprocessing": str(model_dir / "preprocessing.json")}}})

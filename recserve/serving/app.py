@@ -281,7 +281,7 @@ def direct_ingress_env(config: RouterConfig) -> dict[str, str]:
     servers take the gRPC ports and Serve's unused direct gRPC servers get spare ones. Draining is left
     to the orchestrator (the pod's termination grace period), not held for Serve's 30 s default."""
     n = config.num_replicas
-    grpc_first = config.grpc_port if config.ingress == "direct" else free_ports(n, start=42_000, stop=50_000)
+    grpc_first = config.grpc_port if config.ingress == "direct" else free_ports(n)
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_first),
             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_first + n),

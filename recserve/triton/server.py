@@ -9,6 +9,7 @@ directory holding that backend (``python/``) and recserve's python-based ``onnxr
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -110,20 +111,34 @@ def prepare_backends(dest: Path, install: TritonInstall | None = None) -> Path:
     return dest
 
 
+FREE_PORTS = range(20_000, 32_000)
+"""Where :func:`free_ports` looks: above Ray's worker ports (10002-19999) and below Linux's ephemeral range
+(32768-60999). Every outgoing connection takes its local port from the ephemeral range, so a port there that
+``bind(0)`` reported free can be taken by one (Ray opens many) before the server binds it."""
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free local port for a server this process starts next (see :data:`FREE_PORTS`)."""
+    return free_ports(1)
 
 
-def free_ports(n: int, start: int = 20_000, stop: int = 30_000) -> int:
-    """The first of ``n`` consecutive free local ports (one per direct-ingress router replica)."""
-    if n == 1:
-        return free_port()
-    for first in range(start, stop - n, n + 7):
-        if all(port_free(p) for p in range(first, first + n)):
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free local ports (one per direct-ingress router replica), drawn at random
+    from :data:`FREE_PORTS` so that processes choosing at once rarely choose alike. Free means bindable without
+    ``SO_REUSEADDR``: no listener and no connection (not even in TIME_WAIT) on it."""
+    for first in random.sample(range(FREE_PORTS.start, FREE_PORTS.stop - n), 200):
+        if all(_unused(p) for p in range(first, first + n)):
             return first
-    raise ServerError(f"no {n} consecutive free ports between {start} and {stop}")
+    raise ServerError(f"no {n} consecutive free ports between {FREE_PORTS.start} and {FREE_PORTS.stop}")
+
+
+def _unused(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def port_free(port: int) -> bool:

@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from recserve.triton.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".tools" / "bin"
@@ -126,12 +127,6 @@ def ensure_crd(api_client, body: dict, timeout_s: float = 60.0) -> None:
         except ApiException as e:
             assert e.status == 404 and time.monotonic() < deadline, e
             time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen | None) -> None:

@@ -83,6 +83,66 @@ class Outcome:
         return self.code == grpc.StatusCode.DEADLINE_EXCEEDED and "before ranking could start" in self.details
 
 
+STALL_S = 0.020
+"""A stall meter that was not scheduled for this long (1 ms sleeps) saw the machine, or this client, stall."""
+_METER = """
+import sys, time
+last = time.monotonic()
+while True:
+    time.sleep(0.001)
+    now = time.monotonic()
+    if now - last > float(sys.argv[1]):
+        print(last, now, flush=True)
+    last = now
+"""
+
+
+class StallMeters:
+    """Two hiccup meters, as jHiccup measures a JVM's: each sleeps 1 ms over and over and records every wake-up
+    more than ``STALL_S`` late. One is a process of its own at the router's niceness (the machine stalled: the
+    router's replica, Ray and this client all wait for a core, or for the disk); one is a thread of this client
+    (the client stalled: its GIL held, its process descheduled; its clock then records answers late that the
+    router wrote on time). A late call that overlapped a stall is *excused*: reported, not counted. A router that
+    waits on a dead cloud is late on every call of the fault, stalls or not; the meters excuse only the calls
+    that coincided with one."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.stalls: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._proc = subprocess.Popen([sys.executable, "-c", _METER, str(STALL_S)], stdout=subprocess.PIPE, text=True)
+        self._threads = [threading.Thread(target=self._own, daemon=True),
+                         threading.Thread(target=self._machine, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _own(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.001):
+            now = time.monotonic()
+            if now - last > STALL_S:
+                self.stalls.append((last, now))
+            last = now
+
+    def _machine(self) -> None:
+        for line in self._proc.stdout:  # CLOCK_MONOTONIC is the machine's: the same clock as this process's
+            start, end = map(float, line.split())
+            self.stalls.append((start, end))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._proc.kill()
+        self._proc.wait()
+        for t in self._threads:
+            t.join(5)
+
+    def excuse(self, start: float, end: float) -> bool:
+        """Whether a meter stalled while a call was open."""
+        return any(a < end and b > start for a, b in list(self.stalls))
+
+
 class OpenLoad:
     """Rank calls at a fixed rate from one thread (grpc futures: a slow answer never delays the next call), each
     with a 100 ms budget; every outcome recorded with its send and completion times."""
@@ -99,6 +159,7 @@ class OpenLoad:
         self._channel = grpc.insecure_channel(stack.grpc_target)
         self._stub = RecommenderStub(self._channel)
         self._budget = ((BUDGET_HEADER, f"{BUDGET_S * 1e3:g}"),)
+        self.meters: StallMeters | None = None
 
     def _run(self) -> None:
         start = time.monotonic()
@@ -126,6 +187,7 @@ class OpenLoad:
 
     def __enter__(self) -> OpenLoad:
         gc.disable()  # this client's own collections over thousands of recorded calls must not stall its deadlines
+        self.meters = StallMeters()
         self._thread.start()
         return self
 
@@ -134,6 +196,7 @@ class OpenLoad:
         self._thread.join(10)
         wait_until(lambda: len(self.outcomes) == self.sent, 10, what="every call completed")
         self._channel.close()
+        self.meters.close()
         gc.enable()
 
     def served(self, by: str, after: float = 0.0) -> int:
@@ -147,11 +210,12 @@ class OpenLoad:
         failed = [self._describe(o) for o in self.outcomes if o.code != grpc.StatusCode.OK and not o.refused_late]
         assert failed == [], (f"{len(failed)} of {self.sent} calls failed: {failed[:10]}; the router wrote "
                               f"{self.stack.metric('recserve_router_late_answers_total'):.0f} answers late")
-        late = [self._describe(o) for o in self.outcomes if o.refused_late or o.done - o.sent > BUDGET_S]
+        late = [self._describe(o) for o in self._late() if not self.meters.excuse(o.sent, o.done)]
         assert len(late) <= LATE_SHARE * self.sent, (
             f"{len(late)} of {self.sent} calls answered after the {BUDGET_S * 1e3:g} ms budget or refused as past "
-            f"it: {late[:10]}; the router wrote {self.stack.metric('recserve_router_late_answers_total'):.0f} "
-            "answers late")
+            f"it, with no stall measured meanwhile: {late[:10]}; the router wrote "
+            f"{self.stack.metric('recserve_router_late_answers_total'):.0f} answers late; stalls: "
+            f"{self._stalls()}")
         for o in self.outcomes:
             if o.refused_late:
                 continue
@@ -160,6 +224,16 @@ class OpenLoad:
             assert r.served_by in ("cloud", "edge", "fallback"), r.served_by
             assert len(r.scores) == (0 if r.served_by == "fallback" else 5)
         assert self.sent >= 0.9 * self.rate * (self.outcomes[-1].sent - self.outcomes[0].sent), "the rate was not kept"
+
+    def _late(self) -> list[Outcome]:
+        """Calls answered after the budget, or refused as past it."""
+        return [o for o in self.outcomes if o.refused_late or o.done - o.sent > BUDGET_S]
+
+    def _stalls(self) -> str:
+        """The measured stalls, the longest first: milliseconds, and seconds since the load began."""
+        stalls = sorted(self.meters.stalls, key=lambda s: s[0] - s[1])
+        begin = self.outcomes[0].sent if self.outcomes else 0.0
+        return f"{len(stalls)}" + "".join(f", {(b - a) * 1e3:.0f} ms at {a - begin:.2f} s" for a, b in stalls[:3])
 
     def _describe(self, o: Outcome) -> tuple:
         """A call for a failure message: its id, status, milliseconds and when it was sent in the scenario."""
@@ -173,7 +247,9 @@ class OpenLoad:
         print(f"\nFAULT {fault} at {self.rate}/s: {self.sent} calls, {sum(served.values())} answered "
               f"({dict(served)}), max {took[-1]:.1f} ms, p99 {took[int(0.99 * (len(took) - 1))]:.1f} ms, "
               f"{sum(1 for t in took if t > BUDGET_S * 1e3)} past the budget "
-              f"({sum(o.refused_late for o in self.outcomes)} of them refused as late)"
+              f"({sum(o.refused_late for o in self.outcomes)} of them refused as late, "
+              f"{sum(self.meters.excuse(o.sent, o.done) for o in self._late())} during a measured stall; stalls: "
+              f"{self._stalls()})"
               + (f", cloud again {back:.2f} s after its return" if back is not None else ""))
 
     def back_after(self, ready: float) -> float:
