@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from recserve.operator.machine import Emit, LoadVersions, SetWeights
+from recserve.operator.pods import TritonPod
 from recserve.operator.spec import GROUP, PLURAL, VERSION, ModelRolloutSpec
 from recserve.serving.policy import Assignment, ModelPolicy, RoutingPolicy, parse_policy, write_policy
 from recserve.triton.client import TritonClient
@@ -24,14 +25,25 @@ TRITON_TIMEOUT_S = 30.0
 """How long one model-control call to Triton (a load with its config override) may take."""
 
 
-def load_versions(spec: ModelRolloutSpec, action: LoadVersions) -> None:
-    """(Re)load the model serving exactly ``action.versions``: a config override of the version policy; no versions:
-    unload the model (the other model of a cross-model rollout). A final unload of a model Triton does not serve
-    (it was removed meanwhile) has nothing to do."""
-    with TritonClient(spec.triton.grpc_url, timeout=TRITON_TIMEOUT_S) as client:
+def load_versions(spec: ModelRolloutSpec, action: LoadVersions, pods: list[TritonPod]) -> None:
+    """On each Triton (``pods``; only ``action.pod`` when it names one): (re)load the model serving exactly
+    ``action.versions``, a config override of its version policy; no versions: unload the model (the other model
+    of a cross-model rollout). A final unload of a model a Triton does not serve (it was removed meanwhile) has
+    nothing to do there. The first Triton that fails stops the action (it is carried out again, on every one:
+    each load is idempotent)."""
+    targets = [p for p in pods if not action.pod or p.name == action.pod]
+    if action.pod and not targets:
+        log.warning("Triton %s is gone: no %s to load there", action.pod, action.model)
+    for pod in targets:
+        _load_on(pod, action)
+
+
+def _load_on(pod: TritonPod, action: LoadVersions) -> None:
+    with TritonClient(pod.grpc_url, timeout=TRITON_TIMEOUT_S) as client:
         if not client.model_ready(action.model):
             if action.final or not action.versions:
-                log.warning("%s is not loaded in Triton: nothing to unload after the rollout", action.model)
+                log.warning("%s is not loaded in Triton %s: nothing to unload after the rollout", action.model,
+                            pod.name)
                 return
             client.load(action.model)
         if not action.versions:
@@ -40,6 +52,8 @@ def load_versions(spec: ModelRolloutSpec, action: LoadVersions) -> None:
         config = client.config(action.model)
         config["version_policy"] = {"specific": {"versions": sorted(int(v) for v in action.versions)}}
         client.load(action.model, config=json.dumps(config))
+        if action.pod:
+            log.info("Triton %s serves %s version(s) %s again", pod.name, action.model, ", ".join(action.versions))
 
 
 def merged_policy(current: RoutingPolicy, action: SetWeights) -> RoutingPolicy:

@@ -59,6 +59,8 @@ RULES = [
     {"rule": "self.stableVersion != self.candidateVersion || (has(self.candidateModel) && self.candidateModel != "
              "self.model)", "message": "candidateVersion must differ from stableVersion (or name another candidateModel)"},
     {"rule": "self.steps.map(s, s.weight).isSorted()", "message": "step weights must not decrease"},
+    {"rule": "has(self.triton.service) || (has(self.triton.grpcUrl) && has(self.triton.metricsUrl))",
+     "message": "triton needs service (every pod behind it), or grpcUrl and metricsUrl (one server)"},
 ]
 """CEL rules (``x-kubernetes-validations``) for what the schema alone cannot say; the same checks as the pydantic
 spec's validators, so the API server refuses those rollouts too (``isSorted`` is Kubernetes' list library)."""

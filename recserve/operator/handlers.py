@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import kopf
@@ -19,6 +20,7 @@ from recserve.errors import RecserveError
 from recserve.operator import act
 from recserve.operator.machine import Emit, LoadVersions, SetWeights, Status, intended, loads, reconcile
 from recserve.operator.observe import observe
+from recserve.operator.pods import TritonPod, triton_pods
 from recserve.operator.spec import GROUP, PLURAL, VERSION, ModelRolloutSpec
 
 TICK_SECONDS = float(os.environ.get("RECSERVE_OPERATOR_TICK_SECONDS", "2"))
@@ -101,6 +103,24 @@ def _custom_api():
     return client.CustomObjectsApi(_api_client())
 
 
+def _discovery_api():
+    from kubernetes import client
+
+    return client.DiscoveryV1Api(_api_client())
+
+
+def pods_of(rollout: ModelRolloutSpec, namespace: str, logger) -> list[TritonPod]:
+    """The rollout's Tritons now (``pods.triton_pods``); none when the API server would not list them (RBAC, say):
+    the state machine then sees Triton unreachable and backs off."""
+    if rollout.triton.service is None:
+        return triton_pods(rollout, namespace)
+    try:
+        return triton_pods(rollout, namespace, _discovery_api())
+    except Exception as e:  # noqa: BLE001 (ApiException, a connection error: logged, looked at again)
+        logger.warning("cannot list the pods of Service %s (EndpointSlices): %s", rollout.triton.service, e)
+        return []
+
+
 def parse_spec(spec: dict) -> ModelRolloutSpec:
     try:
         return ModelRolloutSpec.model_validate(dict(spec))
@@ -109,10 +129,10 @@ def parse_spec(spec: dict) -> ModelRolloutSpec:
         raise kopf.PermanentError(problems) from e
 
 
-def carry_out(spec: ModelRolloutSpec, actions, body, namespace: str) -> None:
+def carry_out(spec: ModelRolloutSpec, actions, body, namespace: str, pods: list[TritonPod]) -> None:
     for a in actions:
         if isinstance(a, LoadVersions):
-            act.load_versions(spec, a)
+            act.load_versions(spec, a, pods)
         elif isinstance(a, SetWeights):
             if spec.router.policy_file:
                 act.set_weights_file(Path(spec.router.policy_file), a)
@@ -132,7 +152,7 @@ def _generation(body) -> int | None:
         return None
 
 
-def step(body, spec, status, patch, namespace, retry, logger) -> None:
+def step(body, spec, status, patch, namespace, retry, logger, superseded: bool = False) -> None:
     generation = _generation(body)
     status = dict(status or {})
     try:
@@ -144,12 +164,13 @@ def step(body, spec, status, patch, namespace, retry, logger) -> None:
         return  # nothing to retry until the spec changes
     fresh = status.get("phase") == "Rejected" and status.get("observedGeneration") != generation
     current = Status() if fresh else Status.from_dict(status)  # a fixed spec or report: start over
-    result = reconcile(rollout, current, observe(rollout), time.time())
+    pods = pods_of(rollout, namespace, logger)
+    result = reconcile(rollout, current, replace(observe(rollout, pods), superseded=superseded), time.time())
     recorded = intended(current, result)
     try:
         if recorded is not None:  # the decision first: carried out again, not decided again, after a failure
             act.record_status(_custom_api(), body, recorded.to_dict() | {"observedGeneration": generation})
-        carry_out(rollout, result.actions, body, namespace)
+        carry_out(rollout, result.actions, body, namespace, pods)
     except (RecserveError, OSError, Exception) as e:  # Triton or the API server failed: retry with backoff
         delay = min(60.0, 2.0 ** min(retry, 5))
         logger.warning("actions failed (%s), retrying in %.0fs", e, delay)
@@ -162,21 +183,47 @@ def step(body, spec, status, patch, namespace, retry, logger) -> None:
         patch.status.update(result.status.to_dict() | {"observedGeneration": generation})
 
 
+RESYNC_SECONDS = 10.0
+"""How often a finished rollout looks at its Tritons (every tick while it runs): a Triton that restarted since
+(it loads its repository's default versions) is given the versions the rollout ended on again."""
+
+
+def _driven(namespace: str, spec) -> set[tuple[str, str]]:
+    """The Triton models a rollout drives, keyed by its namespace."""
+    return {(namespace, m) for m in (spec.get("model"), spec.get("candidateModel") or spec.get("model")) if m}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def rollouts_by_model(namespace, name, spec, meta, **_) -> dict:
+    """Every rollout under each Triton model it drives: (namespace, model) -> (creation time, name)."""
+    return {key: (meta.get("creationTimestamp") or "", name) for key in _driven(namespace, spec)}
+
+
+def superseded(index, namespace: str, name: str, spec, meta) -> bool:
+    """Whether a rollout created after this one drives one of its models (``index``: ``rollouts_by_model``): that
+    one decides which versions Triton serves now, and a finished rollout must not load its own back."""
+    mine = (meta.get("creationTimestamp") or "", name)
+    return any(other > mine for key in _driven(namespace, spec) for other in index.get(key, ()))
+
+
 # One timer drives every rollout (creation, spec changes, pause/abort, analyses, steps): kopf runs
 # it serially per object with the latest status, so no two decisions race on a stale status.
 @kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS, initial_delay=0.5)
-def on_tick(body, spec, status, patch, namespace, retry, logger, **_) -> None:
+def on_tick(body, spec, meta, status, patch, namespace, name, retry, logger, memo, rollouts_by_model, **_) -> None:
     status = status or {}
     unchanged = status.get("observedGeneration") is not None and status.get("observedGeneration") == _generation(body)
-    # a finished rollout rests until its spec changes (a new candidate, a fixed spec or report), once its last
-    # actions are known to be carried out
+    # a finished rollout (its last actions known to be carried out) changes nothing until its spec changes (a new
+    # candidate, a fixed spec or report); it looks at its Tritons every RESYNC_SECONDS, for one that restarted
     if status.get("phase") in TERMINAL and status.get("unloadAfter") is None and unchanged \
             and not status.get("pending"):
-        return
+        if status.get("phase") == "Rejected" or time.monotonic() - memo.get("resynced", -RESYNC_SECONDS) < RESYNC_SECONDS:
+            return
+        memo["resynced"] = time.monotonic()
     # Triton was unreachable: the machine's backoff says when to look again (a spec change looks at once)
-    if unchanged and status.get("nextLookAt") is not None and time.time() < status["nextLookAt"]:
+    elif unchanged and status.get("nextLookAt") is not None and time.time() < status["nextLookAt"]:
         return
-    step(body, spec, status, patch, namespace, retry, logger)
+    step(body, spec, status, patch, namespace, retry, logger,
+         superseded=superseded(rollouts_by_model, namespace, name, spec, meta))
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, retries=5, backoff=2)
@@ -190,7 +237,8 @@ def on_delete(body, spec, status, namespace, logger, **_) -> None:
         return
     from recserve.operator.machine import weights
 
-    carry_out(rollout, [weights(rollout, 0)], body, namespace)
+    carry_out(rollout, [weights(rollout, 0)], body, namespace, [])
     time.sleep(min(rollout.router.drain_seconds, 30.0))  # routers pick up the policy before the candidate goes
-    carry_out(rollout, loads(rollout, (rollout.stable_version,), final=True), body, namespace)
+    carry_out(rollout, loads(rollout, (rollout.stable_version,), final=True), body, namespace,
+              pods_of(rollout, namespace, logger))
     logger.info("deleted before promotion: version %s serves all traffic", rollout.stable_version)

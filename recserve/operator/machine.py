@@ -42,8 +42,8 @@ class VersionCounters:
 class Observations:
     triton_reachable: bool = True
     loaded_versions: frozenset[str] = frozenset()
-    """The versions Triton serves, as the routing policy names them: ``"1"`` of the rollout's model, ``"m:1"`` of
-    the candidate's own model (``spec.candidate_key``)."""
+    """The versions every Triton serves, as the routing policy names them: ``"1"`` of the rollout's model, ``"m:1"``
+    of the candidate's own model (``spec.candidate_key``)."""
     candidate: VersionCounters | None = None
     shadow_agreement: float | None = None
     """Mean overlap@k of the candidate's shadow answers with the served ones (router metrics), if known."""
@@ -54,6 +54,15 @@ class Observations:
     ``""``: it has none; None: not looked at (no ``triton.modelRepository``) or unreadable (``source_error``)."""
     source_error: str | None = None
     """Why the candidate's manifest could not be read."""
+    pods: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Each Triton (pod name, or address) -> the versions of the rollout's models it serves (named as
+    ``loaded_versions``). One entry per server that answered; several behind a Service (``triton.service``)."""
+    superseded: bool = False
+    """A newer ModelRollout drives one of this rollout's models: a finished rollout then leaves the versions alone."""
+
+    def served_anywhere(self, version: str) -> bool:
+        """Whether some Triton serves the version (a restarted pod may lack it until it is loaded there again)."""
+        return version in self.loaded_versions or any(version in v for v in self.pods.values())
 
 
 # -- actions ----------------------------------------------------------------------------------------
@@ -66,6 +75,9 @@ class LoadVersions:
     final: bool = False
     """The unload after a finished rollout: when Triton has no such model loaded (it was removed meanwhile),
     there is nothing to unload and the rollout rests."""
+    pod: str = ""
+    """The one Triton (``Observations.pods``) to send it to, that serves other versions than it should (it
+    restarted, say); "": every Triton."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +251,30 @@ def loads(spec: ModelRolloutSpec, keep: tuple[str, ...], final: bool = False) ->
     return [LoadVersions(spec.model, mine, final), LoadVersions(spec.candidate_model_name, theirs, final)]
 
 
+def held_versions(spec: ModelRolloutSpec, st: Status) -> tuple[str, ...] | None:
+    """The versions every Triton should serve in this status: both while the canary runs (and while routers drain
+    after it), the one it ended on after that; None while they are being loaded (Pending) or never were
+    (Rejected)."""
+    if st.phase in ("Progressing", "Paused") or (st.phase in TERMINAL and st.unload_after is not None):
+        return (spec.stable_version, spec.candidate_key)
+    if st.phase == "Promoted":
+        return (spec.candidate_key,)
+    if st.phase in ("RolledBack", "Aborted"):
+        return (spec.stable_version,)
+    return None
+
+
+def resync(spec: ModelRolloutSpec, st: Status, obs: Observations) -> list[LoadVersions]:
+    """Model control for each Triton that serves other versions than the status holds (a pod that restarted
+    loads its repository's defaults): exactly those versions again, on that pod only. A finished rollout that a
+    newer one has superseded holds nothing."""
+    want = held_versions(spec, st)
+    if want is None or (st.phase in TERMINAL and obs.superseded):
+        return []
+    return [replace(a, pod=pod) for pod, have in sorted(obs.pods.items()) if have != frozenset(want)
+            for a in loads(spec, want)]
+
+
 def gate_failure(report: dict[str, Any] | None) -> str | None:
     """Why the candidate's compression report refuses it, or None."""
     if not report:
@@ -343,6 +379,8 @@ def reconcile(spec: ModelRolloutSpec, status: Status, obs: Observations, now: fl
     result = _decide(spec, status, obs, now)
     actions = [replace(a, key=event_key(a, now, i)) if isinstance(a, Emit) and not a.key else a
                for i, a in enumerate(result.actions)]
+    if obs.triton_reachable and not any(isinstance(a, LoadVersions) for a in actions):
+        actions += resync(spec, result.status, obs)
     return replace(result, actions=actions)
 
 
@@ -412,7 +450,7 @@ def _decide(spec: ModelRolloutSpec, status: Status, obs: Observations, now: floa
         return _enter_step(spec, st, obs, 0, now, [Emit("Normal", "Started", f"canary of version "
                                                          f"{spec.candidate_key} started")])
 
-    if spec.candidate_key not in obs.loaded_versions:
+    if not obs.served_anywhere(spec.candidate_key):  # unloaded everywhere; a pod that lacks it gets it again
         return _rollback(spec, st, "RolledBack", "CandidateUnloaded",
                          f"version {spec.candidate_key} is no longer loaded in Triton", now)
 

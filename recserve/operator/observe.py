@@ -1,17 +1,19 @@
-"""Observations for the state machine: Triton's loaded versions and per-version counters, the router's
-shadow agreement. Read-only I/O; every failure becomes ``triton_reachable=False`` or a missing value."""
+"""Observations for the state machine: each Triton's loaded versions and the candidate's counters (summed over
+the Tritons), the router's shadow agreement. Read-only I/O; every failure becomes ``triton_reachable=False`` or a missing
+value."""
 
 from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.errors import RecserveError
 from recserve.operator.machine import Observations, VersionCounters
+from recserve.operator.pods import TritonPod
 from recserve.operator.spec import ModelRolloutSpec
 from recserve.provenance import source_sha256
 from recserve.serving.policy import target_key
@@ -74,36 +76,58 @@ def candidate_source(spec: ModelRolloutSpec) -> tuple[str | None, str | None]:
         return None, str(e)
 
 
-def observe(spec: ModelRolloutSpec) -> Observations:
+def observe(spec: ModelRolloutSpec, pods: list[TritonPod]) -> Observations:
+    """What the Tritons (``pods.triton_pods``) and the router say now. A Triton that does not answer is left out of
+    this look (a pod that is restarting; its Service drops it once its readiness fails); none answering is
+    ``triton_reachable=False``."""
     source, error = candidate_source(spec) if spec.compression_report else (None, None)
-    return replace(_observe_triton(spec), candidate_source=source, source_error=error)
+    return replace(_observe_tritons(spec, pods), candidate_source=source, source_error=error)
 
 
-def _observe_triton(spec: ModelRolloutSpec) -> Observations:
+@dataclass(frozen=True)
+class _PodView:
+    loaded: frozenset[str]
+    unavailable: dict[str, str]
+    counters: VersionCounters
+
+
+def _observe_pod(spec: ModelRolloutSpec, pod: TritonPod) -> _PodView | None:
     try:
-        with TritonClient(spec.triton.grpc_url, timeout=5.0) as client:
+        with TritonClient(pod.grpc_url, timeout=5.0) as client:
             # liveness, not readiness: with strict readiness one broken model elsewhere makes Triton "not ready"
             if not client.server_live():
-                return Observations(triton_reachable=False)
+                return None
             index = client.repository_index()
-        metrics = scrape(spec.triton.metrics_url)
+        metrics = scrape(pod.metrics_url)
     except (RecserveError, urllib.error.URLError, OSError, ValueError):
-        return Observations(triton_reachable=False)
+        return None
+
     def key(m: dict) -> str:  # a version as the routing policy names it (spec.candidate_key)
         return target_key(spec.model, str(m.get("name")), str(m.get("version")))
 
     mine = [m for m in index if m.get("name") in (spec.model, spec.candidate_model_name)]
-    loaded = frozenset(key(m) for m in mine if m.get("state") == "READY")
-    unavailable = {key(m): m.get("reason") or "unavailable" for m in mine
-                   if m.get("state") == "UNAVAILABLE" and m.get("version")}
-    model, version = spec.candidate_model_name, spec.candidate_version
-    counters = version_counters(metrics, model, version)
+    return _PodView(frozenset(key(m) for m in mine if m.get("state") == "READY"),
+                    {key(m): m.get("reason") or "unavailable" for m in mine
+                     if m.get("state") == "UNAVAILABLE" and m.get("version")},
+                    version_counters(metrics, spec.candidate_model_name, spec.candidate_version))
+
+
+def _observe_tritons(spec: ModelRolloutSpec, pods: list[TritonPod]) -> Observations:
+    views = {p.name: v for p in pods if (v := _observe_pod(spec, p)) is not None}
+    if not views:
+        return Observations(triton_reachable=False)
+    loaded = frozenset.intersection(*(v.loaded for v in views.values()))
+    unavailable = {k: why for v in views.values() for k, why in v.unavailable.items()}
+    p99s = [v.counters.p99_ms for v in views.values() if v.counters.p99_ms is not None]
+    counters = VersionCounters(sum(v.counters.success for v in views.values()),
+                               sum(v.counters.failure for v in views.values()), max(p99s) if p99s else None)
+    per_pod = {name: v.loaded for name, v in views.items()}
     agreement = None
     if spec.router.metrics_url:
         try:
             router = scrape(spec.router.metrics_url)
-        except (urllib.error.URLError, OSError, ValueError):
-            return Observations(True, loaded, unavailable=unavailable)  # no judgement without the router's numbers
-        agreement = shadow_agreement(router, model, version)
-        counters = router_counters(router, model, version, counters.p99_ms)
-    return Observations(True, loaded, counters, agreement, unavailable)
+        except (urllib.error.URLError, OSError, ValueError):  # no judgement without the router's numbers
+            return Observations(True, loaded, pods=per_pod, unavailable=unavailable)
+        agreement = shadow_agreement(router, spec.candidate_model_name, spec.candidate_version)
+        counters = router_counters(router, spec.candidate_model_name, spec.candidate_version, counters.p99_ms)
+    return Observations(True, loaded, counters, agreement, unavailable, pods=per_pod)

@@ -47,12 +47,26 @@ class Analysis(_Camel):
 
 
 class TritonEndpoint(_Camel):
-    grpc_url: str = Field(description="Triton gRPC address, e.g. triton.recserve:8001")
-    metrics_url: str = Field(description="Triton metrics, e.g. http://triton.recserve:8002/metrics")
+    """Where Triton is: one server (``grpcUrl`` and ``metricsUrl``), or every pod behind a Service (``service``)."""
+
+    service: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63,
+                                description="a Service in the rollout's namespace (the chart's Triton Service): its "
+                                "EndpointSlices list the Triton pods, and every ready pod gets the model control "
+                                "(the versions loaded, again after the pod restarts) and has its metrics read. "
+                                "Its ports are the ones named `grpc` and `metrics`")
+    grpc_url: str | None = Field(None, description="one Triton's gRPC address, e.g. triton.recserve:8001 (without "
+                                 "`service`)")
+    metrics_url: str | None = Field(None, description="its metrics, e.g. http://triton.recserve:8002/metrics")
     model_repository: str | None = Field(None, description="Triton's model repository as the operator sees it (the "
                                          "chart's operator.mountModelRepository mounts it at /models): the canary "
                                          "starts only if the candidate version was built from the model the "
                                          "compressionReport names (its sha256)")
+
+    @model_validator(mode="after")
+    def _where(self) -> TritonEndpoint:
+        if self.service is None and not (self.grpc_url and self.metrics_url):
+            raise ValueError("triton needs service (every pod behind it), or grpcUrl and metricsUrl (one server)")
+        return self
 
 
 class RouterTarget(_Camel):

@@ -128,8 +128,10 @@ def test_crd_prunes_undeclared_field(crd, custom, namespace):
     ({"candidateVersion": "1"}, "candidateVersion must differ from stableVersion"),
     ({"candidateVersion": "1", "candidateModel": "ranker"}, "candidateVersion must differ from stableVersion"),
     ({"steps": [{"weight": 50}, {"weight": 10}]}, "step weights must not decrease"),
+    ({"triton": {"grpcUrl": "triton.recserve:8001"}}, "triton needs service"),
+    ({"triton": {"service": "Triton_Pods"}}, "spec.triton.service"),
 ], ids=["leading-zero-version", "21-steps", "weight-101", "same-versions (CEL)", "same-model-named (CEL)",
-        "decreasing-weights (CEL)"])
+        "decreasing-weights (CEL)", "no-metrics-url (CEL)", "bad-service-name"])
 def test_crd_refuses_invalid(crd, custom, namespace, spec, field):
     from kubernetes.client.exceptions import ApiException
 
@@ -141,6 +143,12 @@ def test_crd_refuses_invalid(crd, custom, namespace, spec, field):
     assert field in body["message"], body["message"]
     if field.startswith("spec."):  # a schema error names its field; a CEL rule's names the object and says why
         assert any(c.get("field") == field for c in body["details"]["causes"]), body["details"]
+
+
+def test_crd_accepts_a_service_in_place_of_the_urls(crd, custom, namespace):
+    made = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _rollout(
+        "pods", triton={"service": "recserve-triton"}))
+    assert made["spec"]["triton"] == {"service": "recserve-triton"}
 
 
 def test_crd_accepts_the_same_version_number_of_another_model(crd, custom, namespace):

@@ -211,16 +211,52 @@ def _used_and_granted(apiserver, helm_bin: str) -> tuple[set, set]:
     return used, granted
 
 
+def _host_address() -> str:
+    """This machine's address on its default route, as a pod IP stands in an EndpointSlice (the API server refuses
+    loopback addresses there); 127.0.0.1 on a machine without one. Triton listens on every address."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # UDP: nothing is sent; the kernel picks the source address
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def _triton_pod(kube: Kube, triton: Triton) -> str:
+    """The chart's Triton Service, with an EndpointSlice that names the test's Triton as its one ready pod (no
+    EndpointSlice controller runs here: the test writes what it would write); the Service's name."""
+    from kubernetes import client
+
+    from recserve.operator.pods import SERVICE_LABEL
+
+    (svc,) = kube.core.list_namespaced_service(NAMESPACE, label_selector="app.kubernetes.io/component=triton").items
+    ports = {p.name: p.port for p in svc.spec.ports}
+    s = triton.server.settings
+    assert set(ports) >= {"grpc", "metrics"}, ports
+    body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": f"{svc.metadata.name}-test", "labels": {SERVICE_LABEL: svc.metadata.name}},
+            "endpoints": [{"addresses": [_host_address()], "conditions": {"ready": True},
+                           "targetRef": {"kind": "Pod", "name": "triton-test", "namespace": NAMESPACE}}],
+            "ports": [{"name": "grpc", "port": s.grpc_port, "protocol": "TCP"},
+                      {"name": "metrics", "port": s.metrics_port, "protocol": "TCP"}]}
+    client.DiscoveryV1Api(kube.core.api_client).create_namespaced_endpoint_slice(NAMESPACE, body)
+    return svc.metadata.name
+
+
 def test_a_good_candidate_is_promoted_and_its_finalizer_runs(cluster, triton, tmp_path, helm):
     """A good candidate goes through every step to Promoted, deleting the rollout runs its finalizer, and the
     operator used every permission the chart's Role grants and no other (least privilege, measured by the
-    audit log rather than argued)."""
+    audit log rather than argued). Triton is reached as the chart's Service's pods (its EndpointSlices)."""
     apiserver, kube = cluster
     since = time.time()
     model = triton.add_model("e2egood")
     policy = tmp_path / "policy.json"
+    service = _triton_pod(kube, triton)
     with Traffic(triton, model, "1", policy) as traffic:
         body = rollout("good", rollout_spec(triton, model, policy, traffic, router={"configMap": CONFIGMAP}))
+        body["spec"]["triton"] = {"service": service}
         with operator_process(_operator_kubeconfig(apiserver), tmp_path / "operator.log") as op:
             kube.create(body)
             st = wait_phase(kube, "good", TERMINAL, 120, op)

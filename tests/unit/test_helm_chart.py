@@ -40,6 +40,8 @@ OPERATOR_RULES = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
 ]
+PODS_RULE = {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}
+"""The Triton pods behind a rollout's ``triton.service``."""
 
 
 # ---------------------------------------------------------------------------------------------- helm
@@ -279,9 +281,7 @@ def sample_rollout(docs) -> dict:
             "model": "ranker", "stableVersion": "1", "candidateVersion": "2",
             "steps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 60}, {"weight": 100}],
             "analysis": {"intervalSeconds": 0.5, "failureLimit": 2, "thresholds": {"maxErrorRate": 0.01}},
-            "triton": {"grpcUrl": f"{triton['metadata']['name']}.{NAMESPACE}:{ports[triton['metadata']['name']]['grpc']}",
-                       "metricsUrl": f"http://{triton['metadata']['name']}.{NAMESPACE}:"
-                                     f"{ports[triton['metadata']['name']]['metrics']}/metrics"},
+            "triton": {"service": triton["metadata"]["name"]},
             "router": {"configMap": policy,
                        "metricsUrl": f"http://{router['metadata']['name']}.{NAMESPACE}:"
                                      f"{ports[router['metadata']['name']]['http']}/metrics"},
@@ -452,7 +452,7 @@ def _policy_rule(names):
 def test_operator_rbac_is_exactly_what_it_touches(docs, scenario):
     values = values_of(scenario)
     policy_names = values["operator"]["rbac"]["policyConfigMapNames"] or [f"{FULLNAME}-routing-policy"]
-    expected = OPERATOR_RULES + [_policy_rule(policy_names)]
+    expected = OPERATOR_RULES + [_policy_rule(policy_names), PODS_RULE]
     sa = f"{FULLNAME}-operator"
     subject = [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
     args = container(docs, "Deployment", sa, "operator")["args"]
@@ -801,7 +801,7 @@ def test_notes_render_with_a_usable_modelrollout(helm):
 
     rollout = ModelRolloutSpec.model_validate(spec)
     assert rollout.router.config_map == f"{FULLNAME}-routing-policy"
-    assert rollout.triton.grpc_url == f"{FULLNAME}-triton.{NAMESPACE}:8001"
+    assert rollout.triton.service == f"{FULLNAME}-triton"
 
 
 # ------------------------------------------------------------------------------------ image + tools

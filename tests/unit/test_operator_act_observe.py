@@ -14,6 +14,7 @@ import pytest
 from recserve.errors import ConfigError, ServerError
 from recserve.operator import act, observe
 from recserve.operator.machine import LoadVersions, SetWeights, VersionCounters
+from recserve.operator.pods import SERVICE_LABEL, TritonPod, pods_from_slices, triton_pods
 from recserve.operator.spec import ModelRolloutSpec
 from recserve.serving.metrics import RouterMetrics
 from recserve.serving.policy import Assignment, ModelPolicy, RoutingPolicy, parse_policy, write_policy
@@ -325,7 +326,7 @@ class FakeTriton:
 def test_load_versions_overrides_the_version_policy(monkeypatch, ready) -> None:
     FakeTriton.instances = []
     monkeypatch.setattr(act, "TritonClient", lambda url, timeout: FakeTriton(url, timeout, ready))
-    act.load_versions(make_spec(), LoadVersions("ranker", ("10", "9")))
+    act.load_versions(make_spec(), LoadVersions("ranker", ("10", "9")), triton_pods(make_spec(), "recserve"))
     (client,) = FakeTriton.instances
     assert client.url == "127.0.0.1:1"
     loads = client.loads if ready else client.loads[1:]
@@ -340,8 +341,8 @@ def test_a_final_unload_of_a_model_triton_does_not_serve_does_nothing_and_a_load
     model, fail, and be retried forever: the rollout never rested)."""
     FakeTriton.instances = []
     monkeypatch.setattr(act, "TritonClient", lambda url, timeout: FakeTriton(url, timeout, False))
-    act.load_versions(make_spec(), LoadVersions("ranker", ("1",), final=True))
-    act.load_versions(make_spec(), LoadVersions("ranker", ("1", "2")))
+    act.load_versions(make_spec(), LoadVersions("ranker", ("1",), final=True), triton_pods(make_spec(), "recserve"))
+    act.load_versions(make_spec(), LoadVersions("ranker", ("1", "2")), triton_pods(make_spec(), "recserve"))
     final, rollout = FakeTriton.instances
     assert final.loads == [] and rollout.loads[0] == ("ranker", None)
 
@@ -457,6 +458,11 @@ INDEX = [{"name": "ranker", "version": "1", "state": "READY"}, {"name": "ranker"
          {"name": "ranker", "version": "3", "state": "UNAVAILABLE"}, {"name": "other", "version": "4", "state": "READY"}]
 
 
+def look(spec: ModelRolloutSpec):
+    """``observe.observe`` of the rollout's one Triton."""
+    return observe.observe(spec, triton_pods(spec, "recserve"))
+
+
 def fake_triton(monkeypatch, **kw) -> None:
     monkeypatch.setattr(observe, "TritonClient", lambda url, timeout=5.0: IndexClient(url, timeout, **kw))
 
@@ -466,7 +472,7 @@ def test_observe_reads_loaded_versions_and_the_candidate_counters(monkeypatch) -
     with Served({"/metrics": TRITON_TEXT.encode()}) as s:
         spec = make_spec().model_copy(update={"triton": make_spec().triton.model_copy(
             update={"metrics_url": s.url("/metrics")})})
-        obs = observe.observe(spec)
+        obs = look(spec)
     assert obs.triton_reachable and obs.loaded_versions == frozenset({"1", "2"})
     assert obs.candidate == VersionCounters(51.0, 4.0, 1.188)
     assert obs.shadow_agreement is None
@@ -475,7 +481,7 @@ def test_observe_reads_loaded_versions_and_the_candidate_counters(monkeypatch) -
 @pytest.mark.parametrize("kw", [{"ready": False}, {"error": ServerError("down")}, {"error": OSError("refused")}])
 def test_observe_turns_triton_failures_into_unreachable(monkeypatch, kw) -> None:
     fake_triton(monkeypatch, index=INDEX, **kw)
-    obs = observe.observe(make_spec())
+    obs = look(make_spec())
     assert obs.triton_reachable is False and obs.loaded_versions == frozenset() and obs.candidate is None
 
 
@@ -484,7 +490,7 @@ def test_observe_with_unreachable_triton_metrics_is_unreachable(monkeypatch) -> 
     with Served({}) as s:
         spec = make_spec().model_copy(update={"triton": make_spec().triton.model_copy(
             update={"metrics_url": s.url("/metrics")})})
-        assert observe.observe(spec).triton_reachable is False
+        assert look(spec).triton_reachable is False
 
 
 def router_text(*rows: tuple[str, str, int, int, list[float]]) -> bytes:
@@ -509,7 +515,7 @@ def spec_with(s: Served, router_path: str | None) -> ModelRolloutSpec:
 def test_observe_prefers_the_routers_counts_and_keeps_tritons_p99(monkeypatch) -> None:
     fake_triton(monkeypatch, index=INDEX)
     with Served({"/metrics": TRITON_TEXT.encode(), "/router": router_text(("ranker", "2", 7, 2, [1.0, 0.5]))}) as s:
-        obs = observe.observe(spec_with(s, "/router"))
+        obs = look(spec_with(s, "/router"))
     assert obs.candidate == VersionCounters(7.0, 2.0, 1.188)
     assert obs.shadow_agreement == pytest.approx(0.75)
 
@@ -517,7 +523,7 @@ def test_observe_prefers_the_routers_counts_and_keeps_tritons_p99(monkeypatch) -
 def test_observe_without_the_routers_numbers_judges_nothing(monkeypatch) -> None:
     fake_triton(monkeypatch, index=INDEX)
     with Served({"/metrics": TRITON_TEXT.encode()}) as s:
-        obs = observe.observe(spec_with(s, "/missing"))
+        obs = look(spec_with(s, "/missing"))
     assert obs.triton_reachable and obs.loaded_versions == frozenset({"1", "2"})
     assert obs.candidate is None and obs.shadow_agreement is None
 
@@ -526,6 +532,84 @@ def test_the_routers_numbers_of_other_models_are_not_counted(monkeypatch) -> Non
     fake_triton(monkeypatch, index=INDEX)
     body = router_text(("ranker", "2", 10, 0, [1.0]), ("two_tower", "2", 90, 90, [0.0, 0.0, 0.0]))
     with Served({"/metrics": TRITON_TEXT.encode(), "/router": body}) as s:
-        obs = observe.observe(spec_with(s, "/router"))
+        obs = look(spec_with(s, "/router"))
     assert obs.candidate == VersionCounters(10.0, 0.0, 1.188)
     assert obs.shadow_agreement == 1.0
+
+
+# --- several Tritons (triton.service) --------------------------------------------------------------------------------
+
+
+def pods_spec() -> ModelRolloutSpec:
+    return make_spec().model_copy(update={"triton": make_spec().triton.model_copy(
+        update={"service": "triton", "grpc_url": None, "metrics_url": None})})
+
+
+def a_slice(service: str, endpoints: list[dict], grpc: int = 8001, metrics: int = 8002) -> dict:
+    return {"metadata": {"name": f"{service}-x", "labels": {SERVICE_LABEL: service}},
+            "ports": [{"name": "grpc", "port": grpc}, {"name": "http", "port": 8000}, {"name": "metrics", "port": metrics}],
+            "endpoints": endpoints}
+
+
+def test_the_pods_of_a_service_are_its_ready_endpoints_with_their_named_ports() -> None:
+    slices = [
+        a_slice("triton", [{"addresses": ["10.0.0.7"], "conditions": {"ready": True}, "targetRef": {"name": "t-b"}},
+                           {"addresses": ["10.0.0.8"], "conditions": {"ready": False}, "targetRef": {"name": "t-c"}},
+                           {"addresses": ["10.0.0.9"], "targetRef": {"name": "t-a"}}]),  # no conditions: ready
+        a_slice("triton", [{"addresses": ["fd00::5"], "conditions": {"ready": True}}], grpc=9001, metrics=9002),
+        a_slice("other", [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "targetRef": {"name": "o"}}]),
+        {"metadata": {"labels": {SERVICE_LABEL: "triton"}}, "ports": [{"name": "http", "port": 8000}],
+         "endpoints": [{"addresses": ["10.0.0.2"]}]},  # no grpc/metrics ports: not Triton's
+    ]
+    assert pods_from_slices(slices, "triton") == [
+        TritonPod("fd00::5", "[fd00::5]:9001", "http://[fd00::5]:9002/metrics"),
+        TritonPod("t-a", "10.0.0.9:8001", "http://10.0.0.9:8002/metrics"),
+        TritonPod("t-b", "10.0.0.7:8001", "http://10.0.0.7:8002/metrics")]
+    assert pods_from_slices([], "triton") == []
+
+
+def test_triton_pods_lists_the_services_endpointslices_by_its_label() -> None:
+    calls = []
+
+    class Discovery:
+        class api_client:  # noqa: N801 (the kubernetes client's attribute)
+            @staticmethod
+            def sanitize_for_serialization(obj):
+                return obj
+
+        def list_namespaced_endpoint_slice(self, namespace, label_selector):
+            calls.append((namespace, label_selector))
+            return type("List", (), {"items": [a_slice("triton", [{"addresses": ["10.1.2.3"]}])]})
+
+    assert triton_pods(pods_spec(), "shop", Discovery()) == [
+        TritonPod("10.1.2.3", "10.1.2.3:8001", "http://10.1.2.3:8002/metrics")]
+    assert calls == [("shop", f"{SERVICE_LABEL}=triton")]
+    assert triton_pods(make_spec(), "shop") == [TritonPod("127.0.0.1:1", "127.0.0.1:1", "http://127.0.0.1:1/metrics")]
+
+
+def test_observe_sums_the_pods_counters_and_counts_a_version_loaded_only_where_every_pod_serves_it(monkeypatch):
+    indexes = {"a:1": INDEX, "b:1": [{"name": "ranker", "version": "1", "state": "READY"},
+                                     {"name": "ranker", "version": "2", "state": "LOADING"}], "c:1": None}
+    other = TRITON_TEXT.replace(" 51\n", " 9\n").replace(" 3\n", " 2\n").replace(" 1188\n", " 4500\n")
+    monkeypatch.setattr(observe, "TritonClient", lambda url, timeout=5.0: IndexClient(
+        url, timeout, index=indexes[url], error=None if indexes[url] else OSError("refused")))
+    with Served({"/a": TRITON_TEXT.encode(), "/b": other.encode()}) as s:
+        pods = [TritonPod("a", "a:1", s.url("/a")), TritonPod("b", "b:1", s.url("/b")),
+                TritonPod("c", "c:1", s.url("/c"))]  # c is restarting: it does not answer
+        obs = observe.observe(pods_spec(), pods)
+    assert obs.triton_reachable and obs.pods == {"a": frozenset({"1", "2"}), "b": frozenset({"1"})}
+    assert obs.loaded_versions == frozenset({"1"}) and obs.served_anywhere("2")
+    assert obs.unavailable == {"3": "unavailable"}
+    assert obs.candidate == VersionCounters(51.0 + 9.0, 4.0 + 3.0, 4.5)  # summed; the slowest pod's p99
+    assert observe.observe(pods_spec(), [pods[2]]).triton_reachable is False
+    assert observe.observe(pods_spec(), []).triton_reachable is False
+
+
+def test_load_versions_goes_to_every_pod_or_to_the_one_it_names(monkeypatch) -> None:
+    FakeTriton.instances = []
+    monkeypatch.setattr(act, "TritonClient", lambda url, timeout: FakeTriton(url, timeout, True))
+    pods = [TritonPod("a", "a:1", ""), TritonPod("b", "b:1", "")]
+    act.load_versions(pods_spec(), LoadVersions("ranker", ("2",)), pods)
+    act.load_versions(pods_spec(), LoadVersions("ranker", ("2",), pod="b"), pods)
+    act.load_versions(pods_spec(), LoadVersions("ranker", ("2",), pod="gone"), pods)  # it left meanwhile: nothing
+    assert [c.url for c in FakeTriton.instances] == ["a:1", "b:1", "b:1"]

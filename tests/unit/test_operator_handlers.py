@@ -55,14 +55,15 @@ def world(handlers, monkeypatch):
 
     w = World()
 
-    def fake_observe(spec):
+    def fake_observe(spec, pods):
         w.observed += 1
         return w.obs
 
-    def fake_carry_out(spec, actions, body, namespace):
+    def fake_carry_out(spec, actions, body, namespace, pods):
         if w.fail_with is not None:
             raise w.fail_with
-        w.actions.append(list(actions))
+        if actions:  # what was carried out (a look that decided nothing carries out nothing)
+            w.actions.append(list(actions))
 
     monkeypatch.setattr(handlers, "observe", fake_observe)
     monkeypatch.setattr(handlers, "carry_out", fake_carry_out)
@@ -72,10 +73,16 @@ def world(handlers, monkeypatch):
     return w
 
 
-def call(handler, spec=SPEC, status=None, retry=0, generation=1) -> kopf.Patch:
-    patch = kopf.Patch()
-    body = {**BODY, "metadata": {**BODY["metadata"], "generation": generation}, "spec": spec}
-    handler(body=body, spec=spec, status=status, patch=patch, namespace="ns", retry=retry, logger=LOG)
+def call(handler, spec=SPEC, status=None, retry=0, generation=1, memo=None, index=None, patch=None) -> kopf.Patch:
+    """One call as kopf makes it; ``memo``: the rollout's in-memory memo (kopf keeps one per object), ``index``:
+    ``rollouts_by_model`` (kopf's index of every rollout; this one alone by default)."""
+    patch = kopf.Patch() if patch is None else patch
+    meta = {**BODY["metadata"], "generation": generation, "creationTimestamp": "2026-12-01T10:00:00Z"}
+    body = {**BODY, "metadata": meta, "spec": spec}
+    if index is None:
+        index = {("ns", spec.get("model")): [(meta["creationTimestamp"], meta["name"])]}
+    handler(body=body, spec=spec, meta=meta, status=status, patch=patch, namespace="ns", name=meta["name"],
+            retry=retry, logger=LOG, memo=kopf.Memo() if memo is None else memo, rollouts_by_model=index)
     return patch
 
 
@@ -94,8 +101,9 @@ def test_a_tick_runs_the_state_machine_and_writes_its_status(handlers, world) ->
 def test_a_tick_that_changes_nothing_writes_nothing(handlers, world) -> None:
     status = dict(call(handlers.on_tick)["status"])
     status.update(call(handlers.on_tick, status=status)["status"])  # "(waiting for a passing analysis)"
+    carried_out = len(world.actions)
     patch = call(handlers.on_tick, status=status)
-    assert world.actions[-1] == []
+    assert len(world.actions) == carried_out, "no actions"
     assert "status" not in patch or not patch["status"]
 
 
@@ -104,8 +112,7 @@ def test_failed_actions_stay_pending_and_are_retried_with_backoff(handlers, worl
     world.fail_with = OSError("disk full")
     patch = kopf.Patch()
     with pytest.raises(kopf.TemporaryError) as e:
-        body = {**BODY, "spec": SPEC}
-        handlers.on_tick(body=body, spec=SPEC, status=None, patch=patch, namespace="ns", retry=retry, logger=LOG)
+        call(handlers.on_tick, retry=retry, patch=patch)
     assert e.value.delay == delay
     assert "OSError: disk full" in str(e.value)
     assert not patch.get("status")  # kopf writes nothing: what was recorded before the actions stands
@@ -152,8 +159,7 @@ def test_failing_loads_still_start_the_load_clock_and_end_in_a_rollback(handlers
     world.fail_with = ServerError("failed to load 'ranker': version 2 has no model.onnx")
     with pytest.raises(kopf.TemporaryError):
         patch = kopf.Patch()
-        body = {**BODY, "spec": spec}
-        handlers.on_tick(body=body, spec=spec, status=None, patch=patch, namespace="ns", retry=0, logger=LOG)
+        call(handlers.on_tick, spec=spec, patch=patch)
     status = dict(patch["status"])
     assert status["phase"] == "Pending" and status["weight"] == 0 and status["loadingSince"] > 0
     assert "loading failed (ServerError: failed to load 'ranker': version 2 has no model.onnx)" in status["message"]
@@ -188,10 +194,45 @@ def test_a_differently_invalid_spec_is_reported_again(handlers, world) -> None:
 
 
 @pytest.mark.parametrize("phase", ["Promoted", "RolledBack", "Aborted", "Rejected"])
-def test_a_terminal_rollout_is_not_observed_again(handlers, world, phase) -> None:
-    patch = call(handlers.on_tick, status={"phase": phase, "stableVersion": "1", "candidateVersion": "2",
-                                           "observedGeneration": 1})
-    assert world.observed == 0 and world.actions == [] and not patch
+def test_a_finished_rollout_looks_at_its_tritons_once_per_resync_interval(handlers, world, phase) -> None:
+    """Every RESYNC_SECONDS, for a Triton that restarted; a rejected one never loaded anything: never."""
+    status = {"phase": phase, "stableVersion": "1", "candidateVersion": "2", "observedGeneration": 1}
+    world.obs = Observations(True, frozenset({"1"} if phase != "Promoted" else {"2"}),
+                             pods={"p": frozenset({"1"} if phase != "Promoted" else {"2"})})
+    memo = kopf.Memo()
+    patches = [call(handlers.on_tick, status=status, memo=memo) for _ in range(3)]
+    assert world.observed == (0 if phase == "Rejected" else 1)
+    assert world.actions == [] and not any(patches), "it serves what the rollout ended on: nothing to do"
+
+
+def test_a_finished_rollout_loads_its_versions_again_on_a_restarted_triton(handlers, world) -> None:
+    status = {"phase": "Promoted", "stableVersion": "1", "candidateVersion": "2", "observedGeneration": 1}
+    world.obs = Observations(True, frozenset({"1"}), pods={"a": frozenset({"2"}), "b": frozenset({"1"})})
+    patch = call(handlers.on_tick, status=status)
+    assert world.actions == [[LoadVersions("ranker", ("2",), pod="b")]] and not patch
+
+
+def test_a_finished_rollout_superseded_by_a_newer_one_leaves_triton_alone(handlers, world) -> None:
+    """Once a rollout created later drives the model, the old one must not load its own version back."""
+    status = {"phase": "Promoted", "stableVersion": "1", "candidateVersion": "2", "observedGeneration": 1}
+    world.obs = Observations(True, frozenset({"3"}), pods={"a": frozenset({"3"})})
+    newer = {("ns", "ranker"): [("2026-12-01T10:00:00Z", "r"), ("2026-12-02T09:00:00Z", "r-v3")]}
+    call(handlers.on_tick, status=status, index=newer)
+    assert world.observed == 1 and world.actions == []
+    older = {("ns", "ranker"): [("2026-11-01T10:00:00Z", "r-v1"), ("2026-12-01T10:00:00Z", "r")]}
+    call(handlers.on_tick, status=status, index=older)
+    assert world.actions == [[LoadVersions("ranker", ("2",), pod="a")]]
+
+
+def test_the_rollout_index_keys_a_rollout_by_every_model_it_drives(handlers) -> None:
+    meta = {"creationTimestamp": "2026-12-01T10:00:00Z"}
+    assert handlers.rollouts_by_model(namespace="ns", name="r", spec={**SPEC, "candidateModel": "ranker_trt"},
+                                      meta=meta) == {("ns", "ranker"): (meta["creationTimestamp"], "r"),
+                                                     ("ns", "ranker_trt"): (meta["creationTimestamp"], "r")}
+    # a newer rollout of the candidate's model supersedes this one too
+    index = {("ns", "ranker_trt"): [("2026-12-02T00:00:00Z", "other")]}
+    assert handlers.superseded(index, "ns", "r", {**SPEC, "candidateModel": "ranker_trt"}, meta)
+    assert not handlers.superseded(index, "ns", "r", SPEC, meta)
 
 
 @pytest.mark.parametrize("status", [
@@ -228,15 +269,16 @@ def test_carry_out_runs_each_action_against_its_target(handlers, monkeypatch, tm
     from recserve.operator.spec import ModelRolloutSpec
 
     loads, cms, events = [], [], []
-    monkeypatch.setattr(act, "load_versions", lambda spec, a: loads.append(a))
+    monkeypatch.setattr(act, "load_versions", lambda spec, a, pods: loads.append((a, pods)))
     monkeypatch.setattr(act, "set_weights_configmap", lambda api, ns, name, a: cms.append((ns, name, a)))
     monkeypatch.setattr(handlers, "_core_api", lambda: "core-v1")
     monkeypatch.setattr(act, "post_event", lambda api, body, emit: events.append((api, emit.type, emit.reason, emit.message)))
     spec = ModelRolloutSpec.model_validate({**SPEC, "router": {"policyFile": str(tmp_path / "p.json"),
                                                                "configMap": "routing"}})
     w = SetWeights("ranker", (("1", 60), ("2", 40)))
-    handlers.carry_out(spec, [LoadVersions("ranker", ("1", "2")), w, Emit("Normal", "Step", "hi")], BODY, "ns")
-    assert loads == [LoadVersions("ranker", ("1", "2"))]
+    handlers.carry_out(spec, [LoadVersions("ranker", ("1", "2")), w, Emit("Normal", "Step", "hi")], BODY, "ns",
+                       ["pods"])
+    assert loads == [(LoadVersions("ranker", ("1", "2")), ["pods"])]
     assert parse_policy((tmp_path / "p.json").read_text()).models["ranker"].versions == {"1": 60.0, "2": 40.0}
     assert cms == [("ns", "routing", w)]
     assert events == [("core-v1", "Normal", "Step", "hi")]

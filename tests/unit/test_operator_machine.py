@@ -687,6 +687,109 @@ def test_a_new_candidate_version_after_a_terminal_phase_starts_over(phase) -> No
     assert [c["type"] for c in r.status.conditions][0] == "Progressing"  # conditions are kept
 
 
+# --- several Tritons (triton.service) -------------------------------------------------------------------------------
+
+
+class Fleet(Rollout):
+    """Several Tritons behind a Service: each serves exactly what the last LoadVersions sent to it (to every
+    Triton, or to the one it names) told it; ``restart`` gives one its repository's defaults again."""
+
+    def __init__(self, spec: ModelRolloutSpec, pods: int = 3, defaults: tuple[str, ...] = ("1",)):
+        super().__init__(spec, defaults)
+        self.defaults = set(defaults)
+        self.pods = {f"triton-{i}": set(defaults) for i in range(pods)}
+
+    def observations(self) -> Observations:
+        self.loaded = set.intersection(*self.pods.values())
+        return replace(super().observations(), pods={p: frozenset(v) for p, v in self.pods.items()})
+
+    def tick(self, dt: float = 0.0, ok: float = 0, bad: float = 0):
+        before = {p: set(v) for p, v in self.pods.items()}
+        result = super().tick(dt, ok, bad)
+        model = self.spec.model
+        for a in result.actions:
+            if isinstance(a, LoadVersions):
+                for pod in [a.pod] if a.pod else list(self.pods):
+                    self.pods[pod] = {k for k in before[pod] if split_target(model, k)[0] != a.model} | \
+                        {target_key(model, a.model, v) for v in a.versions}
+                    before[pod] = self.pods[pod]
+        return result
+
+    def restart(self, pod: str) -> None:
+        self.pods[pod] = set(self.defaults)
+
+
+def pod_loads(actions) -> list[LoadVersions]:
+    return [a for a in actions if isinstance(a, LoadVersions) and a.pod]
+
+
+def test_every_triton_is_loaded_and_the_canary_starts_once_all_serve_both() -> None:
+    world = Fleet(make_spec())
+    first = world.tick()
+    assert first.status.phase == "Pending" and LoadVersions("ranker", ("1", "2")) in first.actions  # to every Triton
+    assert all(v == {"1", "2"} for v in world.pods.values())
+    assert world.tick().status.phase == "Progressing"
+
+
+def test_a_triton_that_restarts_mid_canary_is_loaded_again_not_rolled_back() -> None:
+    world = Fleet(make_spec())
+    world.start()
+    world.restart("triton-1")  # it came back serving the repository's default (version 1 only)
+    r = world.tick(5)
+    assert r.status.phase == "Progressing", "the candidate is served elsewhere: no rollback"
+    assert pod_loads(r.actions) == [LoadVersions("ranker", ("1", "2"), pod="triton-1")]
+    assert world.pods["triton-1"] == {"1", "2"} and pod_loads(world.tick(5).actions) == []
+
+
+def test_a_candidate_unloaded_on_every_triton_still_rolls_back() -> None:
+    world = Fleet(make_spec())
+    world.start()
+    for pod in world.pods:
+        world.restart(pod)
+    r = world.tick(5)
+    assert r.status.phase == "RolledBack"
+    assert ("Warning", "CandidateUnloaded") in [(e.type, e.reason) for e in emits(r.actions)]
+
+
+@pytest.mark.parametrize("phase,serves", [("Promoted", {"2"}), ("RolledBack", {"1"}), ("Aborted", {"1"})])
+def test_a_triton_that_restarts_after_the_rollout_ended_is_given_its_final_version(phase, serves) -> None:
+    spec = make_spec()
+    world = Fleet(spec, defaults=("1", "2"))  # a repository default that serves both (say, latest 2)
+    world.status = Status(phase=phase, stable_version="1", candidate_version="2",
+                          weight=100 if phase == "Promoted" else 0)
+    world.pods = {p: set(serves) for p in world.pods}
+    assert world.tick(60).actions == []
+    world.restart("triton-2")
+    r = world.tick(60)
+    assert r.actions == [LoadVersions("ranker", tuple(sorted(serves)), pod="triton-2")]
+    assert r.status == world.status and world.pods["triton-2"] == serves
+    # superseded by a newer rollout of the model: what the Tritons serve is that one's business
+    world.restart("triton-0")
+    assert reconcile(spec, world.status, replace(world.observations(), superseded=True), world.now).actions == []
+
+
+def test_while_routers_drain_after_the_rollout_both_versions_are_held() -> None:
+    world = Fleet(make_spec(router={"drainSeconds": 30}))
+    world.start()
+    world.status = replace(world.status, phase="Promoted", weight=100, unload_after=world.now + 30,
+                           keep_versions=["2"])
+    world.restart("triton-0")
+    assert pod_loads(world.tick(1).actions) == [LoadVersions("ranker", ("1", "2"), pod="triton-0")]
+    done = world.tick(40)  # the drain is over: every Triton keeps the candidate only
+    assert LoadVersions("ranker", ("2",), final=True) in done.actions and pod_loads(done.actions) == []
+    assert all(v == {"2"} for v in world.pods.values())
+
+
+def test_a_restarted_triton_of_a_cross_model_rollout_gets_both_models_right() -> None:
+    spec = make_spec(candidateModel="ranker_trt", candidateVersion="1")
+    world = Fleet(spec, pods=2)
+    world.status = Status(phase="Promoted", stable_version="1", candidate_version="ranker_trt:1", weight=100)
+    world.pods = {"triton-0": {"ranker_trt:1"}, "triton-1": {"1"}}  # triton-1 restarted: ranker v1 only
+    r = world.tick(60)
+    assert r.actions == [LoadVersions("ranker", (), pod="triton-1"), LoadVersions("ranker_trt", ("1",), pod="triton-1")]
+    assert world.pods["triton-1"] == {"ranker_trt:1"}
+
+
 # --- status ----------------------------------------------------------------------------------------------------------
 
 

@@ -385,4 +385,8 @@ to the policy ConfigMaps.
   resourceNames:
     {{- include "recserve.operator.policyConfigMapNames" . | nindent 4 }}
   verbs: ["get", "patch"]
+# the Triton pods behind a rollout's triton.service: model control and metrics go to each pod
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list"]
 {{- end }}
