@@ -1,4 +1,5 @@
-"""The operator against a real Kubernetes cluster (``KUBECONFIG``; skipped without one, see tests/conftest.py).
+"""The operator against a real Kubernetes cluster: the one ``KUBECONFIG`` names, else the local kube-apiserver of
+``apiserver_fixtures`` as its admin (skipped only when neither is there: ``make k8s-tools`` builds it).
 
 Applies the CRD from ``helm/recserve/crds`` with the kubernetes client, checks the API server validates
 ModelRollouts with its schema, creates a rollout in a fresh namespace, runs the operator (``kopf run`` of
@@ -9,11 +10,13 @@ in the cluster. Everything the test created is deleted afterwards (the CRD only 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import apiserver_fixtures
 import pytest
 import yaml
 
@@ -22,16 +25,32 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
+apiserver = apiserver_fixtures.apiserver  # the local one, used only without KUBECONFIG
+
 CRD_FILE = ROOT / "helm" / "recserve" / "crds" / "modelrollouts.recserve.io.yaml"
 GROUP, VERSION, PLURAL = "recserve.io", "v1alpha1", "modelrollouts"
 
 
+LOCAL_APISERVER_WITHOUT_KUBECONFIG = True
+"""Read by tests/conftest.py: without KUBECONFIG these tests run against the local kube-apiserver."""
+
+
 @pytest.fixture(scope="module")
-def k8s():
+def k8s(request):
+    """The ``kubernetes.client`` module, its default configuration logged in to the cluster (and KUBECONFIG, which
+    kopf's login reads, naming it); both restored afterwards."""
+    import kubernetes.config.kube_config as kube_config
     from kubernetes import client, config
 
-    config.load_kube_config()
-    return client
+    path = os.environ.get("KUBECONFIG") or str(request.getfixturevalue("apiserver").kubeconfig)
+    previous = client.Configuration.get_default_copy()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBECONFIG", path)
+        # the kubernetes client reads $KUBECONFIG once, when first imported (kopf imports it early)
+        mp.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", path)
+        config.load_kube_config(config_file=path)
+        yield client
+    client.Configuration.set_default(previous)
 
 
 @pytest.fixture(scope="module")
