@@ -224,8 +224,18 @@ def _deploy(config: RouterConfig, policy: RoutingPolicy | None, timeout_s: float
             raise ServerError(f"the router application failed to deploy: {_failure(state)}")
         if time.monotonic() > deadline:
             raise ServerError(f"the router application was not running after {timeout_s:.0f} s "
-                              f"({state.status if state else 'not deployed'})")
+                              f"({_progress(state) if state else 'not deployed'})")
         time.sleep(0.1)
+
+
+def _progress(state) -> str:
+    """Where a deployment that is taking long stands: the application's status and each deployment's status with
+    the last line of its message (Serve says there how many replicas run and why one would not start)."""
+    parts = [str(state.status).rsplit(".", 1)[-1]]
+    for name, d in state.deployments.items():
+        lines = [ln.strip() for ln in (d.message or "").splitlines() if ln.strip()]
+        parts.append(f"{name} {str(d.status).rsplit('.', 1)[-1]}" + (f": {lines[-1][:500]}" if lines else ""))
+    return "; ".join(parts)
 
 
 def _failure(state) -> str:

@@ -122,12 +122,22 @@ def free_port() -> int:
     return free_ports(1)
 
 
+_RANDOM = random.SystemRandom()
+"""Draws ports whatever a library did to ``random``'s global seed."""
+_HANDED_OUT: set[int] = set()
+"""Ports this process was given: a port chosen but not yet bound (a router config written before the server
+starts) is not given out again."""
+
+
 def free_ports(n: int) -> int:
     """The first of ``n`` consecutive free local ports (one per direct-ingress router replica), drawn at random
-    from :data:`FREE_PORTS` so that processes choosing at once rarely choose alike. Free means bindable without
-    ``SO_REUSEADDR``: no listener and no connection (not even in TIME_WAIT) on it."""
-    for first in random.sample(range(FREE_PORTS.start, FREE_PORTS.stop - n), 200):
-        if all(_unused(p) for p in range(first, first + n)):
+    from :data:`FREE_PORTS` so that processes choosing at once rarely choose alike, and never one this process
+    was given before. Free means bindable without ``SO_REUSEADDR``: no listener and no connection (not even in
+    TIME_WAIT) on it."""
+    for first in _RANDOM.sample(range(FREE_PORTS.start, FREE_PORTS.stop - n), 200):
+        ports = range(first, first + n)
+        if not _HANDED_OUT.intersection(ports) and all(_unused(p) for p in ports):
+            _HANDED_OUT.update(ports)
             return first
     raise ServerError(f"no {n} consecutive free ports between {FREE_PORTS.start} and {FREE_PORTS.stop}")
 

@@ -256,3 +256,26 @@ def test_http_bodies_are_read_no_further_than_the_bound(declared) -> None:
     assert asyncio.run(_bounded_body(_Body([b"{", b"}"]))) == b"{}"
     with pytest.raises(RankError):
         asyncio.run(_bounded_body(_Body([], MAX_REQUEST_BYTES + 1)))
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_never_handed_out_twice() -> None:
+    from recserve.triton import server
+
+    firsts = [server.free_ports(2) for _ in range(300)]
+    taken = [p for first in firsts for p in (first, first + 1)]
+    assert len(set(taken)) == len(taken), "a port given twice"
+    assert all(server.FREE_PORTS.start <= p < server.FREE_PORTS.stop for p in taken)
+    assert server.FREE_PORTS.stop <= 32768  # Linux's ephemeral range starts there: outgoing connections' ports
+
+
+def test_a_slow_deployment_says_where_it_stands() -> None:
+    from types import SimpleNamespace
+
+    from recserve.serving.app import _progress
+
+    state = SimpleNamespace(status="ApplicationStatus.DEPLOYING", deployments={"RouterDeployment": SimpleNamespace(
+        status="DeploymentStatus.UPDATING",
+        message="Deploying new version.\nDeployment 'RouterDeployment' has 1 replicas that have taken more than 30s "
+                "to initialize.")})
+    assert _progress(state) == ("DEPLOYING; RouterDeployment UPDATING: Deployment 'RouterDeployment' has 1 replicas "
+                                "that have taken more than 30s to initialize.")
