@@ -48,31 +48,16 @@ def shares(raw: str) -> tuple[int, Counter, Counter]:
 
 def main(out: Path) -> int:
     from bench import router as br
-    from recserve.converters.build import build
-    from recserve.converters.triton_config import BuildProfile
     from recserve.models.pipeline import train_model
     from recserve.serving import app
-    from recserve.serving.config import RouterConfig
     from recserve.triton.client import TritonClient
-    from recserve.triton.retrieval import ItemIndex, build_catalog_dir, context_encoder
-    from recserve.triton.server import EmbeddedTriton, ServerSettings, free_ports
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="recserve-profile-") as tmp:
         work = Path(tmp)
-        model_dir, repo, catalog_dir = work / "ranker", work / "repo", work / "catalog"
-        train_model(SPEC, "ranker", model_dir, epochs=1, embedding_dim=16, threads=2, seed=0)
-        build(model_dir, "ranker", "onnxruntime", repo, BuildProfile(max_queue_delay_us=200, preferred_batch_sizes=[64]))
-        build_catalog_dir(model_dir, SPEC, catalog_dir)
-        catalog = ItemIndex(catalog_dir)
-        ranks, _ = br._requests(catalog, context_encoder(model_dir / "preprocessing.json", catalog.layout))
-        triton = EmbeddedTriton(ServerSettings.on_free_ports(repo)).start()
-        cfg = RouterConfig.model_validate({
-            "triton_url": triton.grpc_url, "grpc_port": free_ports(1), "http_port": free_ports(1), "cache_ttl_s": 0,
-            "ingress": "replica", "num_replicas": 1,
-            "models": {"ranker": {"rankers": [{"triton_model": "ranker", "edge_model": str(model_dir / "model.onnx")}],
-                                  "catalog": str(catalog_dir), "preprocessing": str(model_dir / "preprocessing.json")}}})
+        train_model(SPEC, "ranker", work / "ranker", epochs=1, embedding_dim=16, threads=2, seed=0)
+        triton, cfg, ranks, _ = br.serve_ranker(work / "ranker", SPEC, work, replicas=1, ingress="replica")
         app.start(cfg)
         try:
             target, message = cfg.grpc_targets(), ranks[0].SerializeToString()

@@ -263,23 +263,29 @@ def failover(triton: EmbeddedTriton, router_url: str | list[str], ranks) -> dict
     }
 
 
-def run(workdir: Path) -> dict:
-    model_dir = workdir / SERVED
-    spec = json.loads((model_dir / "report.json").read_text())["data"]
+def serve_ranker(model_dir: Path, spec: str, workdir: Path, replicas: int = REPLICAS,
+                 ingress: str = INGRESS) -> tuple[EmbeddedTriton, RouterConfig, list[RankRequest], list]:
+    """The ranker in ``model_dir`` built into a repository under ``workdir`` and served by the embedded Triton, and
+    the router's config for it (edge: the same model, cache off; not started): (Triton, config, Rank requests,
+    the ranker rows the router builds for them)."""
     repo = workdir / "router-repo"
     build(model_dir, "ranker", "onnxruntime", repo, BuildProfile(max_queue_delay_us=200, preferred_batch_sizes=[64]))
     catalog_dir = build_catalog_dir(model_dir, spec, workdir / "catalog")
     catalog = ItemIndex(catalog_dir)
-    encoder = context_encoder(model_dir / "preprocessing.json", catalog.layout)
-    ranks, rows = _requests(catalog, encoder)
-    settings = ServerSettings.on_free_ports(repo)
-    triton = EmbeddedTriton(settings).start()
+    ranks, rows = _requests(catalog, context_encoder(model_dir / "preprocessing.json", catalog.layout))
+    triton = EmbeddedTriton(ServerSettings.on_free_ports(repo)).start()
     cfg = RouterConfig.model_validate({
-        "triton_url": triton.grpc_url, "grpc_port": free_ports(REPLICAS),
-        "http_port": free_ports(REPLICAS),
-        "cache_ttl_s": 0, "ingress": INGRESS, "num_replicas": REPLICAS,
+        "triton_url": triton.grpc_url, "grpc_port": free_ports(replicas), "http_port": free_ports(replicas),
+        "cache_ttl_s": 0, "ingress": ingress, "num_replicas": replicas,
         "models": {"ranker": {"rankers": [{"triton_model": "ranker", "edge_model": str(model_dir / "model.onnx")}],
                               "catalog": str(catalog_dir), "preprocessing": str(model_dir / "preprocessing.json")}}})
+    return triton, cfg, ranks, rows
+
+
+def run(workdir: Path) -> dict:
+    model_dir = workdir / SERVED
+    spec = json.loads((model_dir / "report.json").read_text())["data"]
+    triton, cfg, ranks, rows = serve_ranker(model_dir, spec, workdir)
     t0 = time.perf_counter()
     app.start(cfg)
     startup_s = time.perf_counter() - t0

@@ -39,15 +39,13 @@ LOCAL_APISERVER_WITHOUT_KUBECONFIG = True
 def k8s(request):
     """The ``kubernetes.client`` module, its default configuration logged in to the cluster (and KUBECONFIG, which
     kopf's login reads, naming it); both restored afterwards."""
-    import kubernetes.config.kube_config as kube_config
     from kubernetes import client, config
+    from operator_fixtures import use_kubeconfig
 
     path = os.environ.get("KUBECONFIG") or str(request.getfixturevalue("apiserver").kubeconfig)
     previous = client.Configuration.get_default_copy()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KUBECONFIG", path)
-        # the kubernetes client reads $KUBECONFIG once, when first imported (kopf imports it early)
-        mp.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", path)
+        use_kubeconfig(path, mp)
         config.load_kube_config(config_file=path)
         yield client
     client.Configuration.set_default(previous)

@@ -281,16 +281,20 @@ class ApiServer:
         return path
 
 
+def use_kubeconfig(path: Path | str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KUBECONFIG names ``path`` for the operator's login (kopf's) and the kubernetes client's default location."""
+    import kubernetes.config.kube_config as kube_config
+
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    # the kubernetes client reads $KUBECONFIG once, when first imported (kopf imports it early)
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+
+
 @pytest.fixture
 def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ApiServer]:
     """The emulated API server, with KUBECONFIG pointing at it (as the operator's login finds it)."""
-    import kubernetes.config.kube_config as kube_config
-
     with ApiServer() as api:
-        path = api.write_kubeconfig(tmp_path / "kubeconfig")
-        monkeypatch.setenv("KUBECONFIG", str(path))
-        # the kubernetes client reads $KUBECONFIG once, when first imported (kopf imports it early)
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+        use_kubeconfig(api.write_kubeconfig(tmp_path / "kubeconfig"), monkeypatch)
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         for noisy in ("aiohttp.access", "aiohttp.server"):
             monkeypatch.setattr(logging.getLogger(noisy), "level", logging.WARNING)
