@@ -73,6 +73,24 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+REPLICA_NICENESS = "0"
+"""The niceness of the Ray workers that the router starts (``RAY_worker_niceness``). Ray's default, 15, is
+for batch tasks that must not starve its own control plane; a router replica answers within deadlines, and at
+15 anything on its host at the default 0 (or at 10: a Triton started beside it) takes its cores first. On this
+project's 2-core CI machine, a Triton restarting at niceness 10 held a replica at 15 off the cores for 0.2 s."""
+
+
+def warn_if_niced() -> None:
+    """A warning from a replica that runs below the default priority (a Ray started elsewhere, without
+    ``RAY_worker_niceness=0``): its answers then wait for every busier process on the host."""
+    import os
+
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    if niceness > 0:
+        log.warning("this router replica runs at niceness %d: every process on the host at a lower one takes the "
+                    "cores first; start Ray with RAY_worker_niceness=0", niceness)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class RetrieverDeployment:
     def __init__(self, route: dict, threads: int = 1):
@@ -89,6 +107,7 @@ class RouterDeployment:
         retrieve_fn = (lambda user: retriever.candidates.remote(user)) if retriever is not None else None
         self.router = Router(cfg, retrieve_fn=retrieve_fn)
         freeze_startup_objects()
+        warn_if_niced()
         self.grpc_server, self.grpc_port = None, None
         if cfg.ingress == "replica":  # the replica's own gRPC server: Serve deploys and watches, not in the path
             from recserve.serving.grpc_server import start_server
@@ -265,7 +284,9 @@ def start(config: RouterConfig, policy: RoutingPolicy | None = None, *, num_cpus
     for key, value in (("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0"), ("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0"),
                        ("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1000"), ("RAY_SERVE_PROXY_USE_GRPC", "1"),
                        # Serve's gRPC ingress takes up to 2 GiB by default: bound it (requests and answers)
-                       ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(2 * MAX_REQUEST_BYTES))):
+                       ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(2 * MAX_REQUEST_BYTES)),
+                       # the replicas at the default priority, not Ray's 15 for batch workers
+                       ("RAY_worker_niceness", REPLICA_NICENESS)):
         os.environ.setdefault(key, value)
     grpc_port, http_port = config.grpc_port, config.http_port
     direct = direct_ingress_env(config)

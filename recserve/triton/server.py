@@ -60,9 +60,9 @@ class ServerSettings:
     cache_mb: int = 0
     """Size of Triton's local response cache (used by models built with ``response_cache: true``); 0: none."""
     nice: int = 0
-    """Niceness added to tritonserver and its python stubs (``nice -n``). Above 0 where Triton shares a host's
-    cores with latency-bound processes (a router on an edge box, the fault tests): its model loads then wait
-    for them, not they for it."""
+    """Niceness added to tritonserver and its python stubs (``nice -n``, and its session's too: see
+    :func:`renice_session`). Above 0 where Triton shares a host's cores with latency-bound processes (a router
+    on an edge box, the fault tests): its model loads then wait for them, not they for it."""
 
     @classmethod
     def on_free_ports(cls, repository: Path, **kw) -> ServerSettings:
@@ -109,6 +109,20 @@ def prepare_backends(dest: Path, install: TritonInstall | None = None) -> Path:
             (dest / backend.name).mkdir(exist_ok=True)
             shutil.copy2(backend / "model.py", dest / backend.name / "model.py")
     return dest
+
+
+def renice_session(pid: int, nice: int) -> None:
+    """Give the session that ``pid`` leads the niceness ``nice`` too, where the kernel groups by session.
+
+    With autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on in many distributions' kernels)
+    each session is a group that shares the cores equally with every other, and its processes' niceness counts
+    only among themselves: tritonserver, started in a session of its own, would take half the cores from a
+    router beside it whatever ``nice -n`` said. The group's own niceness (``/proc/PID/autogroup``) is what
+    weighs against the others. Nothing to do, and nothing done, where the file does not exist or refuses."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError:
+        pass
 
 
 FREE_PORTS = range(20_000, 32_000)
@@ -296,6 +310,8 @@ class EmbeddedTriton:
         self.process = subprocess.Popen(self.command(backend_dir, install), stdout=log, stderr=subprocess.STDOUT,
                                         env=self.environment(install), start_new_session=True)
         log.close()
+        if self.settings.nice:
+            renice_session(self.process.pid, self.settings.nice)
         try:
             self.wait_ready(self.settings.startup_timeout, cancel)
         except BaseException:  # ServerError, and Ctrl-C while waiting: never leave tritonserver behind

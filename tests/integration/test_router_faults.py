@@ -15,8 +15,10 @@ reaches it is one the router did not answer at all (a router that waits on a dea
 may. Below it, at most ``LATE_SHARE`` of the calls may be late: answered after the budget, or refused by the
 router with DEADLINE_EXCEEDED because the budget had passed before it could start ranking them (its contract for
 a stalled replica). A router that waited on the cloud would be late on every call of the fault, far more than
-that share. Triton runs with a niceness of 10, as ``recserve route --triton-repo`` starts it: in a cluster it has
-cores of its own, and its restarts here would otherwise take the router's.
+that share. Triton runs with a niceness of 10, as ``recserve route --triton-repo`` starts it (its session's
+too, where the kernel groups sessions), and the router's replicas at 0, not Ray's 15 for workers: in a cluster
+Triton has cores of its own, and its restarts here would otherwise take the router's (in CI, with the replica at
+15, a restart held it off the cores for 0.2 s while a meter at 0 saw nothing).
 """
 
 from __future__ import annotations
@@ -99,20 +101,21 @@ while True:
 
 class StallMeters:
     """Two hiccup meters, as jHiccup measures a JVM's: each sleeps 1 ms over and over and records every wake-up
-    more than ``STALL_S`` late. One is a process of its own at the router's niceness (the machine stalled: the
+    more than ``STALL_S`` late. One is a process of its own at the replica's niceness (the machine stalled: the
     router's replica, Ray and this client all wait for a core, or for the disk); one is a thread of this client
     (the client stalled: its GIL held, its process descheduled; its clock then records answers late that the
     router wrote on time). A late call that overlapped a stall is *excused*: reported, not counted. A router that
     waits on a dead cloud is late on every call of the fault, stalls or not; the meters excuse only the calls
     that coincided with one."""
 
-    def __init__(self) -> None:
+    def __init__(self, niceness: int) -> None:
         import subprocess
         import sys
 
         self.stalls: list[tuple[float, float]] = []
         self._stop = threading.Event()
-        self._proc = subprocess.Popen([sys.executable, "-c", _METER, str(STALL_S)], stdout=subprocess.PIPE, text=True)
+        self._proc = subprocess.Popen(["nice", "-n", str(niceness), sys.executable, "-c", _METER, str(STALL_S)],
+                                      stdout=subprocess.PIPE, text=True)
         self._threads = [threading.Thread(target=self._own, daemon=True),
                          threading.Thread(target=self._machine, daemon=True)]
         for t in self._threads:
@@ -187,7 +190,7 @@ class OpenLoad:
 
     def __enter__(self) -> OpenLoad:
         gc.disable()  # this client's own collections over thousands of recorded calls must not stall its deadlines
-        self.meters = StallMeters()
+        self.meters = StallMeters(os.getpriority(os.PRIO_PROCESS, listener(self.stack.config.grpc_port)[0]))
         self._thread.start()
         return self
 
@@ -303,7 +306,19 @@ def _stub_of(stack: RouterStack, version: str) -> int:
     raise AssertionError(f"no python stub of ranker version {version}")
 
 
-# --- limits and malformed input (first: the fault tests below stop Triton) -------------------------------------------
+# --- priorities, limits and malformed input (first: the fault tests below stop Triton) --------------------------------
+
+
+def test_the_router_replica_runs_at_the_default_priority_and_triton_below_it(stack: RouterStack) -> None:
+    """Ray starts its workers at niceness 15; the router asks for 0 (``RAY_worker_niceness``), else a Triton at 10
+    beside it takes its cores. Triton's session, where the kernel schedules sessions as groups, is at 10 too."""
+    replica = listener(stack.config.grpc_port)[0]
+    assert os.getpriority(os.PRIO_PROCESS, replica) == 0
+    triton = stack.triton.process.pid
+    assert os.getpriority(os.PRIO_PROCESS, triton) == 10
+    autogroup = Path(f"/proc/{triton}/autogroup")
+    if autogroup.exists():  # "/autogroup-123 nice 10"
+        assert autogroup.read_text().split()[-1] == "10", autogroup.read_text()
 
 
 def test_more_candidates_than_the_models_batch_limit_are_split_not_failed(stack: RouterStack) -> None:

@@ -560,6 +560,10 @@ def test_router_deployment_or_rayservice(docs, scenario):
         (app,) = serve["applications"]
         assert app["import_path"] == "recserve.serving.app:app"
         assert rs["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
+        cluster = rs["spec"]["rayClusterConfig"]
+        for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:  # replicas at niceness 0, not Ray's 15
+            (ray,) = pod["template"]["spec"]["containers"]
+            assert {"name": "RAY_worker_niceness", "value": "0"} in ray["env"]
         assert _router_config(docs)["ingress"] == "proxy"  # KubeRay runs Serve's proxies
         scaling = values["router"]["rayService"]["serveAutoscaling"]
         if scaling["enabled"]:  # Serve scales the router replicas on ongoing requests

@@ -114,6 +114,20 @@ def test_replica_ingress_leaves_the_grpc_ports_to_the_replicas_own_servers() -> 
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8100", "8102")
 
 
+@pytest.mark.parametrize(("niceness", "warned"), [(0, False), (15, True)])
+def test_a_replica_below_the_default_priority_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture, niceness: int,
+                                                      warned: bool) -> None:
+    import os
+
+    from recserve.serving import app
+
+    monkeypatch.setattr(os, "getpriority", lambda which, who: niceness)
+    with caplog.at_level("WARNING", logger="recserve.serving.app"):
+        app.warn_if_niced()
+    assert ("RAY_worker_niceness=0" in caplog.text) is warned, caplog.text
+
+
 def test_default_model_must_be_a_configured_model(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="default_model 'other' is not among models"):
         load_router_config(write(tmp_path, minimal(default_model="other")))

@@ -354,6 +354,9 @@ latency settings (`recserve route` sets the same ones itself).
   value: "1000"
 - name: RAY_SERVE_PROXY_USE_GRPC
   value: "1"
+# the router replicas at the default priority, not Ray's 15 for batch workers (recserve/serving/app.py)
+- name: RAY_worker_niceness
+  value: "0"
 {{- with .Values.router.extraEnv }}
 {{ toYaml . }}
 {{- end }}
