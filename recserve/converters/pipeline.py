@@ -59,6 +59,7 @@ from recserve.models.artifact import is_trained_dir, load_trained
 from recserve.models.export import RANKER_OUTPUTS
 from recserve.models.train import TrainSettings
 from recserve.onnxrt import session
+from recserve.outdir import check_out as check_outdir
 from recserve.provenance import sha256_hex
 from recserve.timing import interleaved, paired_ratio
 
@@ -130,16 +131,7 @@ def check_out(out: Path, model: LoadedModel, force: bool) -> None:
     if is_trained_dir(out):
         raise ConfigError(f"--out {out} is a `recserve train` output (model.pt, model.json); compress into a new "
                           "directory so the trained model stays whole")
-    present = sorted(p.name for p in out.iterdir())
-    if not present:
-        return
-    if not force:
-        raise ConfigError(f"--out {out} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}); "
-                          "choose a new directory, or pass --force to replace an earlier `recserve compress` output")
-    foreign = [n for n in present if n not in OUTPUT_FILES + REJECTED]
-    if foreign:
-        raise ConfigError(f"--out {out} holds files `recserve compress` did not write ({', '.join(foreign[:4])}); "
-                          "--force replaces only an earlier compress output: choose a new directory")
+    check_outdir(out, force, OUTPUT_FILES + REJECTED, "recserve compress")
 
 
 def scoring_for(model: LoadedModel, data: Dataset, score_output: str | None) -> Scoring:

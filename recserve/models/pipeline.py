@@ -8,29 +8,19 @@ from typing import Any
 from recserve.converters.evaluate import Scoring, evaluate, held_out
 from recserve.data import load_dataset
 from recserve.data.schema import RankingData
-from recserve.errors import ConfigError, DataError
+from recserve.errors import DataError
 from recserve.models.artifact import TrainedModel, build_module
 from recserve.models.ranker import RankerConfig
 from recserve.models.train import TrainSettings, fit_ranker, fit_two_tower
 from recserve.models.two_tower import TwoTowerConfig
+from recserve.outdir import check_out
 
 ARTIFACT_FILES = ("model.onnx", "model.pt", "model.json", "preprocessing.json")
 
 
 def check_train_out(out: Path, force: bool) -> None:
     """``--out`` must be new or empty; ``force`` replaces an earlier ``recserve train`` output, nothing else."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory")
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not present:
-        return
-    if not force:
-        raise ConfigError(f"--out {out} is not empty ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}); "
-                          "choose a new directory, or pass --force to replace an earlier `recserve train` output")
-    foreign = [n for n in present if n not in ARTIFACT_FILES]
-    if foreign:
-        raise ConfigError(f"--out {out} holds files `recserve train` did not write ({', '.join(foreign[:4])}); "
-                          "--force replaces only an earlier train output: choose a new directory")
+    check_out(out, force, ARTIFACT_FILES, "recserve train")
 
 
 def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32, force: bool = False,

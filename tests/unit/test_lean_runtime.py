@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "sklearn", "scipy", "pandas", "matplotlib")
+HEAVY = ("torch", "sklearn", "scipy", "pandas", "matplotlib", "transformers", "sentence_transformers")
 """The training and evaluation stack: none of it belongs in a serving process."""
 
 STUB = ("import sys, types; "
@@ -30,6 +30,8 @@ ENTRY_POINTS = [
     "recserve.triton.models.recommend_preprocess",
     "recserve.triton.models.recommend_topk",
     "recserve.triton.models.retrieve_preprocess",
+    "recserve.encoder.text",  # the query tokenizer, wherever an encoder serves
+    "recserve.encoder.artifact",
 ]
 
 

