@@ -18,11 +18,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from bench import compression, loadtest, router, triton
+from bench import compression, encoder, loadtest, router, triton
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"compression": compression, "triton": triton, "router": router,
-              "loadtest": loadtest}
+              "loadtest": loadtest, "encoder": encoder}
 """In order: later benchmarks reuse what earlier ones built in the shared work directory."""
 
 

@@ -625,6 +625,76 @@ def encoder_export(
     console.print(f"wrote {result.out}", highlight=False, soft_wrap=True)
 
 
+@encoder_app.command("distill")
+def encoder_distill(
+    data: Annotated[str, typer.Option(help="search data whose tuning queries and titles it trains on: "
+                                           "search:PATH[,query=COL,...] or synthetic[:QUERIES]")],
+    out: Annotated[Path, typer.Option(help="output directory (an encoder directory, like `encoder export`'s)")],
+    model: Annotated[Path | None, typer.Option(help="the teacher: a sentence-transformers directory; default: the "
+                                                    "packaged all-MiniLM-L6-v2")] = None,
+    layers: Annotated[int, typer.Option(min=1, help="transformer layers the student keeps (which: chosen on "
+                                                    "validation)")] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="most epochs; the best on validation is kept")] = 4,
+    max_texts: Annotated[int, typer.Option(min=10, help="training texts at most (a seeded sample)")] = 30_000,
+    seed: Annotated[int, typer.Option(help="the query split, the sample and the initialization")] = 0,
+    force: Annotated[bool, typer.Option(help="replace an earlier `recserve encoder distill` output in --out")] = False,
+) -> None:
+    """Distill a text encoder into a student with fewer layers, trained on the teacher's embeddings of the tuning
+    queries and the product titles (held-out queries unseen), and export it."""
+    from recserve.data.search import load_search
+    from recserve.encoder.distill import DistillSettings, distill_encoder
+
+    search = load_search(data, seed)
+    settings = DistillSettings(layers=layers, epochs=epochs, max_texts=max_texts, seed=seed)
+    with console.status("distilling") as status:
+        result, report = distill_encoder(out, search, model, settings, force=force, progress=status.update)
+    console.print(f"kept layers {report.kept_layers}, chosen on "
+                  f"{report.validation_texts:,} validation texts (untrained cosine with the teacher: "
+                  + ", ".join(f"{k}: {v:.3f}" for k, v in report.candidates.items()) + ")", highlight=False)
+    console.print("validation cosine by epoch: " + ", ".join(f"{c:.4f}" for c in report.epochs)
+                  + f"; kept epoch {report.best_epoch}", highlight=False)
+    console.print(f"student: {result.info.layers} layers, {result.info.parameters / 1e6:.1f}M parameters, "
+                  f"{result.bytes / 2**20:.1f} MiB", highlight=False)
+    console.print(f"wrote {result.out}", highlight=False, soft_wrap=True)
+
+
+@encoder_app.command("quantize")
+def encoder_quantize(
+    encoder: Annotated[Path, typer.Argument(help="an exported encoder directory")],
+    out: Annotated[Path, typer.Option(help="output directory (a new encoder directory)")],
+    force: Annotated[bool, typer.Option(help="replace an earlier `recserve encoder quantize` output in --out")] = False,
+) -> None:
+    """INT8 dynamic quantization of an exported encoder (weights INT8; LayerNorm and Softmax stay float)."""
+    from recserve.encoder.quantize import quantize_int8
+
+    with console.status("quantizing"):
+        result = quantize_int8(encoder, out, force=force)
+    p = result.info.parity
+    console.print(f"INT8 encoder: {result.bytes / 2**20:.1f} MiB; against the float graph on {p.texts} texts: "
+                  f"min cosine {p.min_cosine:.4f}, max abs diff {p.max_abs_diff:.1e}", highlight=False)
+    console.print(f"wrote {result.out}", highlight=False, soft_wrap=True)
+
+
+@encoder_app.command("evaluate")
+def encoder_evaluate(
+    encoder: Annotated[Path, typer.Argument(help="an exported (or compressed) encoder directory")],
+    data: Annotated[str, typer.Option(help="search:PATH[,query=COL,title=COL,relevance=COL,product=COL] or "
+                                           "synthetic[:QUERIES]")],
+    teacher: Annotated[Path | None, typer.Option(help="an encoder to compare with (overlap, cosine, NDCG loss)")] = None,
+    seed: Annotated[int, typer.Option(help="the split of the queries into tuning and held-out halves")] = 0,
+) -> None:
+    """NDCG@10 and recall@10 of the products an encoder retrieves for the held-out queries (and, with a
+    teacher, its agreement with it); prints one JSON object."""
+    from recserve.data.search import load_search
+    from recserve.encoder.evaluate import Encoder, judge
+
+    search = load_search(data, seed)
+    encoders = {"encoder": Encoder(encoder)} | ({"teacher": Encoder(teacher)} if teacher else {})
+    with console.status(f"embedding {len(search.titles):,} products and the held-out queries"):
+        result = judge(encoders, search, teacher="teacher" if teacher else "encoder")
+    print(json.dumps({"data": data, "products": len(search.titles), **result}, indent=2))
+
+
 def main() -> None:
     try:
         app()

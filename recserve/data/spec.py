@@ -21,7 +21,13 @@ OPTIONS = {
     "synthetic": {"users": int, "items": int, "seed": int},
     "tensors": {},
 }
-NEEDS_PATH = {"criteo", "movielens", "interactions", "tensors"}
+NEEDS_PATH = {"criteo", "movielens", "interactions", "tensors", "search"}
+SEARCH_FORMS = "search:PATH[,query=COL][,title=COL][,relevance=COL][,product=COL] | synthetic[:QUERIES][,products=N][,seed=N]"
+SEARCH_OPTIONS = {
+    "search": {"query": str, "title": str, "relevance": str, "product": str},
+    "synthetic": {"products": int, "seed": int},
+}
+"""What a text encoder is evaluated on (recserve/data/search.py): judged queries and product titles."""
 
 
 @dataclass
@@ -31,33 +37,39 @@ class Spec:
     options: dict[str, int | str] = field(default_factory=dict)
 
 
-def _bad(spec: str, why: str) -> DataError:
-    return DataError(f"dataset spec {spec!r}: {why}; valid forms: {VALID_FORMS}")
+def _bad(spec: str, why: str, forms: str = VALID_FORMS) -> DataError:
+    return DataError(f"dataset spec {spec!r}: {why}; valid forms: {forms}")
 
 
-def parse_spec(spec: str) -> Spec:
-    """Split a spec into kind, path and typed options; DataError (listing the valid forms) on any mistake."""
+def parse_spec(spec: str, search: bool = False) -> Spec:
+    """Split a spec into kind, path and typed options; DataError (listing the valid forms) on any mistake.
+    ``search``: a spec of search data for a text encoder (:data:`SEARCH_OPTIONS`), not of ranking data."""
+    known, forms = (SEARCH_OPTIONS, SEARCH_FORMS) if search else (OPTIONS, VALID_FORMS)
     head, *pairs = spec.strip().split(",")
     kind, _, path = head.partition(":")
     kind = kind.strip().lower()
-    if kind not in OPTIONS:
-        raise _bad(spec, f"unknown kind {kind!r}")
+    if kind == "search" and not search:
+        raise _bad(spec, "search data (queries and titles) is for text encoders, not rankers")
+    if kind not in known:
+        raise _bad(spec, f"unknown kind {kind!r}", forms)
     path = path.strip() or None
     if kind in NEEDS_PATH and path is None:
-        raise _bad(spec, f"{kind} needs a path ({kind}:PATH)")
+        raise _bad(spec, f"{kind} needs a path ({kind}:PATH)", forms)
     if kind == "synthetic" and path is not None and not (path.isdigit() and int(path) > 0):
-        raise _bad(spec, f"synthetic:ROWS needs a positive integer row count, got {path!r}")
+        unit = "query" if search else "row"
+        raise _bad(spec, f"synthetic:{'QUERIES' if search else 'ROWS'} needs a positive integer {unit} count, "
+                   f"got {path!r}", forms)
     options: dict[str, int | str] = {}
     for pair in pairs:
         key, eq, value = (s.strip() for s in pair.partition("="))
         if not eq or not key or not value:
             raise _bad(spec, f"option {pair!r} is not key=value")
-        if key not in OPTIONS[kind]:
-            allowed = ", ".join(OPTIONS[kind]) or "none"
-            raise _bad(spec, f"unknown option {key!r} for {kind} (allowed: {allowed})")
-        if OPTIONS[kind][key] is int:
+        if key not in known[kind]:
+            allowed = ", ".join(known[kind]) or "none"
+            raise _bad(spec, f"unknown option {key!r} for {kind} (allowed: {allowed})", forms)
+        if known[kind][key] is int:
             if not value.isdigit():
-                raise _bad(spec, f"option {key}={value!r} must be a non-negative integer")
+                raise _bad(spec, f"option {key}={value!r} must be a non-negative integer", forms)
             options[key] = int(value)
         else:
             options[key] = value

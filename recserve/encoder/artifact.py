@@ -45,7 +45,9 @@ class EncoderInfo(BaseModel):
     normalize: bool = Field(description="whether the embedding is L2-normalized inside the graph")
     do_lower_case: bool = Field(False, description="the model's own flag; the tokenizer's normalizer applies it")
     opset: int = Field(description="ONNX opset of the graph")
-    parity: Parity
+    compression: list[str] = Field(default_factory=list, description="what was done to the exported graph, in order")
+    parity: Parity = Field(description="agreement with the model it came from: PyTorch for an export, the float "
+                                       "graph for a quantized one")
 
 
 def load_info(directory: Path) -> EncoderInfo:

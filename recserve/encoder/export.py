@@ -99,25 +99,35 @@ def _validate_source(model_dir: Path) -> None:
                              "with a fast tokenizer (SentenceTransformer.save() writes one)")
 
 
-def export_encoder(out: Path, model: Path | None = None, *, force: bool = False) -> ExportResult:
-    """Export the encoder at ``model`` (the packaged one by default) to ``out``: model.onnx, tokenizer.json and
-    encoder.json. ``out`` must be new or empty (``force``: or an earlier export, replaced only once the new one
-    is complete and checked)."""
+def load_sentence_transformer(model_dir: Path):
+    """The sentence-transformers model in ``model_dir``, on the CPU with eager attention (which exports);
+    ConfigError without the encoder extra, ModelError when it does not load."""
     _offline()
-    check_out(out, force, FILES, "recserve encoder export")
-    model_dir = Path(model) if model is not None else packaged_model_dir()
     _validate_source(model_dir)
     try:
-        import torch
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
-        raise ConfigError(f"exporting an encoder needs the encoder extra: pip install 'recserve[encoder]' ({e})") from e
+        raise ConfigError(f"this needs the encoder extra: pip install 'recserve[encoder]' ({e})") from e
     try:
         st = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True,
                                  model_kwargs={"attn_implementation": "eager"})
     except Exception as e:  # transformers raises many kinds
         raise ModelError(f"sentence-transformers cannot load {model_dir}: {str(e).splitlines()[0]}") from e
-    st.eval()
+    return st.eval()
+
+
+def export_encoder(out: Path, model: Path | None = None, *, force: bool = False, source: str | None = None,
+                   compression: tuple[str, ...] = (), command: str = "recserve encoder export") -> ExportResult:
+    """Export the encoder at ``model`` (the packaged one by default) to ``out``: model.onnx, tokenizer.json and
+    encoder.json. ``out`` must be new or empty (``force``: or an earlier output of ``command``, replaced only once
+    the new one is complete and checked). ``source`` and ``compression`` describe a model made from another (a
+    distilled student) in its encoder.json."""
+    _offline()
+    check_out(out, force, FILES, command)
+    model_dir = Path(model) if model is not None else packaged_model_dir()
+    st = load_sentence_transformer(model_dir)
+    import torch
+
     pooling, normalize = _pooling(model_dir, st)
     transformer = st[0].auto_model
     max_len = int(getattr(st, "max_seq_length", None) or getattr(transformer.config, "max_position_embeddings", 512))
@@ -127,10 +137,11 @@ def export_encoder(out: Path, model: Path | None = None, *, force: bool = False)
     parity = _check(graph, tokenizer, st)
     n_params = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
     info = EncoderInfo(
-        source=PACKAGED if model is None else str(Path(model).resolve()), dim=int(st.get_embedding_dimension()),
-        layers=int(getattr(transformer.config, "num_hidden_layers", 0)), parameters=n_params,
-        max_seq_length=max_len, pooling=pooling, normalize=normalize,
-        do_lower_case=bool(getattr(st[0], "do_lower_case", False)), opset=OPSET, parity=parity)
+        source=source or (PACKAGED if model is None else str(Path(model).resolve())),
+        dim=int(st.get_embedding_dimension()), layers=int(getattr(transformer.config, "num_hidden_layers", 0)),
+        parameters=n_params, max_seq_length=max_len, pooling=pooling, normalize=normalize,
+        do_lower_case=bool(getattr(st[0], "do_lower_case", False)), opset=OPSET, compression=list(compression),
+        parity=parity)
     data = graph.SerializeToString()
     _write(out, {MODEL_FILE: data, TOKENIZER_FILE: (model_dir / TOKENIZER_FILE).read_bytes(),
                  INFO_FILE: (info.model_dump_json(indent=2) + "\n").encode()})

@@ -42,16 +42,34 @@ its Triton call's timeout. The chart's terminationGracePeriodSeconds (60) is lon
 a tick half-done."""
 
 
+TICK_EXIT_POLL_S = 0.5
+"""How often kopf looks again at a tick still under way once its rollout is deleted (kopf's default: 60 s). The
+finalizer stays until the tick has ended, so with the default a rollout deleted during a tick stayed Terminating
+for a minute (CI caught it: the finalizer released after 60 s, when its test stopped waiting)."""
+
+
+def tune(settings: kopf.OperatorSettings) -> None:
+    """The settings every way of running the handlers shares (``recserve operator run``, ``kopf run -m``)."""
+    settings.execution.max_workers = WORKERS
+    settings.background.cancellation_polling = TICK_EXIT_POLL_S
+    # kopf keeps the spec it last handled in an annotation (the API server caps annotations at 256 KiB); the
+    # compression report, which can be large, is left out of it: no handler reacts to its changes
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(ignored_fields=["spec.compressionReport"])
+
+
+@kopf.on.startup()
+def on_startup(settings: kopf.OperatorSettings, **_) -> None:
+    """:func:`tune` under ``kopf run -m recserve.operator.handlers`` too, where no settings are handed in."""
+    tune(settings)
+
+
 def operator_settings(*, scan_namespaces: bool) -> kopf.OperatorSettings:
     """kopf's settings for ``recserve operator run`` (handed to ``kopf.run``). With namespaces named explicitly,
     no cluster-wide scanning: a namespaced Role (the chart's default) may not list namespaces, and kopf retried
     that list, 403 after 403, for about a minute before it started to handle rollouts."""
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = not scan_namespaces
-    settings.execution.max_workers = WORKERS
-    # kopf keeps the spec it last handled in an annotation (the API server caps annotations at 256 KiB); the
-    # compression report, which can be large, is left out of it: no handler reacts to its changes
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(ignored_fields=["spec.compressionReport"])
+    tune(settings)
     return settings
 
 

@@ -400,6 +400,35 @@ def test_deleting_a_rollout_mid_way_puts_all_traffic_back_on_the_stable_version(
     assert traffic.failures("1") == []
 
 
+def test_a_rollout_deleted_while_its_tick_is_under_way_goes_as_soon_as_the_tick_ends(
+        kube: ApiServer, triton: Triton, model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf keeps its finalizer until the tick under way has ended, then looks again only every
+    ``cancellation_polling`` seconds (60 by default: the object stayed a minute). Every tick here takes 2 s, as a
+    tick that waits on a slow Triton does; the rollout is deleted mid-tick."""
+    import recserve.operator.handlers as handlers
+
+    real_step = handlers.step
+    in_tick = []
+
+    def slow_step(*args, **kwargs):
+        in_tick.append(time.monotonic())
+        time.sleep(2.0)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "step", slow_step)
+    policy = tmp_path / "policy.json"
+    with operator() as runner:
+        kube.create(rollout("slow", rollout_spec(triton, model, policy, steps=[{"weight": 40, "pauseSeconds": 60}])))
+        wait_for(lambda: len(in_tick) >= 2, 30, lambda: f"two ticks: {kube.status('slow')}\n{runner.output[-2000:]}")
+        time.sleep(max(0.0, in_tick[-1] + 0.5 - time.monotonic()))  # half a second into a tick
+        deleted = time.monotonic()
+        kube.delete("slow")
+        wait_for(lambda: kube.get("slow") is None, 20,
+                 lambda: f"the finalizer to go: {kube.get('slow')}\n{runner.output[-3000:]}")
+        took = time.monotonic() - deleted
+    assert took < 10, f"the rollout went {took:.1f} s after its deletion"  # 1.5 s of tick left, then the handler
+
+
 # --- a candidate that is not in the model repository -----------------------------------------------------------------
 
 

@@ -377,6 +377,19 @@ def test_ticks_get_a_thread_each_and_the_chart_lets_one_under_way_finish(handler
     assert values["operator"]["terminationGracePeriodSeconds"] > handlers.STOP_WAIT_S > handlers.act.TRITON_TIMEOUT_S
 
 
+def test_a_deleted_rollout_is_released_soon_after_its_tick_ends_however_kopf_is_started(handlers) -> None:
+    """kopf keeps the finalizer until a tick under way has ended and looks again only every
+    ``cancellation_polling`` seconds (60 by default: a rollout deleted mid-tick stayed a minute); both ways of
+    starting the handlers (``recserve operator run``, ``kopf run -m``: its startup hook) poll often."""
+    import kopf
+
+    assert handlers.operator_settings(scan_namespaces=False).background.cancellation_polling <= 1.0
+    settings = kopf.OperatorSettings()
+    assert settings.background.cancellation_polling == 60, "kopf's default (what this guards against)"
+    handlers.on_startup(settings=settings)
+    assert settings.background.cancellation_polling <= 1.0 and settings.execution.max_workers >= 32
+
+
 def test_the_spec_kopf_remembers_leaves_out_the_compression_report(handlers) -> None:
     """kopf stores the last handled spec in an annotation (256 KiB at most for all of them): a large report
     must not go there."""

@@ -1,0 +1,149 @@
+"""Layer-dropping distillation of a text encoder: a student that keeps some of the teacher's transformer
+layers (initialized from them), trained to give the teacher's embeddings.
+
+The texts are the tuning half's queries and the corpus's product titles (what the encoder will embed); the
+held-out queries are never seen. A tenth of the texts (at most ``MAX_VALIDATION``) is set aside for
+validation, on which everything data-dependent is chosen: which layers the student keeps (the candidates
+whose untrained student agrees best with the teacher) and after which epoch its weights are kept (the best
+mean cosine with the teacher). The loss is the mean squared difference of the two L2-normalized embeddings
+(2 - 2 cos). The student is then exported like any encoder (:func:`export_encoder`: checked against its own
+PyTorch model), with what was done in its ``encoder.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recserve.data.search import SearchData
+from recserve.encoder.artifact import FILES
+from recserve.encoder.export import PACKAGED, ExportResult, export_encoder, load_sentence_transformer, packaged_model_dir
+from recserve.errors import ConfigError
+from recserve.outdir import check_out
+
+MAX_VALIDATION = 2000
+TRAIN_SEQ_LENGTH = 64
+"""Tokens per text while training (titles and queries are shorter; the exported student keeps the teacher's limit)."""
+
+
+@dataclass
+class DistillSettings:
+    layers: int = 3
+    """Transformer layers the student keeps."""
+    epochs: int = 4
+    """Most passes over the training texts; the best epoch on validation is kept."""
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    max_texts: int = 30_000
+    """Training texts at most (a seeded sample), to bound the time on a CPU."""
+    seed: int = 0
+
+
+@dataclass
+class DistillReport:
+    kept_layers: list[int]
+    candidates: dict[str, float]
+    """Each kept-layer candidate's validation cosine with the teacher before training."""
+    epochs: list[float] = field(default_factory=list)
+    """Validation cosine with the teacher after each epoch."""
+    best_epoch: int = 0
+    train_texts: int = 0
+    validation_texts: int = 0
+
+
+def layer_candidates(total: int, keep: int) -> list[list[int]]:
+    """Kept-layer subsets to choose among: spread over the depth, every other from the top and from the
+    bottom, and the lowest ``keep`` layers."""
+    if not 0 < keep < total:
+        raise ConfigError(f"a student keeps 1 to {total - 1} of the teacher's {total} layers; got {keep}")
+    spread = sorted({round(i * (total - 1) / max(keep - 1, 1)) for i in range(keep)}) if keep > 1 else [total - 1]
+    top = sorted(total - 1 - 2 * i for i in range(keep)) if 2 * keep <= total + 1 else None
+    bottom = [2 * i for i in range(keep)] if 2 * keep - 1 <= total - 1 else None
+    out: list[list[int]] = []
+    for c in (spread, top, bottom, list(range(keep))):
+        if c is not None and len(c) == keep and min(c) >= 0 and c not in out:
+            out.append(c)
+    return out
+
+
+def _texts(data: SearchData, settings: DistillSettings) -> tuple[list[str], list[str]]:
+    tuning, _ = data.split(held_out=False)
+    texts = sorted(set(tuning) | set(data.titles))
+    rng = random.Random(settings.seed)
+    rng.shuffle(texts)
+    n_val = min(MAX_VALIDATION, max(1, len(texts) // 10))
+    return texts[n_val:n_val + settings.max_texts], texts[:n_val]
+
+
+def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, settings: DistillSettings | None = None,
+                    *, force: bool = False, progress: Callable[[str], None] = lambda _: None
+                    ) -> tuple[ExportResult, DistillReport]:
+    """Distill the teacher (the packaged encoder by default) into a student on ``data``'s tuning texts and export
+    it to ``out`` (see the module's docstring)."""
+    import torch
+
+    s = settings or DistillSettings()
+    check_out(out, force, FILES, "recserve encoder distill")
+    teacher_dir = Path(teacher) if teacher is not None else packaged_model_dir()
+    st = load_sentence_transformer(teacher_dir)
+    total = int(st[0].auto_model.config.num_hidden_layers)
+    candidates = layer_candidates(total, s.layers)
+    train, val = _texts(data, s)
+    torch.manual_seed(s.seed)
+    limit = st.max_seq_length
+    st.max_seq_length = TRAIN_SEQ_LENGTH
+    progress(f"teacher embeddings of {len(train) + len(val):,} texts")
+    with torch.no_grad():
+        target_train = st.encode(train, batch_size=128, convert_to_tensor=True)
+        target_val = st.encode(val, batch_size=128, convert_to_tensor=True)
+
+    def student_with(kept: list[int]):
+        student = copy.deepcopy(st)
+        bert = student[0].auto_model
+        bert.encoder.layer = torch.nn.ModuleList([bert.encoder.layer[i] for i in kept])
+        bert.config.num_hidden_layers = len(kept)
+        return student
+
+    def agreement(student) -> float:
+        student.eval()
+        with torch.no_grad():
+            got = student.encode(val, batch_size=128, convert_to_tensor=True)
+        return float(torch.nn.functional.cosine_similarity(got, target_val).mean())
+
+    scores = {",".join(map(str, c)): agreement(student_with(c)) for c in candidates}
+    kept = [int(i) for i in max(scores, key=scores.get).split(",")]
+    report = DistillReport(kept, scores, train_texts=len(train), validation_texts=len(val))
+    student = student_with(kept)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=s.learning_rate)
+    best, best_state = agreement(student), copy.deepcopy(student.state_dict())
+    order = list(range(len(train)))
+    rng = random.Random(s.seed)
+    for epoch in range(1, s.epochs + 1):
+        student.train()
+        rng.shuffle(order)
+        for start in range(0, len(order), s.batch_size):
+            idx = order[start:start + s.batch_size]
+            features = student.preprocess([train[i] for i in idx])
+            got = student(features)["sentence_embedding"]
+            loss = torch.nn.functional.mse_loss(torch.nn.functional.normalize(got, dim=1), target_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        cos = agreement(student)
+        report.epochs.append(cos)
+        progress(f"epoch {epoch}: validation cosine with the teacher {cos:.4f}")
+        if cos > best:
+            best, best_state, report.best_epoch = cos, copy.deepcopy(student.state_dict()), epoch
+    student.load_state_dict(best_state)
+    student.max_seq_length = limit
+    with tempfile.TemporaryDirectory() as tmp:
+        student.save(tmp)
+        result = export_encoder(out, Path(tmp), force=force, command="recserve encoder distill",
+                                source=PACKAGED if teacher is None else str(teacher_dir.resolve()),
+                                compression=(f"distill: {len(kept)} of {total} layers (kept {kept}), "
+                                             f"epoch {report.best_epoch} of {s.epochs}",))
+    return result, report
