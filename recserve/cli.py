@@ -77,6 +77,12 @@ class ObjectiveOpt(str, Enum):
     throughput = "throughput"
 
 
+class EncoderPrecision(str, Enum):
+    int8_dynamic = "int8_dynamic"
+    int8_static = "int8_static"
+    fp16 = "fp16"
+
+
 def parse_duration(text: str) -> float:
     """Seconds from ``1200``, ``90s``, ``20m`` or ``1h``; ConfigError otherwise."""
     t = text.strip().lower()
@@ -109,8 +115,17 @@ def compress(
     speed: Annotated[bool, typer.Option(help="measure onnxruntime latency and throughput")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON instead of tables")] = False,
 ) -> None:
-    """Compress a recommender to a quality budget, choosing on validation and gating on held-out data."""
+    """Compress a recommender (or a text encoder) to a quality budget, choosing on validation and gating on
+    held-out data."""
     from recserve.converters.pipeline import compress as run
+    from recserve.encoder.artifact import INFO_FILE
+
+    if (model / INFO_FILE).is_file():
+        if max_auc_loss is not None or objective is not None or time_budget is not None or score_output is not None:
+            raise ConfigError(f"{model} is a text encoder: it is compressed by a recipe with a retrieval gate "
+                              "(--recipe recipes/query-encoder.yaml), not by --max-auc-loss, --objective, "
+                              "--time-budget or --score-output")
+        return compress_encoder_cli(model, out, recipe, data, min_size_ratio, min_throughput_ratio, force, as_json)
     from recserve.converters.recipe import Gate, Recipe, SearchSpec, load_recipe
 
     searching = dict(objective=objective.value if objective else None,
@@ -154,11 +169,44 @@ def compress(
                       f"AUC loss {report.relative_auc_loss:+.4%} on the test split", soft_wrap=True)
 
 
+def compress_encoder_cli(model: Path, out: Path, recipe: Path | None, data: str | None, min_size_ratio: float | None,
+                         min_throughput_ratio: float | None, force: bool, as_json: bool) -> None:
+    """`recserve compress` for a text encoder (recserve.encoder.pipeline)."""
+    from recserve.encoder.pipeline import compress_encoder
+    from recserve.encoder.recipe import load_encoder_recipe
+
+    if recipe is None:
+        raise ConfigError(f"{model} is a text encoder: say what to run with --recipe, e.g. "
+                          "recipes/query-encoder.yaml")
+    spec = load_encoder_recipe(recipe)
+    limits = {"min_size_ratio": min_size_ratio, "min_throughput_ratio": min_throughput_ratio}
+    spec.gate = spec.gate.model_copy(update={k: v for k, v in limits.items() if v is not None})
+    live = console.is_terminal and not as_json
+    with console.status("compressing") if live else contextlib.nullcontext() as status:
+        report = compress_encoder(model, spec, out, data_spec=data, force=force,
+                                  progress=status.update if status is not None else lambda _: None)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        show_report(report, as_json=False)
+        console.print(f"report: {out}/report.json", soft_wrap=True)
+    if not report.gate.passed:
+        raise GateFailed(report.gate.reasons)
+    if not as_json:
+        console.print(f"[green]gate passed[/green]: {out} is {report.size_ratio:.1f}x smaller and "
+                      f"{report.throughput_ratio:.1f}x faster, relative NDCG@10 loss {report.relative_ndcg_loss:+.2%} "
+                      "on the held-out queries", soft_wrap=True)
+
+
 def show_report(report, as_json: bool) -> None:
     from recserve.converters.report import pareto_table, report_table
+    from recserve.encoder.report import EncoderReport, encoder_table
 
     if as_json:
         print(report.model_dump_json(indent=2))
+        return
+    if isinstance(report, EncoderReport):
+        console.print(encoder_table(report))
         return
     console.print(report_table(report))
     if report.pareto:
@@ -174,12 +222,17 @@ def show(
     from pydantic import ValidationError
 
     from recserve.converters.report import CompressionReport
+    from recserve.encoder.report import EncoderReport
     from recserve.specs import read_text
 
     file = path / "report.json" if path.is_dir() else path
     text = read_text(file, "report", "pass a `recserve compress` output directory")
     try:
-        report = CompressionReport.model_validate_json(text)
+        kind = EncoderReport if json.loads(text).get("kind") == "encoder" else CompressionReport
+    except (ValueError, AttributeError):
+        kind = CompressionReport  # its validation says what is wrong
+    try:
+        report = kind.model_validate_json(text)
     except ValidationError as e:
         raise ConfigError(f"{file} is not a `recserve compress` report ({e.error_count()} problems, first: "
                           f"{'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']})") from e
@@ -249,6 +302,23 @@ def index(
 
     for d in build_retrieval(retriever, ranker, data, repository, candidates=candidates):
         console.print(f"[green]built[/green] {d}")
+
+
+@app.command(name="search-index")
+def search_index(
+    encoder: Annotated[Path, typer.Argument(help="an encoder directory (`recserve encoder export`, or compressed)")],
+    catalog: Annotated[str, typer.Option(help="the products to search: search:PATH[,title=COL,product=COL] or "
+                                              "synthetic[:QUERIES]")],
+    repository: Annotated[Path, typer.Option(help="Triton model repository")] = Path("model_repository"),
+) -> None:
+    """Build the `search` ensemble: query_tokenize -> query_encoder -> product_index (the catalog's titles
+    embedded by the same encoder)."""
+    from recserve.triton.search import build_search
+
+    with console.status("embedding the catalog's titles"):
+        written = build_search(encoder, catalog, repository)
+    for d in written:
+        console.print(f"[green]built[/green] {d}", soft_wrap=True)
 
 
 @app.command(name="trt-check")
@@ -354,7 +424,7 @@ def rank(
     request_json: Annotated[str | None, typer.Option("--request", help="the whole RankRequest as JSON (or @FILE)")] = None,
     user: Annotated[list[str] | None, typer.Option(help="a raw user feature, NAME=VALUE (repeatable)")] = None,
     items: Annotated[str | None, typer.Option(help="candidate item ids, comma-separated (none: retrieve)")] = None,
-    query: Annotated[str, typer.Option(help="the search query feature")] = "",
+    query: Annotated[str, typer.Option(help="the search query feature (for a text search model: the typed query)")] = "",
     numeric: Annotated[list[str] | None, typer.Option(help="a numeric context feature, NAME=VALUE (repeatable)")] = None,
     top_k: Annotated[int, typer.Option(min=0, help="items to return (0: all, ranked)")] = 10,
     model: Annotated[str, typer.Option(help="model name in the router's config (empty: its default)")] = "",
@@ -662,16 +732,32 @@ def encoder_distill(
 def encoder_quantize(
     encoder: Annotated[Path, typer.Argument(help="an exported encoder directory")],
     out: Annotated[Path, typer.Option(help="output directory (a new encoder directory)")],
+    mode: Annotated[EncoderPrecision, typer.Option(help="int8_static: QDQ, calibrated on --data; fp16: for GPUs")
+                    ] = EncoderPrecision.int8_dynamic,
+    data: Annotated[str | None, typer.Option(help="int8_static: search data whose tuning queries and titles "
+                                                  "calibrate it")] = None,
     force: Annotated[bool, typer.Option(help="replace an earlier `recserve encoder quantize` output in --out")] = False,
 ) -> None:
-    """INT8 dynamic quantization of an exported encoder (weights INT8; LayerNorm and Softmax stay float)."""
-    from recserve.encoder.quantize import quantize_int8
+    """Quantize an exported encoder (INT8 weights, or FP16; LayerNorm and Softmax stay float in INT8)."""
+    from recserve.encoder.artifact import FILES, load_info
+    from recserve.encoder.pipeline import quantize_encoder, tuning_texts
+    from recserve.outdir import check_out
 
-    with console.status("quantizing"):
-        result = quantize_int8(encoder, out, force=force)
+    load_info(encoder)
+    check_out(out, force, FILES, "recserve encoder quantize")
+    calibration = None
+    if mode == EncoderPrecision.int8_static:
+        if data is None:
+            raise ConfigError("int8_static measures activation ranges on real text: give --data search:PATH "
+                              "(or synthetic)")
+        from recserve.data.search import load_search
+
+        calibration = tuning_texts(load_search(data), 0, 512)
+    with console.status(f"quantizing ({mode.value})"):
+        result = quantize_encoder(encoder, out, mode.value, calibration)
     p = result.info.parity
-    console.print(f"INT8 encoder: {result.bytes / 2**20:.1f} MiB; against the float graph on {p.texts} texts: "
-                  f"min cosine {p.min_cosine:.4f}, max abs diff {p.max_abs_diff:.1e}", highlight=False)
+    console.print(f"{mode.value} encoder: {result.bytes / 2**20:.1f} MiB; against the float graph on {p.texts} "
+                  f"texts: min cosine {p.min_cosine:.4f}, max abs diff {p.max_abs_diff:.1e}", highlight=False)
     console.print(f"wrote {result.out}", highlight=False, soft_wrap=True)
 
 

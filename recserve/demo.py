@@ -9,7 +9,9 @@
 4. starts the Ray Serve router in front of it (cloud: Triton; edge: the compressed model in
    process), sends Rank calls over gRPC;
 5. runs a short open-loop load test against Triton and the router and prints its table; then
-   stops Triton and shows the edge answering.
+   stops Triton and shows the edge answering;
+6. search: exports the packaged text encoder (all-MiniLM-L6-v2) to ONNX, builds the ``search`` ensemble
+   (tokenizer -> encoder -> nearest products) over a synthetic catalog, and answers typed queries.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if not report.gate.passed:
             return 3
         serve_demo(console, args.workdir, args.data)
+        search_demo(console, args.workdir)
     except RecserveError as e:
         console.print(f"[red]error:[/red] {e}")
         return e.exit_code
@@ -100,6 +103,38 @@ def serve_demo(console: Console, workdir: Path, data_spec: str) -> None:
             best = ", ".join(f"{i.decode()} {s:.4f}" for i, s in zip(out["items"], out["scores"]))
             console.print(f"recommend ensemble (50 raw candidates -> top 5): {best}")
         router_demo(console, workdir, data_spec, server, test, encoder)
+    finally:
+        server.stop()
+
+
+def search_demo(console: Console, workdir: Path, catalog: str = "synthetic:200,products=1500") -> None:
+    """A typed query through the Triton ``search`` ensemble."""
+    import numpy as np
+
+    from recserve.data.search import load_search
+    from recserve.encoder.export import export_encoder
+    from recserve.triton.client import TritonClient
+    from recserve.triton.search import build_search
+    from recserve.triton.server import EmbeddedTriton, ServerSettings
+
+    console.rule("6. search: a typed query -> tokenizer -> encoder -> nearest products, on Triton")
+    repo = workdir / "search_repository"
+    if repo.exists():
+        shutil.rmtree(repo)
+    with console.status("exporting the packaged text encoder and embedding the catalog"):
+        export_encoder(workdir / "encoder", force=True)
+        build_search(workdir / "encoder", catalog, repo)
+    data = load_search(catalog)
+    titles = dict(zip(data.product_ids, data.titles))
+    with console.status("starting tritonserver"):
+        server = EmbeddedTriton(ServerSettings.on_free_ports(repo)).start()
+    try:
+        with TritonClient(server.grpc_url) as client:
+            for query in data.split(held_out=True)[0][:3]:
+                out = client.infer("search", {"query": np.array([query.encode()], dtype=object),
+                                              "top_k": np.array([3], np.int32)})
+                found = "; ".join(f"{titles[i.decode()]} ({s:.2f})" for i, s in zip(out["items"], out["scores"]))
+                console.print(f"[bold]{query!r}[/bold] -> {found}", soft_wrap=True)
     finally:
         server.stop()
 

@@ -1,58 +1,91 @@
-"""INT8 dynamic quantization of an exported encoder (onnxruntime's ``quantize_dynamic``).
+"""Lower-precision encoders: INT8 dynamic, INT8 static (QDQ) and FP16, with onnxruntime's tools.
 
-The weights of every MatMul (the attention projections and the feed-forward layers: ~80% of the
-transformer's compute) and of the token embedding table (the Gather: most of the bytes) are stored as
-INT8 with one scale per output channel; MatMul inputs are quantized at run time from each batch's own
-range, so no calibration data is needed. LayerNorm, Softmax, GELU and the pooling stay float32: they
-normalize over a row whose range changes with every text, where one INT8 scale would cut off either the
-peaks or the resolution, and they cost little. The result is a new encoder directory (same tokenizer)
-whose ``encoder.json`` records its agreement with the float graph on the export's check texts.
+- ``int8_dynamic``: the weights of every MatMul (attention projections and feed-forward layers: ~80% of the
+  transformer's compute) and the token embedding table (the Gather: most of the bytes) stored as INT8 with
+  one scale per output channel; each MatMul's input quantized at run time from its batch's own range, so no
+  calibration data is needed.
+- ``int8_static``: the same weights, and each MatMul input quantized with a scale fixed beforehand from the
+  ranges seen on calibration texts (the tuning queries and titles), as QuantizeLinear/DequantizeLinear pairs
+  (QDQ, symmetric INT8 with zero point 0 as everywhere in recserve: the one file onnxruntime and TensorRT both
+  take), which onnxruntime fuses into integer kernels. Only MatMuls with a constant weight: the two attention
+  products (query x key, probabilities x value) multiply two activations whose ranges change with every text.
+- ``fp16``: every weight and activation in half precision, inputs and output kept int64/float32. For GPUs
+  (TensorRT, Triton's onnxruntime-gpu): onnxruntime on a CPU runs most FP16 operators by casting back.
+
+In the INT8 modes LayerNorm, Softmax, GELU and the pooling stay float32: they normalize over a
+row whose range changes with every text, where one INT8 scale would cut off either the peaks or the
+resolution, and they cost little. Each result records its agreement with the float graph it came from.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from recserve.encoder.artifact import FILES, INFO_FILE, INPUTS, MODEL_FILE, TOKENIZER_FILE, Parity, load_info
-from recserve.encoder.export import CHECK_TEXTS, ExportResult, _write
+from recserve.encoder.artifact import INPUTS, MODEL_FILE
 from recserve.encoder.text import TextTokenizer
-from recserve.onnxrt import session
-from recserve.outdir import check_out
 
+Mode = Literal["int8_dynamic", "int8_static", "fp16"]
+MODES: tuple[Mode, ...] = ("int8_dynamic", "int8_static", "fp16")
 OPS = ["MatMul", "Gather"]
 """What INT8 stores (see the module's docstring); everything else stays float32."""
+CALIBRATION_BATCH = 32
 
 
-def quantize_int8(src: Path, out: Path, *, force: bool = False) -> ExportResult:
-    """The encoder at ``src`` with INT8 weights, written to ``out`` (new or empty; ``force``: an earlier one)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice (pre-processing, symbolic shapes) meant for other graphs."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
-    info = load_info(src)
-    check_out(out, force, FILES, "recserve encoder quantize")
-    with tempfile.TemporaryDirectory() as tmp:
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over tokenized texts, a batch at a time."""
+
+    def __init__(self, tokenizer: TextTokenizer, texts: list[str]):
+        self.batches = iter([dict(zip(INPUTS, tokenizer.encode(texts[i:i + CALIBRATION_BATCH])))
+                             for i in range(0, len(texts), CALIBRATION_BATCH)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+    def rewind(self) -> None:  # part of the reader's protocol; one pass is all calibration takes
+        pass
+
+
+def quantize_graph(src: Path, mode: Mode, tokenizer: TextTokenizer, calibration: list[str] | None = None) -> bytes:
+    """The graph ``src/model.onnx`` in ``mode`` (see the module's docstring); ``calibration`` texts for int8_static."""
+    source = Path(src) / MODEL_FILE
+    if mode == "fp16":
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with _quiet():
+            model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        return model.SerializeToString()
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
         target = Path(tmp) / MODEL_FILE
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # its advice to pre-process is for static quantization's calibration
-        try:
-            quantize_dynamic(Path(src) / MODEL_FILE, target, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=OPS)
-        finally:
-            root.setLevel(level)
-        data = target.read_bytes()
-    tok = TextTokenizer.of(src, info)
-    texts = list(CHECK_TEXTS)
-    feed = dict(zip(INPUTS, tok.encode(texts)))
-    want = session((Path(src) / MODEL_FILE).read_bytes()).run(None, feed)[0]
-    got = session(data).run(None, feed)[0]
-    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)).clip(1e-12)
-    quantized = info.model_copy(update={
-        "source": str(Path(src).resolve()), "compression": [*info.compression, "int8-dynamic"],
-        "parity": Parity(texts=len(texts), max_abs_diff=float(np.abs(got - want).max()), min_cosine=float(cos.min()))})
-    _write(out, {MODEL_FILE: data, TOKENIZER_FILE: (Path(src) / TOKENIZER_FILE).read_bytes(),
-                 INFO_FILE: (quantized.model_dump_json(indent=2) + "\n").encode()})
-    return ExportResult(out, quantized, len(data))
+        if mode == "int8_dynamic":
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=OPS)
+        else:
+            if not calibration:
+                raise ValueError("int8_static needs calibration texts")
+            quantize_static(source, target, _Calibration(tokenizer, calibration), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=OPS, per_channel=True, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": True,
+                                           "WeightSymmetric": True})
+        return target.read_bytes()

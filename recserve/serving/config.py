@@ -38,6 +38,19 @@ class RetrieverRoute(BaseModel):
     candidates: int = Field(100, ge=1)
 
 
+class SearchRoute(BaseModel):
+    """A text search the router serves (a request naming it carries a typed ``query``): the Triton ``search``
+    ensemble in the cloud, and in process an encoder with its own product index (``recserve search-index``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    triton_model: str = Field("search", description="the Triton ensemble: query, top_k -> items, scores")
+    edge_encoder: Path = Field(description="an encoder directory (model.onnx, tokenizer.json, encoder.json), "
+                               "usually the compressed one")
+    edge_index: Path = Field(description="a product_index version directory (embeddings.npy, products.json) built "
+                             "by `recserve search-index` with the same edge_encoder")
+    top_k: int = Field(10, ge=1, description="products returned when a request asks for top_k 0")
+
+
 class Autoscaling(BaseModel):
     """Ray Serve autoscaling of the router deployment on ongoing requests per replica (replaces num_replicas)."""
 
@@ -60,7 +73,9 @@ class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (the cloud)")
     default_model: str = "ranker"
-    models: dict[str, ModelRoute] = Field(min_length=1)
+    models: dict[str, ModelRoute] = Field(default_factory=dict)
+    searches: dict[str, SearchRoute] = Field(default_factory=dict, description="text searches by name (a request's "
+                                             "`model`); names apart from `models`")
     retriever: RetrieverRoute | None = None
     policy_file: Path | None = Field(None, description="routing policy (version weights, shadow); re-read on change")
     max_candidates: int = Field(1000, ge=1)
@@ -114,8 +129,14 @@ class RouterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default(self) -> RouterConfig:
-        if self.default_model not in self.models:
-            raise ValueError(f"default_model {self.default_model!r} is not among models {sorted(self.models)}")
+        if not self.models and not self.searches:
+            raise ValueError("a router serves at least one of `models` (rankers) and `searches` (text search)")
+        both = sorted(set(self.models) & set(self.searches))
+        if both:
+            raise ValueError(f"{both} are both in models and in searches: a request names one of them")
+        if self.default_model not in self.models and self.default_model not in self.searches:
+            raise ValueError(f"default_model {self.default_model!r} is not among models or searches "
+                             f"{sorted([*self.models, *self.searches])}")
         if self.autoscaling is not None and self.ingress != "proxy":
             raise ValueError(f"autoscaling needs ingress: proxy (with ingress: {self.ingress} each replica owns a "
                              "fixed port, so the replica count is fixed: scale pods instead)")
@@ -128,6 +149,9 @@ def missing_files(cfg: RouterConfig) -> list[str]:
     for name, m in cfg.models.items():
         wanted += [(f"models.{name}.rankers[{i}].edge_model", r.edge_model, False) for i, r in enumerate(m.rankers)]
         wanted += [(f"models.{name}.catalog", m.catalog, True), (f"models.{name}.preprocessing", m.preprocessing, False)]
+    for name, q in cfg.searches.items():
+        wanted += [(f"searches.{name}.edge_encoder", q.edge_encoder, True), (f"searches.{name}.edge_index", q.edge_index,
+                                                                             True)]
     if cfg.retriever:
         r = cfg.retriever
         wanted += [("retriever.user_tower", r.user_tower, False), ("retriever.preprocessing", r.preprocessing, False),
@@ -161,6 +185,8 @@ def resolve_paths(cfg: RouterConfig, base: Path) -> RouterConfig:
         m.catalog, m.preprocessing = fix(m.catalog), fix(m.preprocessing)
         for r in m.rankers:
             r.edge_model = fix(r.edge_model)
+    for q in cfg.searches.values():
+        q.edge_encoder, q.edge_index = fix(q.edge_encoder), fix(q.edge_index)
     if cfg.retriever:
         r = cfg.retriever
         r.user_tower, r.preprocessing, r.catalog = fix(r.user_tower), fix(r.preprocessing), fix(r.catalog)

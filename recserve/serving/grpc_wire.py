@@ -65,3 +65,22 @@ def send_in_window(conn, stream_id: int, data: bytes) -> bytes:
         conn.send_data(stream_id, data[:room])
         data = data[room:]
     return data
+
+
+def bytes_tensor(values: list[bytes]) -> bytes:
+    """A KServe v2 BYTES tensor's raw contents: each element as a 4-byte little-endian length and its bytes."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def read_bytes_tensor(raw: bytes) -> list[bytes]:
+    """The elements of a BYTES tensor's raw contents; ValueError when the lengths do not fit."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise ValueError("a BYTES tensor ends inside an element's length")
+        (n,) = struct.unpack_from("<I", raw, i)
+        if i + 4 + n > len(raw):
+            raise ValueError("a BYTES tensor element runs past its end")
+        out.append(raw[i + 4:i + 4 + n])
+        i += 4 + n
+    return out

@@ -23,7 +23,7 @@ import numpy as np
 from recserve.errors import RecserveError
 from recserve.serving.cache import TTLCache
 from recserve.serving.coalesce import Coalescer
-from recserve.serving.config import ModelRoute, RetrieverRoute, RouterConfig
+from recserve.serving.config import ModelRoute, RetrieverRoute, RouterConfig, SearchRoute
 from recserve.serving.metrics import RouterMetrics
 from recserve.serving.policy import (
     PolicyWatcher,
@@ -36,7 +36,7 @@ from recserve.serving.policy import (
 )
 from recserve.serving.protos.recommender_pb2 import RankRequest, RankResponse
 from recserve.serving.routing import BreakerState, CircuitBreaker, LatencyEstimate, RouteSettings, below_cloud, decide
-from recserve.serving.scorers import CloudError, CloudScorer, EdgeScorer
+from recserve.serving.scorers import CloudError, CloudScorer, EdgeScorer, EdgeSearch
 from recserve.triton.features import FeatureEncoder, read_columns, top_k
 from recserve.triton.retrieval import ItemIndex, context_encoder
 
@@ -64,6 +64,14 @@ class _Model:
     known_user: frozenset[str]
     """User feature keys something reads: the ranker's context features, the retriever's, the assignment key."""
     known_numeric: frozenset[str]
+
+
+@dataclass
+class _Search:
+    route: SearchRoute
+    edge: EdgeSearch
+    estimate: LatencyEstimate
+    """The edge search's own cost (an encoder, not a ranker: its own moving estimate)."""
 
 
 @dataclass
@@ -164,6 +172,10 @@ class Router:
                                        frozenset(t.name for t in context.transforms))
             for r in route.rankers:
                 self.edge.load(r.edge_model)
+        self.searches = {name: _Search(route, EdgeSearch(route.edge_encoder, route.edge_index, config.edge_threads),
+                                       LatencyEstimate(initial_ms=config.edge_latency_ms, initial_dev_ms=0.0,
+                                                       clock=clock, forget_after_s=FORGET_AFTER_S))
+                         for name, route in config.searches.items()}
         self.retrieve_fn = retrieve_fn
         self.retriever = Retriever(config.retriever, config.edge_threads) if config.retriever and not retrieve_fn else None
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -200,7 +212,8 @@ class Router:
         try:
             response = await self._rank(request, name, start, budget_ms)
         except RankError as e:  # unknown names are not metric labels (unbounded)
-            self.metrics.requests.labels(name if name in self.models else "unknown", "none", "", e.code).inc()
+            self.metrics.requests.labels(name if name in self.models or name in self.searches else "unknown", "none", "",
+                                        e.code).inc()
             raise
         finally:
             self.metrics.inflight.dec()
@@ -209,9 +222,12 @@ class Router:
         return response
 
     async def _rank(self, req: RankRequest, name: str, start: float, budget_ms: float | None) -> RankResponse:
+        if name in self.searches:
+            return await self._search(req, name, start, budget_ms)
         model = self.models.get(name)
         if model is None:
-            raise RankError("NOT_FOUND", f"unknown model {short(name)!r}; this router serves {sorted(self.models)}")
+            raise RankError("NOT_FOUND", f"unknown model {short(name)!r}; this router serves "
+                                         f"{sorted([*self.models, *self.searches])}")
         if len(req.candidate_item_ids) > self.config.max_candidates:
             raise RankError("INVALID_ARGUMENT", f"{len(req.candidate_item_ids)} candidates is more than the "
                             f"{self.config.max_candidates} allowed; send fewer or raise max_candidates")
@@ -273,6 +289,62 @@ class Router:
         if decision.route == "edge":
             return self._answer(req, name, items, self._edge(model, sparse, dense), "edge", "edge", _why(reason, unknown))
         return self._last_rung(req, name, key, items, _why(reason, unknown))
+
+    async def _search(self, req: RankRequest, name: str, start: float, budget_ms: float | None) -> RankResponse:
+        """A typed query -> products: the Triton search ensemble, the edge's encoder and index, or the last rung
+        (a stale cached answer, else no products), chosen by deadline and health like a ranking."""
+        search = self.searches[name]
+        if not req.query.strip():
+            raise RankError("INVALID_ARGUMENT", f"{short(name)!r} is a text search: send the typed query in `query`")
+        if len(req.query) > MAX_ID_CHARS:
+            raise RankError("INVALID_ARGUMENT", f"a query is at most {MAX_ID_CHARS} characters; got {len(req.query)}")
+        if req.candidate_item_ids:
+            raise RankError("INVALID_ARGUMENT", f"{short(name)!r} is a text search: it finds the products itself; "
+                            "send no candidate_item_ids")
+        if req.top_k < 0 or req.top_k > self.config.max_candidates:
+            raise RankError("INVALID_ARGUMENT", f"top_k must be 0 to {self.config.max_candidates} (0: "
+                            f"{search.route.top_k})")
+        if budget_ms is not None and budget_ms <= 0:
+            raise RankError("DEADLINE_EXCEEDED", "the request's deadline had already passed when it arrived")
+        k = req.top_k or search.route.top_k
+        key = ("search", name, req.query, k)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.metrics.cache_hits.inc()
+            out = RankResponse()
+            out.CopyFrom(cached)
+            out.request_id, out.served_by, out.reason = req.request_id, "cache", "cache hit"
+            return out
+        triton_model = search.route.triton_model
+        target = self.target(triton_model)
+        decision = decide(self._left(start, budget_ms), target.estimate.estimate_ms, search.estimate.estimate_ms,
+                          target.breaker.available(), self.inflight, self.settings)
+        if decision.route == "cloud" and not target.breaker.allow():
+            decision = below_cloud(self._left(start, budget_ms), search.estimate.estimate_ms, self.settings,
+                                   "circuit half-open")
+        if decision.route == "reject":
+            raise RankError("DEADLINE_EXCEEDED", "the deadline passed before the search could start")
+        reason = decision.reason
+        if decision.route == "cloud":
+            answer = await self._guarded(triton_model, "", target, lambda: self.cloud.search(
+                triton_model, req.query, k, decision.cloud_timeout_ms / 1e3), decision.cloud_timeout_ms / 1e3)
+            if answer is not None:
+                response = RankResponse(request_id=req.request_id, items=answer.items, scores=answer.scores.tolist(),
+                                        served_by="cloud", model=name, version=answer.version, reason=reason)
+                self.cache.put(key, response)
+                return response
+            decision = below_cloud(self._left(start, budget_ms), search.estimate.estimate_ms, self.settings,
+                                   "cloud failed")
+            reason = "cloud failed: answered from edge" if decision.route == "edge" else decision.reason
+        if decision.route == "edge":
+            t0 = self.clock()
+            answer = search.edge.search(req.query, k)
+            took = self.clock() - t0
+            search.estimate.observe(took * 1e3)
+            self.metrics.edge_latency.labels(name).observe(took)
+            return RankResponse(request_id=req.request_id, items=answer.items, scores=answer.scores.tolist(),
+                                served_by="edge", model=name, version="edge", reason=reason)
+        return self._last_rung(req, name, key, [], reason)
 
     def _edge(self, model: _Model, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
         """The blended edge scores, the edge's cost measured into its moving estimate."""
@@ -353,27 +425,36 @@ class Router:
 
     async def _cloud(self, model: _Model, primary: str, version: str, target: _Target, sparse, dense,
                      timeout_s: float):
-        """Each ranker's cloud scores, or None after a failure (recorded by the version's breaker and the metrics,
-        by Triton model and version: what a ModelRollout of that model reads). The first ranker is called as
-        ``primary`` (the route's model, or the other model the policy chose for it), ``version``. Every outcome
-        reaches the breaker: success, failure, timeout, and cancellation (which releases a half-open probe). The
-        timeout is the router's own as well as the scorer's: no scorer can hold a request past it."""
+        """Each ranker's cloud scores, or None after a failure (see ``_guarded``). The first ranker is called as
+        ``primary`` (the route's model, or the other model the policy chose for it), ``version``."""
+        async def call():
+            calls = [self._cloud_call(primary if i == 0 else r.triton_model, version if i == 0 else "", sparse,
+                                      dense, timeout_s) for i, r in enumerate(model.route.rankers)]
+            answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)  # no task for one
+            return [replace(a, scores=checked_scores(a.scores, len(sparse), primary if i == 0 else r.triton_model,
+                                                     version if i == 0 else ""))
+                    for i, (r, a) in enumerate(zip(model.route.rankers, answers))]
+
+        return await self._guarded(primary, version, target, call, timeout_s)
+
+    async def _guarded(self, triton_model: str, version: str, target: _Target, call: Callable[[], Awaitable],
+                       timeout_s: float):
+        """``call()``'s answer, or None after a failure (recorded by the version's breaker and the metrics, by
+        Triton model and version: what a ModelRollout of that model reads). Every outcome reaches the breaker:
+        success, failure, timeout, and cancellation (which releases a half-open probe). The timeout is the
+        router's own as well as the scorer's: no scorer can hold a request past it."""
         self.inflight += 1
         t0 = self.clock()
         try:
             try:
                 async with asyncio.timeout(timeout_s):
-                    calls = [self._cloud_call(primary if i == 0 else r.triton_model, version if i == 0 else "", sparse,
-                                              dense, timeout_s) for i, r in enumerate(model.route.rankers)]
-                    answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)  # no task for one
+                    answer = await call()
             except TimeoutError as e:
-                raise CloudError("timeout", f"{primary} v{version or '-'}: no answer in {timeout_s * 1e3:.1f} ms") from e
-            answers = [replace(a, scores=checked_scores(a.scores, len(sparse), primary if i == 0 else r.triton_model,
-                                                        version if i == 0 else ""))
-                       for i, (r, a) in enumerate(zip(model.route.rankers, answers))]
+                raise CloudError("timeout", f"{triton_model} v{version or '-'}: no answer in "
+                                            f"{timeout_s * 1e3:.1f} ms") from e
         except CloudError as e:
             target.breaker.record_failure()
-            self.metrics.cloud_failures.labels(primary, version, e.kind).inc()
+            self.metrics.cloud_failures.labels(triton_model, version, e.kind).inc()
             log.info("cloud call failed (%s): %s", e.kind, e)
             return None
         except asyncio.CancelledError:
@@ -384,8 +465,8 @@ class Router:
         took = self.clock() - t0
         target.breaker.record_success()
         target.estimate.observe(took * 1e3)
-        self.metrics.cloud_latency.labels(primary, version).observe(took)
-        return answers
+        self.metrics.cloud_latency.labels(triton_model, version).observe(took)
+        return answer
 
     def _maybe_shadow(self, policy: RoutingPolicy, triton_model: str, served_version: str, sparse, dense, scores,
                       k: int) -> None:

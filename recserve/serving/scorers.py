@@ -45,6 +45,39 @@ class EdgeScorer:
         return self._sessions[path].run(None, {"sparse": sparse, "dense": dense})[0].ravel()
 
 
+@dataclass(frozen=True)
+class SearchAnswer:
+    """Products for a typed query, best first, with their cosines, and the version that answered."""
+
+    items: list[str]
+    scores: np.ndarray
+    version: str
+
+
+class EdgeSearch:
+    """A text search in process: the encoder's tokenizer and graph, then the products nearest the query
+    (``recserve.triton.search.ProductIndex``, the same code the Triton ``product_index`` model runs)."""
+
+    def __init__(self, encoder: Path, index: Path, threads: int = 1):
+        from recserve.encoder.artifact import INPUTS, MODEL_FILE, load_info
+        from recserve.encoder.text import TextTokenizer
+        from recserve.triton.search import ProductIndex
+
+        info = load_info(encoder)
+        self.inputs = INPUTS
+        self.tokenizer = TextTokenizer.of(encoder, info)
+        self.session = session((Path(encoder) / MODEL_FILE).read_bytes(), threads)
+        self.index = ProductIndex(index)
+        if self.index.embeddings.shape[1] != info.dim:
+            raise ValueError(f"{index} holds {self.index.embeddings.shape[1]}-wide embeddings; {encoder} makes "
+                             f"{info.dim}-wide ones: build the index with this encoder (`recserve search-index`)")
+
+    def search(self, query: str, k: int) -> SearchAnswer:
+        (embedding,) = self.session.run(None, dict(zip(self.inputs, self.tokenizer.encode([query]))))
+        items, scores = self.index.search(embedding, k)
+        return SearchAnswer([str(i) for i in items], scores, "edge")
+
+
 class CloudScorer:
     """KServe v2 ModelInfer calls to Triton over gRPC, with request messages built directly (no per-call
     wrappers), on the event loop's own thread (``grpc_channel.GrpcChannel``): the router's own cost per
@@ -106,26 +139,55 @@ class CloudScorer:
 
     async def _infer(self, model: str, version: str, sparse: np.ndarray, dense: np.ndarray,
                      timeout_s: float) -> CloudAnswer:
-        from tritonclient.grpc.service_pb2 import ModelInferRequest, ModelInferResponse
-
-        from recserve.serving.grpc_channel import CallError
-        from recserve.serving.grpc_wire import STATUS
+        from tritonclient.grpc.service_pb2 import ModelInferRequest
 
         req = ModelInferRequest(model_name=model, model_version=version)
         req.inputs.add(name="sparse", datatype="INT64", shape=sparse.shape)
         req.inputs.add(name="dense", datatype="FP32", shape=dense.shape)
         req.raw_input_contents.extend([np.ascontiguousarray(sparse, np.int64).tobytes(),
                                        np.ascontiguousarray(dense, np.float32).tobytes()])
-        try:
-            resp = ModelInferResponse.FromString(await self.channel.unary(self.INFER, req.SerializeToString(), timeout_s))
-        except CallError as e:
-            kind = ("timeout" if e.code == STATUS["DEADLINE_EXCEEDED"]
-                    else "unavailable" if e.code == STATUS["UNAVAILABLE"] else "error")
-            raise CloudError(kind, f"{model} v{version or '-'}: {e}") from e
+        resp = await self._call(model, version, req, timeout_s)
         for out, raw in zip(resp.outputs, resp.raw_output_contents):
             if out.name == "score":
                 return CloudAnswer(np.frombuffer(raw, dtype=np.float32).copy(), resp.model_version or version)
         raise CloudError("error", f"{model}: the response has no 'score' output")
+
+    async def search(self, model: str, query: str, k: int, timeout_s: float) -> SearchAnswer:
+        """The Triton search ensemble's products for ``query`` (its outputs ``items`` and ``scores``)."""
+        from tritonclient.grpc.service_pb2 import ModelInferRequest
+
+        from recserve.serving.grpc_wire import bytes_tensor, read_bytes_tensor
+
+        req = ModelInferRequest(model_name=model)
+        req.inputs.add(name="query", datatype="BYTES", shape=[1])
+        req.inputs.add(name="top_k", datatype="INT32", shape=[1])
+        req.raw_input_contents.extend([bytes_tensor([query.encode()]), np.array([k], np.int32).tobytes()])
+        resp = await self._call(model, "", req, timeout_s)
+        raw = dict(zip((o.name for o in resp.outputs), resp.raw_output_contents))
+        if "items" not in raw or "scores" not in raw:
+            raise CloudError("bad_output", f"{model}: the response has no 'items' and 'scores' outputs")
+        try:
+            items = [i.decode("utf-8", "replace") for i in read_bytes_tensor(raw["items"])]
+        except ValueError as e:
+            raise CloudError("bad_output", f"{model}: {e}") from e
+        scores = np.frombuffer(raw["scores"], dtype=np.float32).copy()
+        if len(items) != len(scores) or len(items) > k or not np.isfinite(scores).all():
+            raise CloudError("bad_output", f"{model}: {len(items)} items and {len(scores)} scores for top_k {k}")
+        return SearchAnswer(items, scores, resp.model_version)
+
+    async def _call(self, model: str, version: str, req, timeout_s: float):
+        """One ModelInfer call; its failure as a CloudError of the right kind."""
+        from tritonclient.grpc.service_pb2 import ModelInferResponse
+
+        from recserve.serving.grpc_channel import CallError
+        from recserve.serving.grpc_wire import STATUS
+
+        try:
+            return ModelInferResponse.FromString(await self.channel.unary(self.INFER, req.SerializeToString(), timeout_s))
+        except CallError as e:
+            kind = ("timeout" if e.code == STATUS["DEADLINE_EXCEEDED"]
+                    else "unavailable" if e.code == STATUS["UNAVAILABLE"] else "error")
+            raise CloudError(kind, f"{model} v{version or '-'}: {e}") from e
 
     async def close(self) -> None:
         await self.channel.close()

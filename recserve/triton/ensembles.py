@@ -100,6 +100,33 @@ def item_index_config(name: str = "item_index", candidates: int = 100) -> mc.Mod
                           ("retrieval_scores", FP32, [-1])], {"candidates": str(candidates)})
 
 
+def search_configs(dim: int, encoder: str = "query_encoder") -> list[mc.ModelConfig]:
+    """``query_tokenize``, the encoder, ``product_index`` and the ``search`` ensemble (recserve.triton.search).
+
+    One request is one typed query, so nothing batches across requests (``max_batch_size: 0``): a query's
+    token count is its own, and the stand-in onnxruntime backend runs each request as it comes."""
+    tokenize = _python_model("query_tokenize", [("query", STRING, [1])],
+                             [("input_ids", INT64, [1, -1]), ("attention_mask", INT64, [1, -1])],
+                             {"encoder_model": encoder}, instances=1)
+    enc = mc.ModelConfig(name=encoder, backend="onnxruntime", max_batch_size=0)
+    for n in ("input_ids", "attention_mask"):
+        enc.input.add(name=n, data_type=INT64, dims=[-1, -1])
+    enc.output.add(name="embedding", data_type=FP32, dims=[-1, dim])
+    enc.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    enc.parameters["intra_op_thread_count"].string_value = "1"
+    index = _python_model("product_index", [("embedding", FP32, [1, dim]), ("top_k", INT32, [1])],
+                          [("items", STRING, [-1]), ("scores", FP32, [-1])])
+    ens = mc.ModelConfig(name="search", platform="ensemble", max_batch_size=0)
+    ens.input.add(name="query", data_type=STRING, dims=[1])
+    ens.input.add(name="top_k", data_type=INT32, dims=[1])
+    for n, t in (("items", STRING), ("scores", FP32)):
+        ens.output.add(name=n, data_type=t, dims=[-1])
+    _step(ens, "query_tokenize", {"query": "query"}, {"input_ids": "_input_ids", "attention_mask": "_attention_mask"})
+    _step(ens, encoder, {"input_ids": "_input_ids", "attention_mask": "_attention_mask"}, {"embedding": "_embedding"})
+    _step(ens, "product_index", {"embedding": "_embedding", "top_k": "top_k"}, {"items": "items", "scores": "scores"})
+    return [tokenize, enc, index, ens]
+
+
 def write_ensembles(repository: Path, ranker: str = "ranker") -> list[Path]:
     """Write the ensembles' configs and python models into ``repository``; returns the model directories."""
     written = []

@@ -137,10 +137,10 @@ def test_int8_weights_a_quarter_of_the_bytes_and_the_same_search_results_mostly(
     """INT8 dynamic quantization of the export, judged as the benchmark judges it (on the synthetic search text)."""
     from recserve.data.search import load_search
     from recserve.encoder.evaluate import Encoder, judge
-    from recserve.encoder.quantize import quantize_int8
+    from recserve.encoder.pipeline import quantize_encoder
 
     out, _ = exported
-    result = quantize_int8(out, tmp_path / "int8")
+    result = quantize_encoder(out, tmp_path / "int8", "int8_dynamic")
     info = load_info(tmp_path / "int8")
     assert info.compression == ["int8-dynamic"] and info.parity.min_cosine > 0.95
     assert (out / "model.onnx").stat().st_size / result.bytes > 3.5

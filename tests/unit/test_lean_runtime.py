@@ -30,6 +30,9 @@ ENTRY_POINTS = [
     "recserve.triton.models.recommend_preprocess",
     "recserve.triton.models.recommend_topk",
     "recserve.triton.models.retrieve_preprocess",
+    "recserve.triton.models.query_tokenize",
+    "recserve.triton.models.product_index",
+    "recserve.triton.search",
     "recserve.encoder.text",  # the query tokenizer, wherever an encoder serves
     "recserve.encoder.artifact",
 ]

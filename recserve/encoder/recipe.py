@@ -1,0 +1,102 @@
+"""The compression recipe for a text encoder (YAML, validated with pydantic): ordered stages and a gate
+judged on retrieval. ``recserve compress ENCODER_DIR --recipe FILE`` reads it; see
+``recipes/query-encoder.yaml``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from recserve.encoder.quantize import Mode
+from recserve.errors import ConfigError
+from recserve.specs import read_mapping, read_text, validate
+
+STAGE_TYPES = ("distill", "prune_vocab", "quantize")
+
+
+class DistillStage(BaseModel):
+    """Layer-dropping distillation (``recserve.encoder.distill``): kept layers and epoch chosen on validation."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["distill"] = "distill"
+    layers: int = Field(3, ge=1, description="transformer layers the student keeps")
+    epochs: int = Field(4, ge=1, description="a ceiling: the best validation epoch is kept")
+    learning_rate: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    max_texts: int = Field(30_000, ge=10, description="training texts at most (a seeded sample of tuning queries "
+                                                      "and titles)")
+
+
+class PruneVocabStage(BaseModel):
+    """The token embedding table cut to the tokens the tuning queries and titles use (``recserve.encoder.vocab``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["prune_vocab"] = "prune_vocab"
+
+
+class QuantizeStage(BaseModel):
+    """Lower precision (``recserve.encoder.quantize``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["quantize"] = "quantize"
+    mode: Mode = "int8_dynamic"
+    calibration_texts: int = Field(512, ge=1, description="int8_static: tuning texts its ranges are measured on")
+
+
+Stage = Annotated[DistillStage | PruneVocabStage | QuantizeStage, Field(discriminator="type")]
+
+
+class EncoderGate(BaseModel):
+    """Limits the compressed encoder must meet against the one it came from, on the held-out queries."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_relative_ndcg_loss: float | None = Field(None, ge=0.0, description="(teacher NDCG@10 - NDCG@10) / teacher's")
+    min_teacher_overlap_at_10: float | None = Field(None, ge=0.0, le=1.0,
+                                                    description="share of the teacher's top 10 products kept")
+    min_size_ratio: float | None = Field(None, gt=0.0, description="teacher bytes / compressed bytes")
+    min_throughput_ratio: float | None = Field(None, gt=0.0, description="compressed / teacher texts/s at batch 64, "
+                                                                         "16 tokens")
+
+
+class EncoderRecipe(BaseModel):
+    """Ordered stages, the search data and the gate."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "recipe"
+    description: str = ""
+    data: str | None = Field(None, description="search data spec; `--data` overrides it")
+    seed: int = Field(0, description="the query split, the distillation sample and the initialization")
+    stages: list[Stage] = Field(min_length=1)
+    gate: EncoderGate = Field(default_factory=EncoderGate)
+
+    @model_validator(mode="after")
+    def _order(self) -> EncoderRecipe:
+        kinds = [s.type for s in self.stages]
+        if "distill" in kinds[1:]:
+            raise ValueError("distill trains from the teacher's PyTorch weights: it must be the first stage")
+        if "prune_vocab" in kinds and "quantize" in kinds[:kinds.index("prune_vocab")]:
+            raise ValueError("prune_vocab cuts the float embedding table: put it before quantize")
+        if kinds.count("quantize") > 1 or kinds.count("prune_vocab") > 1:
+            raise ValueError("quantize and prune_vocab may each appear once")
+        return self
+
+
+def parse_encoder_recipe(text: str, source: str = "recipe") -> EncoderRecipe:
+    what = "an encoder recipe is a YAML mapping with 'stages' (and optionally 'gate', 'data', 'seed')"
+    raw = read_mapping(text, source, what)
+    if not raw:
+        raise ConfigError(f"{source}: {what}")
+    stages = raw.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
+        kind = stage.get("type") if isinstance(stage, dict) else None
+        if kind not in STAGE_TYPES:
+            raise ConfigError(f"{source}: stages.{i}: {kind!r} is not a stage for a text encoder; use one of "
+                              f"{', '.join(STAGE_TYPES)}")
+    return validate(EncoderRecipe, raw, source)
+
+
+def load_encoder_recipe(path: Path) -> EncoderRecipe:
+    text = read_text(path, "recipe", "pass a recipe such as recipes/query-encoder.yaml")
+    return parse_encoder_recipe(text, str(path))

@@ -1,0 +1,72 @@
+"""What ``recserve compress`` writes as ``report.json`` for a text encoder: a typed contract (the operator
+reads its ``gate`` like any compression report's) and a table for people. Imports pydantic and rich only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
+
+from recserve.converters.report import GateReport, StageReport
+
+
+class EncoderMeasure(BaseModel):
+    """One encoder on the held-out queries: retrieval quality, agreement with the teacher, size and CPU speed."""
+
+    model_config = ConfigDict(extra="ignore")
+    bytes: int
+    parameters: int
+    layers: int
+    vocabulary: int | None = None
+    ndcg_at_10: float
+    recall_at_10: float
+    teacher_overlap_at_10: float
+    mean_cosine: float
+    ms_b1: float
+    """Median latency of one text of 16 tokens."""
+    texts_per_s_b64: float
+    """Throughput in batches of 64 texts of 16 tokens."""
+
+
+class EncoderReport(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    kind: Literal["encoder"] = "encoder"
+    model: str
+    recipe: str
+    data: str
+    products: int
+    held_out_queries: int
+    """Queries with a relevant product in the held-out half: the test split, used once, for this report."""
+    teacher: EncoderMeasure
+    result: EncoderMeasure
+    stages: list[StageReport]
+    size_ratio: float
+    throughput_ratio: float
+    """Compressed / teacher texts/s at batch 64, measured interleaved in one run."""
+    relative_ndcg_loss: float
+    teacher_overlap_at_10: float
+    gate: GateReport
+    compression: list[str] = Field(default_factory=list)
+    """What was done, in order (the compressed encoder.json's ``compression``)."""
+    model_sha256: str | None = None
+    """sha256 of the model.onnx written beside this report (None when the gate failed and none was written)."""
+
+    def write(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2))
+
+
+def encoder_table(report: EncoderReport) -> Table:
+    """Teacher and result on the held-out queries, and each stage: fits 80 columns."""
+    verdict = "PASSED" if report.gate.passed else "FAILED"
+    t = Table(title=f"{report.recipe} on {report.data}: gate {verdict}", title_justify="left", pad_edge=False)
+    for col in ("", "NDCG@10", "recall", "overlap", "MiB", "ratio", "texts/s", "ms b1"):
+        t.add_column(col, justify="left" if not col else "right", overflow="fold")
+    for name, m in (("teacher", report.teacher), ("result", report.result)):
+        t.add_row(name, f"{m.ndcg_at_10:.4f}", f"{m.recall_at_10:.4f}", f"{m.teacher_overlap_at_10:.3f}",
+                  f"{m.bytes / 2**20:.1f}", f"{report.teacher.bytes / m.bytes:.1f}x", f"{m.texts_per_s_b64:,.0f}",
+                  f"{m.ms_b1:.2f}")
+    for i, s in enumerate(report.stages):
+        t.add_row(f"{i + 1}. {s.name}", s.status.value, *[""] * 4, f"{s.seconds:.0f} s", "")
+    return t
