@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of PyTorch first (pinned: any other version pulls several GB of CUDA packages)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[compress,serve,operator,encoder,dev]'
+	$(PY) -m pip install -q -e '.[compress,serve,operator,encoder,train,dev]'
 	touch $(STAMP)
 
 demo: install

@@ -56,13 +56,23 @@ def train(
     seed: Annotated[int, typer.Option(help="the split, the validation carve and the initialization")] = 0,
     logq_correction: Annotated[bool, typer.Option(help="two-tower: correct the in-batch softmax for item popularity")] = False,
     force: Annotated[bool, typer.Option(help="replace an earlier `recserve train` output in --out")] = False,
+    workers: Annotated[int | None, typer.Option(min=1, help="train the ranker on Ray Train with this many "
+                                                           "data-parallel workers (checkpointed each epoch)")] = None,
+    address: Annotated[str | None, typer.Option(help="with --workers: an existing Ray cluster (ray://HEAD:10001 or "
+                                                     "auto); default: a local Ray for the run")] = None,
+    resume: Annotated[bool, typer.Option(help="with --workers: continue the interrupted run for --out from its last "
+                                              "checkpoint")] = False,
 ) -> None:
     """Train a reference ranker or two-tower retriever on CPU and export it to ONNX."""
-    from recserve.models.pipeline import train_model
+    from recserve.models.pipeline import RaySettings, train_model
 
+    if workers is None and (address is not None or resume):
+        raise ConfigError("--address and --resume are for a run on Ray Train: add --workers N")
+    ray = RaySettings(workers=workers, address=address, resume=resume) if workers is not None else None
     settings = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                     logq_correction=logq_correction)
-    result = train_model(data, model.value, out, embedding_dim=embedding_dim, force=force, **settings)
+    result = train_model(data, model.value, out, embedding_dim=embedding_dim, force=force or resume, ray=ray,
+                         **settings)
     quality = ", ".join(f"{k} {v:.4f}" for k, v in result["quality"].items())
     console.print(f"[green]trained[/green] {model.value} on {data}: held-out {quality}; "
                   f"{result['parameters']:,} parameters, {result['size_bytes'] / 1024:,.1f} KiB -> {out}/model.onnx",

@@ -59,8 +59,8 @@ def top_k(queries: np.ndarray, products: np.ndarray, k: int = K) -> np.ndarray:
     return out
 
 
-def retrieval_quality(top: np.ndarray, judgments: list[dict[int, float]], k: int = K) -> dict[str, float]:
-    """Mean NDCG@k and recall@k of ranked product lists against graded judgments (see the module's docstring)."""
+def per_query(top: np.ndarray, judgments: list[dict[int, float]], k: int = K) -> tuple[np.ndarray, np.ndarray]:
+    """NDCG@k and recall@k of each query with a positive gain (in order; the others left out)."""
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     ndcgs, recalls = [], []
     for ranked, judged in zip(top, judgments):
@@ -72,8 +72,14 @@ def retrieval_quality(top: np.ndarray, judgments: list[dict[int, float]], k: int
         ndcgs.append(dcg / ideal)
         relevant = {p for p, g in judged.items() if g > 0}
         recalls.append(len(relevant & {int(p) for p in ranked[:k]}) / len(relevant))
-    return {f"ndcg_at_{k}": float(np.mean(ndcgs)) if ndcgs else 0.0,
-            f"recall_at_{k}": float(np.mean(recalls)) if recalls else 0.0, "queries": len(ndcgs)}
+    return np.array(ndcgs), np.array(recalls)
+
+
+def retrieval_quality(top: np.ndarray, judgments: list[dict[int, float]], k: int = K) -> dict[str, float]:
+    """Mean NDCG@k and recall@k of ranked product lists against graded judgments (see the module's docstring)."""
+    ndcgs, recalls = per_query(top, judgments, k)
+    return {f"ndcg_at_{k}": float(ndcgs.mean()) if len(ndcgs) else 0.0,
+            f"recall_at_{k}": float(recalls.mean()) if len(recalls) else 0.0, "queries": len(ndcgs)}
 
 
 def teacher_agreement(top: np.ndarray, teacher_top: np.ndarray, queries: np.ndarray,

@@ -114,19 +114,19 @@ def _run_stage(stage, src: Path, out: Path, data: SearchData, seed: int, progres
     raise StageError(f"unknown stage {stage!r}")
 
 
-def _run_stages(model: Path, recipe: EncoderRecipe, data: SearchData, work: Path, progress: Callable[[str], None]
+def _run_stages(model: Path, stages: list, seed: int, data: SearchData, work: Path, progress: Callable[[str], None]
                 ) -> tuple[Path, list[StageReport], RecserveError | None]:
     current, records, failure = model, [], None
-    for i, stage in enumerate(recipe.stages):
+    for i, stage in enumerate(stages):
         params = stage.model_dump(exclude={"type"})
         if failure is not None:
             records.append(StageReport(name=stage.type, params=params, status=StageStatus.SKIPPED))
             continue
-        progress(f"stage {i + 1}/{len(recipe.stages)}: {stage.type}")
+        progress(f"stage {i + 1}/{len(stages)}: {stage.type}")
         t0 = time.perf_counter()
         target = work / f"{i + 1}-{stage.type}"
         try:
-            details = _run_stage(stage, current, target, data, recipe.seed, progress)
+            details = _run_stage(stage, current, target, data, seed, progress)
         except RecserveError as e:
             failure = e
             records.append(StageReport(name=stage.type, params=params, status=StageStatus.FAIL, error=str(e),
@@ -191,7 +191,20 @@ def compress_encoder(model: Path, recipe: EncoderRecipe, out: Path, *, data_spec
     data = load_search(spec, recipe.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work.") as tmp:
-        final, stages, failure = _run_stages(model, recipe, data, Path(tmp), progress)
+        search = None
+        if recipe.search is not None:
+            from recserve.encoder.search import run_search
+
+            def build(stages: list, fit: SearchData, target: Path) -> tuple[Path, list[StageReport]]:
+                final, records, failure = _run_stages(model, stages, recipe.seed, fit, target, progress)
+                if failure is not None:
+                    raise failure
+                return final, records
+
+            final, stages, search = run_search(model, recipe, data, Path(tmp), build, progress)
+            failure = None
+        else:
+            final, stages, failure = _run_stages(model, recipe.stages, recipe.seed, data, Path(tmp), progress)
         progress("evaluating on the held-out queries")
         teacher, result, queries = measure(model, final, data)
         info = load_info(final)
@@ -200,7 +213,7 @@ def compress_encoder(model: Path, recipe: EncoderRecipe, out: Path, *, data_spec
             teacher=teacher, result=result, stages=stages, size_ratio=teacher.bytes / result.bytes,
             throughput_ratio=result.texts_per_s_b64 / teacher.texts_per_s_b64,
             relative_ndcg_loss=1 - result.ndcg_at_10 / teacher.ndcg_at_10 if teacher.ndcg_at_10 else 0.0,
-            teacher_overlap_at_10=result.teacher_overlap_at_10, compression=info.compression,
+            teacher_overlap_at_10=result.teacher_overlap_at_10, compression=info.compression, search=search,
             gate=GateReport(passed=False, limits=recipe.gate.model_dump(exclude_none=True)))
         reasons = check_gate(recipe.gate, report)
         if failure is not None:

@@ -9,6 +9,8 @@
   (QDQ, symmetric INT8 with zero point 0 as everywhere in recserve: the one file onnxruntime and TensorRT both
   take), which onnxruntime fuses into integer kernels. Only MatMuls with a constant weight: the two attention
   products (query x key, probabilities x value) multiply two activations whose ranges change with every text.
+  The feed-forward down projections stay float too (:func:`after_gelu`): with them INT8 the embeddings of the
+  packaged model kept a mean cosine of 0.86 with the float graph's, without them 0.98 (synthetic text).
 - ``fp16``: every weight and activation in half precision, inputs and output kept int64/float32. For GPUs
   (TensorRT, Triton's onnxruntime-gpu): onnxruntime on a CPU runs most FP16 operators by casting back.
 
@@ -64,6 +66,25 @@ class _Calibration:
         pass
 
 
+GELU_OPS = {"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh"}
+
+
+def after_gelu(graph) -> list[str]:
+    """The MatMuls whose input comes from a GELU (within four element-wise nodes, an exported GELU being
+    ``x * 0.5 * (1 + erf(x / sqrt 2))``; never through another MatMul): each feed-forward block's down projection.
+    Static INT8 keeps them float: GELU's outputs have rare large values (outlier features), and one symmetric
+    scale fixed in advance that covers them leaves the common small values a handful of levels."""
+    made_by = {out: node for node in graph.node for out in node.output}
+
+    def from_gelu(name: str, depth: int = 4) -> bool:
+        node = made_by.get(name)
+        if node is None or depth == 0 or node.op_type in ("MatMul", "Gemm"):
+            return False
+        return node.op_type in GELU_OPS or any(from_gelu(i, depth - 1) for i in node.input)
+
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.name and from_gelu(n.input[0])]
+
+
 def quantize_graph(src: Path, mode: Mode, tokenizer: TextTokenizer, calibration: list[str] | None = None) -> bytes:
     """The graph ``src/model.onnx`` in ``mode`` (see the module's docstring); ``calibration`` texts for int8_static."""
     source = Path(src) / MODEL_FILE
@@ -83,8 +104,12 @@ def quantize_graph(src: Path, mode: Mode, tokenizer: TextTokenizer, calibration:
         else:
             if not calibration:
                 raise ValueError("int8_static needs calibration texts")
+            import onnx
+
+            keep_float = after_gelu(onnx.load(str(source), load_external_data=False).graph)
             quantize_static(source, target, _Calibration(tokenizer, calibration), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=OPS, per_channel=True, activation_type=QuantType.QInt8,
+                            nodes_to_exclude=keep_float,
                             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": True,
                                            "WeightSymmetric": True})

@@ -60,6 +60,26 @@ class EncoderGate(BaseModel):
                                                                          "16 tokens")
 
 
+class EncoderSearch(BaseModel):
+    """A budgeted search instead of fixed stages (``recserve.encoder.search``): the cheapest student that keeps
+    the gate's NDCG budget on validation queries."""
+
+    model_config = ConfigDict(extra="forbid")
+    objective: Literal["size", "throughput"] = "size"
+    students: list[int] = Field(default_factory=lambda: [2, 3, 4], min_length=1,
+                                description="transformer layers of the students tried, fewest first")
+    distill: DistillStage = Field(default_factory=DistillStage, description="how each student trains ("
+                                  "its `layers` is set by `students`)")
+    prune_vocab: bool = Field(True, description="cut each candidate's token table to the tokens the data uses")
+    quantize: Mode = Field("int8_dynamic", description="each candidate's precision")
+    confidence: float = Field(0.95, ge=0.5, lt=1.0, description="accept a candidate when the gate on the held-out "
+                              "half would pass with at least this probability, judged from its validation loss and "
+                              "its standard error")
+    validation_share: float = Field(0.25, gt=0.0, lt=1.0, description="tuning queries set aside to judge candidates "
+                                    "(never trained on)")
+    time_budget_s: float = Field(3600.0, gt=0.0, description="start no candidate after this many seconds")
+
+
 class EncoderRecipe(BaseModel):
     """Ordered stages, the search data and the gate."""
 
@@ -68,11 +88,17 @@ class EncoderRecipe(BaseModel):
     description: str = ""
     data: str | None = Field(None, description="search data spec; `--data` overrides it")
     seed: int = Field(0, description="the query split, the distillation sample and the initialization")
-    stages: list[Stage] = Field(min_length=1)
+    stages: list[Stage] = Field(default_factory=list)
+    search: EncoderSearch | None = None
     gate: EncoderGate = Field(default_factory=EncoderGate)
 
     @model_validator(mode="after")
     def _order(self) -> EncoderRecipe:
+        if bool(self.stages) == (self.search is not None):
+            raise ValueError("an encoder recipe has either 'stages' (run as given) or 'search' (a student found for "
+                             "the gate's budget), not both and not neither")
+        if self.search is not None and self.gate.max_relative_ndcg_loss is None:
+            raise ValueError("a search needs a quality budget: set gate.max_relative_ndcg_loss")
         kinds = [s.type for s in self.stages]
         if "distill" in kinds[1:]:
             raise ValueError("distill trains from the teacher's PyTorch weights: it must be the first stage")
@@ -84,7 +110,7 @@ class EncoderRecipe(BaseModel):
 
 
 def parse_encoder_recipe(text: str, source: str = "recipe") -> EncoderRecipe:
-    what = "an encoder recipe is a YAML mapping with 'stages' (and optionally 'gate', 'data', 'seed')"
+    what = "an encoder recipe is a YAML mapping with 'stages' or 'search' (and optionally 'gate', 'data', 'seed')"
     raw = read_mapping(text, source, what)
     if not raw:
         raise ConfigError(f"{source}: {what}")

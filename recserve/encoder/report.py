@@ -30,6 +30,34 @@ class EncoderMeasure(BaseModel):
     """Throughput in batches of 64 texts of 16 tokens."""
 
 
+class EncoderCandidate(BaseModel):
+    """One encoder the search built and judged on the validation queries."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    status: Literal["accepted", "rejected", "failed"]
+    reasons: list[str] = Field(default_factory=list)
+    bytes: int | None = None
+    size_ratio: float | None = None
+    throughput_ratio: float | None = None
+    validation_ndcg_at_10: float | None = None
+    validation_relative_ndcg_loss: float | None = None
+    validation_loss_se: float | None = None
+    validation_overlap_at_10: float | None = None
+    seconds: float = 0.0
+    chosen: bool = False
+
+
+class EncoderSearchReport(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    objective: str
+    validation_queries: int
+    seconds: float
+    why: str
+    candidates: list[EncoderCandidate]
+    """Every candidate built, in the order it was built (cheapest first)."""
+
+
 class EncoderReport(BaseModel):
     model_config = ConfigDict(extra="ignore")
     kind: Literal["encoder"] = "encoder"
@@ -50,6 +78,8 @@ class EncoderReport(BaseModel):
     gate: GateReport
     compression: list[str] = Field(default_factory=list)
     """What was done, in order (the compressed encoder.json's ``compression``)."""
+    search: EncoderSearchReport | None = None
+    """With a recipe's ``search``: every candidate and why the one written was chosen."""
     model_sha256: str | None = None
     """sha256 of the model.onnx written beside this report (None when the gate failed and none was written)."""
 

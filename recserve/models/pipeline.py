@@ -8,8 +8,9 @@ from typing import Any
 from recserve.converters.evaluate import Scoring, evaluate, held_out
 from recserve.data import load_dataset
 from recserve.data.schema import RankingData
-from recserve.errors import DataError
+from recserve.errors import ConfigError, DataError
 from recserve.models.artifact import TrainedModel, build_module
+from recserve.models.distributed import RaySettings
 from recserve.models.ranker import RankerConfig
 from recserve.models.train import TrainSettings, fit_ranker, fit_two_tower
 from recserve.models.two_tower import TwoTowerConfig
@@ -24,9 +25,12 @@ def check_train_out(out: Path, force: bool) -> None:
 
 
 def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32, force: bool = False,
-                **settings: Any) -> dict[str, Any]:
+                ray: RaySettings | None = None, **settings: Any) -> dict[str, Any]:
+    """Train, export and save; with ``ray``, the ranker trains on Ray Train (recserve.models.distributed)."""
     out = Path(out)
     check_train_out(out, force)
+    if ray is not None and kind != "ranker":
+        raise ConfigError("--workers trains the ranker on Ray Train; the two-tower retriever trains in one process")
     data = load_dataset(data_spec, seed=settings.get("seed", 0))
     train = TrainSettings(**settings)
     if kind == "ranker":
@@ -38,7 +42,15 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
         t = data.ranking_train
         config = RankerConfig([f.cardinality for f in t.sparse_features], len(t.dense_names), embedding_dim=embedding_dim)
         module = build_module(kind, config)
-        history = fit_ranker(module, data.ranking_fit(), train, validation=data.ranking_validation())
+        if ray is None:
+            history = fit_ranker(module, data.ranking_fit(), train, validation=data.ranking_validation())
+        else:
+            from recserve.models.distributed import checkpoint_storage, fit_ranker_ray
+
+            state, history = fit_ranker_ray(config, data.ranking_fit(), data.ranking_validation(), train, ray,
+                                            checkpoint_storage(out))
+            module.load_state_dict(state)
+            module.eval()
     else:
         r = data.retrieval
         if r is None or not len(r.train_pairs):

@@ -119,13 +119,34 @@ def test_what_a_user_can_get_wrong(compressed, teacher: Path, tmp_path: Path) ->
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize(("mode", "min_cosine"), [("int8_static", 0.7), ("fp16", 0.999)])
-def test_static_int8_and_fp16_from_the_command_line(teacher: Path, tmp_path: Path, mode: str, min_cosine: float) -> None:
+@pytest.mark.parametrize(("mode", "min_cosine", "min_ratio"), [("int8_static", 0.9, 2.5), ("fp16", 0.999, 1.9)])
+def test_static_int8_and_fp16_from_the_command_line(teacher: Path, tmp_path: Path, mode: str, min_cosine: float,
+                                                    min_ratio: float) -> None:
+    """Static INT8 keeps the feed-forward down projections float (0.94 min cosine here, 2.7x smaller; 0.70 with
+    them INT8); FP16 halves the bytes."""
     proc = recserve("encoder", "quantize", teacher, "--out", tmp_path / mode, "--mode", mode, "--data", "synthetic:100")
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = load_info(tmp_path / mode)
     assert info.compression == [mode.replace("_", "-")] and info.parity.min_cosine > min_cosine, info.parity
     ratio = (teacher / MODEL_FILE).stat().st_size / (tmp_path / mode / MODEL_FILE).stat().st_size
-    assert ratio > (3.5 if mode == "int8_static" else 1.9), ratio
+    assert ratio > min_ratio, ratio
     if mode == "int8_static":
         one_error(recserve("encoder", "quantize", teacher, "--out", tmp_path / "x", "--mode", mode), "--data")
+
+
+def test_the_search_chooses_a_student_on_validation_queries_and_reports_every_candidate(teacher: Path,
+                                                                                        tmp_path: Path) -> None:
+    recipe = tmp_path / "search.yaml"
+    recipe.write_text("search: {students: [1, 2], distill: {epochs: 1, max_texts: 200}}\n"
+                      "gate: {max_relative_ndcg_loss: 0.9, min_size_ratio: 2}\n")
+    proc = recserve("compress", teacher, "--recipe", recipe, "--data", DATA, "--out", tmp_path / "out", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    search = report["search"]
+    assert search["validation_queries"] > 10 and search["candidates"][0]["name"] == "1 layer"
+    chosen = [c for c in search["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["status"] == "accepted", search
+    assert len(search["candidates"]) == 1  # the cheapest met everything: nothing larger was built
+    assert report["result"]["layers"] == 1 and [s["name"] for s in report["stages"]] == [
+        "distill", "prune_vocab", "quantize"]
+    assert report["gate"]["passed"] and (tmp_path / "out" / MODEL_FILE).exists()

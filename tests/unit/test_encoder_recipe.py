@@ -80,3 +80,32 @@ def test_the_pruned_tokenizer_renumbers_every_id_it_names() -> None:
         pruned_tokenizer(raw, [0, 1, 6])
     with pytest.raises(ModelError, match="WordPiece"):
         pruned_tokenizer({"model": {"type": "BPE"}}, [0])
+
+
+def test_a_search_recipe_needs_a_budget_and_orders_its_candidates_cheapest_first() -> None:
+    from recserve.encoder.search import candidates
+
+    with pytest.raises(ConfigError, match="quality budget"):
+        parse_encoder_recipe("search: {students: [2]}", "r.yaml")
+    with pytest.raises(ConfigError, match="not both"):
+        parse_encoder_recipe("search: {}\nstages: [{type: quantize}]\ngate: {max_relative_ndcg_loss: 0.02}", "r.yaml")
+    r = parse_encoder_recipe("search: {students: [4, 2, 9], distill: {epochs: 2}}\n"
+                             "gate: {max_relative_ndcg_loss: 0.02}", "r.yaml")
+    got = candidates(r, teacher_layers=6)
+    assert [name for name, _ in got] == ["2 layers", "4 layers", "6 layers (no distillation)"]
+    assert [s.type for s in got[0][1]] == ["distill", "prune_vocab", "quantize"]
+    assert got[0][1][0].layers == 2 and got[0][1][0].epochs == 2 and [s.type for s in got[2][1]] == [
+        "prune_vocab", "quantize"]
+
+
+def test_validation_queries_come_from_the_tuning_half_and_are_never_learned_from() -> None:
+    from recserve.data.search import load_search
+    from recserve.encoder.search import validation_split
+
+    data = load_search("synthetic:400,products=300")
+    fit, val = validation_split(data, 0.25, seed=0)
+    tuning = set(data.split(held_out=False)[0])
+    learned, judged = set(fit.split(held_out=False)[0]), set(val.split(held_out=True)[0])
+    assert judged and learned and judged <= tuning and not judged & learned and learned | judged == tuning
+    assert 0.15 < len(judged) / len(tuning) < 0.35
+    assert set(data.split(held_out=True)[0]).isdisjoint(judged | learned)
