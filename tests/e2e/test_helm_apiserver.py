@@ -43,7 +43,7 @@ helm = helm  # the fixture, re-exported for pytest
 
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}
 STAND_INS = [("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors"),
-             ("ray.io", "v1", "RayService", "rayservices")]
+             ("ray.io", "v1", "RayService", "rayservices"), ("ray.io", "v1", "RayCluster", "rayclusters")]
 
 
 def _stand_in_crd(group: str, version: str, kind: str, plural: str) -> dict:

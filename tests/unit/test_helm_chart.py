@@ -32,7 +32,7 @@ CI = CHART / "ci"
 RELEASE, NAMESPACE = "rs", "recserve"
 FULLNAME = f"{RELEASE}-recserve"
 K8S_VERSION = "1.37"
-CUSTOM_KINDS = {"RayService", "ServiceMonitor", "ModelRollout"}  # CRD-typed: no Kubernetes schema for them
+CUSTOM_KINDS = {"RayService", "RayCluster", "ServiceMonitor", "ModelRollout"}  # CRD-typed: no Kubernetes schema for them
 SCENARIOS = ["default"] + sorted(p.name.removesuffix("-values.yaml") for p in CI.glob("*-values.yaml"))
 OPERATOR_RULES = [
     {"apiGroups": ["recserve.io"], "resources": ["modelrollouts"], "verbs": ["list", "watch", "patch"]},
@@ -135,8 +135,8 @@ def pod_templates(docs) -> list[tuple[str, dict, dict]]:
         if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             t = d["spec"]["template"]
             out.append((name, t["metadata"], t["spec"]))
-        elif d["kind"] == "RayService":
-            cluster = d["spec"]["rayClusterConfig"]
+        elif d["kind"] in ("RayService", "RayCluster"):
+            cluster = d["spec"]["rayClusterConfig"] if d["kind"] == "RayService" else d["spec"]
             t = cluster["headGroupSpec"]["template"]
             out.append((f"{name} head", t["metadata"], t["spec"]))
             for g in cluster["workerGroupSpecs"]:
@@ -922,3 +922,24 @@ def test_the_operator_mounts_the_model_repository_read_only_only_when_asked(helm
     s3 = template(helm, "--set", "operator.mountModelRepository=true", "-f", str(CI / "gpu-s3-values.yaml"))
     assert "name: models" not in [d for d in s3.stdout.split("---") if "name: rs-recserve-operator\n" in d
                                   and "kind: Deployment" in d][0], "object storage: nothing to mount"
+
+
+def test_the_training_raycluster_is_off_by_default_and_hardened_when_on(helm):
+    """Issue 20: a KubeRay RayCluster for `recserve train --workers N --address ray://...-training-head-svc:10001`."""
+    assert not find(render(helm, "default"), "RayCluster")
+    docs = render(helm, "rayservice")
+    rc = one(docs, "RayCluster", f"{FULLNAME}-training")
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no training work on the head
+    assert {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]} >= {6379, 10001}
+    for what, _, spec in pod_templates([rc]):
+        assert spec["automountServiceAccountToken"] is False and spec["serviceAccountName"] == f"{FULLNAME}-training"
+        c = spec["containers"][0]
+        assert c["securityContext"]["readOnlyRootFilesystem"] and {m["mountPath"] for m in c["volumeMounts"]} >= {
+            "/tmp", "/dev/shm", "/data"}, what
+    sa = one(docs, "ServiceAccount", f"{FULLNAME}-training")
+    assert sa["automountServiceAccountToken"] is False
+    assert not [b for b in find(docs, "RoleBinding") + find(docs, "ClusterRoleBinding")
+                if any(s.get("name") == f"{FULLNAME}-training" for s in b.get("subjects", []))]
+    policy = one(docs, "NetworkPolicy", f"{FULLNAME}-training")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "training"

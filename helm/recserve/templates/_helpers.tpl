@@ -76,6 +76,69 @@ Resource names per component.
 {{- printf "%s-operator" (include "recserve.fullname" .) }}
 {{- end }}
 
+{{- define "recserve.training.fullname" -}}
+{{- printf "%s-training" (include "recserve.fullname" .) }}
+{{- end }}
+
+{{/*
+A training pod's spec (the RayCluster's head and workers): no API token, restricted security contexts, /tmp
+and /dev/shm (Ray's session files and object store) as emptyDirs under a read-only root filesystem.
+Call with (dict "ctx" $ "name" "ray-head" "resources" ... "ports" list).
+*/}}
+{{- define "recserve.training.podSpec" -}}
+{{- $t := .ctx.Values.training -}}
+serviceAccountName: {{ include "recserve.training.fullname" .ctx }}
+automountServiceAccountToken: false
+{{- with .ctx.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml $t.podSecurityContext | nindent 2 }}
+containers:
+  - name: {{ .name }}
+    image: {{ include "recserve.image" .ctx }}
+    imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
+    {{- with .ports }}
+    ports:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    env:
+      - name: HOME
+        value: /tmp
+      - name: RAY_worker_niceness
+        value: "0"
+    resources:
+      {{- toYaml .resources | nindent 6 }}
+    securityContext:
+      {{- toYaml $t.securityContext | nindent 6 }}
+    volumeMounts:
+      - name: tmp
+        mountPath: /tmp
+      - name: shm
+        mountPath: /dev/shm
+      {{- with $t.rayCluster.volumeMounts }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+volumes:
+  - name: tmp
+    emptyDir: {}
+  - name: shm
+    emptyDir:
+      medium: Memory
+  {{- with $t.rayCluster.volumes }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with $t.rayCluster.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $t.rayCluster.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
 {{- define "recserve.engineBuild.fullname" -}}
 {{- printf "%s-engine-build" (include "recserve.fullname" .) }}
 {{- end }}
