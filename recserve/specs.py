@@ -42,3 +42,19 @@ def validate(model: type[M], raw: Any, source: str) -> M:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or source}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{source}: {problems}") from e
+
+
+def parse_staged(model: type[M], text: str, source: str, what: str, stage_types: tuple[str, ...],
+                 unknown: str = "unknown stage type {kind!r}") -> M:
+    """A recipe (``model``) from YAML ``text``: a mapping whose ``stages`` each name a ``type`` among
+    ``stage_types``. A stage of another type gets one error naming it (``unknown`` says how) and the types there
+    are, before pydantic's own message (which would list every field of every stage type) could."""
+    raw = read_mapping(text, source, what)
+    if not raw:
+        raise ConfigError(f"{source}: {what}")
+    stages = raw.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
+        kind = stage.get("type") if isinstance(stage, dict) else None
+        if kind not in stage_types:
+            raise ConfigError(f"{source}: stages.{i}: {unknown.format(kind=kind)}; use one of {', '.join(stage_types)}")
+    return validate(model, raw, source)

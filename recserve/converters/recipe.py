@@ -12,8 +12,7 @@ from recserve.converters.embeddings import EmbeddingStage
 from recserve.converters.lowrank import LowRankStage
 from recserve.converters.prune import PruneStage
 from recserve.converters.quantize import QuantizeStage
-from recserve.errors import ConfigError
-from recserve.specs import read_mapping, read_text, validate
+from recserve.specs import parse_staged, read_text
 
 Stage = Annotated[
     PruneStage | LowRankStage | DistillStage | QuantizeStage | EmbeddingStage,
@@ -97,16 +96,8 @@ class Recipe(BaseModel):
 
 
 def parse_recipe(text: str, source: str = "recipe") -> Recipe:
-    what = "a recipe is a YAML mapping with 'stages' or 'search' (and optionally 'gate', 'data')"
-    raw = read_mapping(text, source, what)
-    if not raw:
-        raise ConfigError(f"{source}: {what}")
-    stages = raw.get("stages")
-    for i, stage in enumerate(stages if isinstance(stages, list) else []):
-        kind = stage.get("type") if isinstance(stage, dict) else None
-        if kind not in STAGE_TYPES:
-            raise ConfigError(f"{source}: stages.{i}: unknown stage type {kind!r}; use one of {', '.join(STAGE_TYPES)}")
-    return validate(Recipe, raw, source)
+    return parse_staged(Recipe, text, source, "a recipe is a YAML mapping with 'stages' or 'search' (and optionally "
+                        "'gate', 'data')", STAGE_TYPES)
 
 
 def load_recipe(path: Path) -> Recipe:

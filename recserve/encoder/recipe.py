@@ -10,8 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recserve.encoder.quantize import Mode
-from recserve.errors import ConfigError
-from recserve.specs import read_mapping, read_text, validate
+from recserve.specs import parse_staged, read_text
 
 STAGE_TYPES = ("distill", "prune_vocab", "quantize")
 
@@ -110,17 +109,9 @@ class EncoderRecipe(BaseModel):
 
 
 def parse_encoder_recipe(text: str, source: str = "recipe") -> EncoderRecipe:
-    what = "an encoder recipe is a YAML mapping with 'stages' or 'search' (and optionally 'gate', 'data', 'seed')"
-    raw = read_mapping(text, source, what)
-    if not raw:
-        raise ConfigError(f"{source}: {what}")
-    stages = raw.get("stages")
-    for i, stage in enumerate(stages if isinstance(stages, list) else []):
-        kind = stage.get("type") if isinstance(stage, dict) else None
-        if kind not in STAGE_TYPES:
-            raise ConfigError(f"{source}: stages.{i}: {kind!r} is not a stage for a text encoder; use one of "
-                              f"{', '.join(STAGE_TYPES)}")
-    return validate(EncoderRecipe, raw, source)
+    return parse_staged(EncoderRecipe, text, source, "an encoder recipe is a YAML mapping with 'stages' or 'search' "
+                        "(and optionally 'gate', 'data', 'seed')", STAGE_TYPES,
+                        unknown="{kind!r} is not a stage for a text encoder")
 
 
 def load_encoder_recipe(path: Path) -> EncoderRecipe:

@@ -264,13 +264,7 @@ class Router:
         version = choose_version(policy, primary, point)  # a version of primary, or another model's ("m:1")
         triton_model, triton_version = split_target(primary, version)
         target = self.target(triton_model, triton_version)
-        decision = decide(self._left(start, budget_ms), target.estimate.estimate_ms, self.edge_estimate.estimate_ms,
-                          target.breaker.available(), self.inflight, self.settings)
-        if decision.route == "cloud" and not target.breaker.allow():  # the half-open probe went to another request
-            decision = below_cloud(self._left(start, budget_ms), self.edge_estimate.estimate_ms, self.settings,
-                                   "circuit half-open")
-        if decision.route == "reject":
-            raise RankError("DEADLINE_EXCEEDED", "the deadline passed before ranking could start")
+        decision = self._decide(target, self.edge_estimate, start, budget_ms, "ranking")
         reason = decision.reason
         if decision.route == "cloud":
             answers = await self._cloud(model, triton_model, triton_version, target, sparse, dense,
@@ -317,13 +311,7 @@ class Router:
             return out
         triton_model = search.route.triton_model
         target = self.target(triton_model)
-        decision = decide(self._left(start, budget_ms), target.estimate.estimate_ms, search.estimate.estimate_ms,
-                          target.breaker.available(), self.inflight, self.settings)
-        if decision.route == "cloud" and not target.breaker.allow():
-            decision = below_cloud(self._left(start, budget_ms), search.estimate.estimate_ms, self.settings,
-                                   "circuit half-open")
-        if decision.route == "reject":
-            raise RankError("DEADLINE_EXCEEDED", "the deadline passed before the search could start")
+        decision = self._decide(target, search.estimate, start, budget_ms, "the search")
         reason = decision.reason
         if decision.route == "cloud":
             answer = await self._guarded(triton_model, "", target, lambda: self.cloud.search(
@@ -345,6 +333,17 @@ class Router:
             return RankResponse(request_id=req.request_id, items=answer.items, scores=answer.scores.tolist(),
                                 served_by="edge", model=name, version="edge", reason=reason)
         return self._last_rung(req, name, key, [], reason)
+
+    def _decide(self, target: _Target, edge: LatencyEstimate, start: float, budget_ms: float | None, what: str):
+        """Cloud, edge or last rung for what is left of the budget (``routing.decide``); a half-open circuit whose
+        probe another request took sends this one below the cloud; DEADLINE_EXCEEDED when nothing can start."""
+        decision = decide(self._left(start, budget_ms), target.estimate.estimate_ms, edge.estimate_ms,
+                          target.breaker.available(), self.inflight, self.settings)
+        if decision.route == "cloud" and not target.breaker.allow():  # the half-open probe went to another request
+            decision = below_cloud(self._left(start, budget_ms), edge.estimate_ms, self.settings, "circuit half-open")
+        if decision.route == "reject":
+            raise RankError("DEADLINE_EXCEEDED", f"the deadline passed before {what} could start")
+        return decision
 
     def _edge(self, model: _Model, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
         """The blended edge scores, the edge's cost measured into its moving estimate."""
