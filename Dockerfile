@@ -19,7 +19,8 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # ---------------------------------------------------------------------------------------------------
-# build: a virtual environment with recserve and its compress, serve and operator extras
+# build: a virtual environment with recserve and its compress, serve, operator and train extras (train: Ray
+# Train and Ray Data, for the chart's training RayCluster, which runs this image)
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL
@@ -35,7 +36,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY recserve ./recserve
 # hadolint ignore=DL3013
-RUN pip install ".[compress,serve,operator]" \
+RUN pip install ".[compress,serve,operator,train]" \
  && recserve --help >/dev/null
 
 # ---------------------------------------------------------------------------------------------------

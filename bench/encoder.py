@@ -49,8 +49,9 @@ def run(workdir: Path) -> dict:
         out["models"][name]["speed"] = {str(b): vars(s) for b, s in by_batch.items()}
         out["models"][name]["throughput_ratio"] = by_batch[64].texts_per_s / speed["fp32"][64].texts_per_s
     out["recipe"] = report.model_dump(mode="json") | {"seconds": round(seconds, 1)}
-    if report.gate.passed:
-        out["search_ensemble"] = search_latency(workdir / "encoder-recipe", spec, workdir / "search-repo", queries[:300])
+    served = "encoder-recipe" if report.gate.passed else "int8_dynamic"  # a failed gate writes no encoder
+    out["search_ensemble"] = search_latency(workdir / served, spec, workdir / "search-repo", queries[:300]) | {
+        "encoder": served}
     out["bar"] = recipe.gate.model_dump(exclude_none=True)
     out["bar_met"] = report.gate.passed
     return out
@@ -116,7 +117,8 @@ def markdown(r: dict) -> str:
               + ("" if r["bar_met"] else f" ({'; '.join(rep['gate']['reasons'])})") + "."]
     if "search_ensemble" in r:
         s = r["search_ensemble"]
-        lines += ["", f"The `search` ensemble with that encoder over all {r['products']:,} products (embedded Triton, "
-                  f"one typed query per call, {s['queries']} calls): p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms "
+        lines += ["", f"The `search` ensemble with the {s['encoder']} encoder over all {r['products']:,} products "
+                  f"(embedded Triton, one typed query per call, {s['queries']} calls): p50 {s['p50_ms']:.2f} ms, "
+                  f"p99 {s['p99_ms']:.2f} ms "
                   "(bar: p50 < 10 ms)."]
     return "\n".join(lines)

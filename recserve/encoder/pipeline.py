@@ -53,9 +53,11 @@ def tuning_texts(data: SearchData, seed: int, limit: int | None = None) -> list[
     return texts[:limit] if limit else texts
 
 
-def derive(src: Path, out: Path, files: dict[str, bytes], step: str, check: list[str] | None = None) -> ExportResult:
+def derive(src: Path, out: Path, files: dict[str, bytes], step: str, check: list[str] | None = None,
+           parameters: int | None = None) -> ExportResult:
     """A new encoder directory ``out`` from ``src`` with ``files`` replaced and ``step`` added to its
-    ``compression``; its parity is measured against ``src`` on ``check`` texts (the export's by default)."""
+    ``compression`` (and ``parameters`` when they changed); its parity is measured against ``src`` on ``check``
+    texts (the export's by default)."""
     info = load_info(src)
     merged = {name: files.get(name) or (Path(src) / name).read_bytes() for name in (MODEL_FILE, TOKENIZER_FILE)}
     texts = list(check or CHECK_TEXTS)
@@ -67,6 +69,7 @@ def derive(src: Path, out: Path, files: dict[str, bytes], step: str, check: list
     cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)).clip(1e-12)
     new = info.model_copy(update={
         "source": str(Path(src).resolve()), "compression": [*info.compression, step],
+        "parameters": info.parameters if parameters is None else parameters,
         "parity": Parity(texts=len(texts), max_abs_diff=float(np.abs(got - want).max()), min_cosine=float(cos.min()))})
     _write(out, {**merged, INFO_FILE: (new.model_dump_json(indent=2) + "\n").encode()})
     return ExportResult(out, new, len(merged[MODEL_FILE]))
@@ -102,9 +105,10 @@ def _run_stage(stage, src: Path, out: Path, data: SearchData, seed: int, progres
                 "best_epoch": r.best_epoch, "train_texts": r.train_texts, "validation_texts": r.validation_texts}
     if isinstance(stage, PruneVocabStage):
         texts = tuning_texts(data, seed)
-        files, r = prune_vocab(src, texts, load_info(src))
-        result = derive(src, out, files, f"prune-vocab: {r.after:,} of {r.before:,} tokens",
-                        check=texts[:256])
+        info = load_info(src)
+        files, r = prune_vocab(src, texts, info)
+        result = derive(src, out, files, f"prune-vocab: {r.after:,} of {r.before:,} tokens", check=texts[:256],
+                        parameters=info.parameters - (r.before - r.after) * info.dim)
         return {"vocabulary_before": r.before, "vocabulary_after": r.after, "tokens_used": r.used,
                 "texts": r.texts, "parity_min_cosine": result.info.parity.min_cosine}
     if isinstance(stage, QuantizeStage):

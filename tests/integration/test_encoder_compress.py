@@ -56,6 +56,8 @@ def test_the_report_has_the_issue_keys_and_every_stage(compressed) -> None:
         ("distill", "ok"), ("prune_vocab", "ok"), ("quantize", "ok")]
     assert report["result"]["layers"] == 2 and report["teacher"]["layers"] == 6
     assert report["result"]["vocabulary"] < report["teacher"]["vocabulary"] == 30522
+    pruned = (30522 - report["result"]["vocabulary"]) * 384
+    assert report["result"]["parameters"] < report["teacher"]["parameters"] - pruned  # and 4 layers fewer
     assert report["size_ratio"] > 5, report["size_ratio"]  # 2 of 6 layers, a third of the tokens, INT8
     assert report["teacher"]["ndcg_at_10"] > 0.4 and 0 < report["teacher_overlap_at_10"] <= 1
     assert report["held_out_queries"] > 50 and report["model_sha256"]

@@ -819,7 +819,7 @@ def test_dockerfile_targets_match_the_chart():
     assert dict((s, b) for b, s in stages)["triton"] == "nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3"
     assert dict((s, b) for b, s in stages)["runtime"] == "python:${PYTHON_VERSION}-slim"
     assert re.search(r"^ARG PYTHON_VERSION=3\.11$", text, re.M)
-    assert '.[compress,serve,operator]' in text and "https://download.pytorch.org/whl/cpu" in text
+    assert '.[compress,serve,operator,train]' in text and "https://download.pytorch.org/whl/cpu" in text
     runtime = text.split("AS runtime", 1)[1]
     users = re.findall(r"^USER\s+(\S+)", runtime, re.M)
     assert users and users[-1].split(":")[0] not in ("0", "root")

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "sklearn", "scipy", "pandas", "matplotlib", "transformers", "sentence_transformers")
-"""The training and evaluation stack: none of it belongs in a serving process."""
+HEAVY = ("torch", "sklearn", "scipy", "matplotlib", "transformers", "sentence_transformers")
+"""The training and evaluation stack: none of it belongs in a serving process. (pandas is not listed: Ray Serve
+imports it itself whenever it is installed, as Ray Train's extra installs it; recserve's serving code never
+does, which :func:`test_serving_code_never_imports_pandas` checks.)"""
 
 STUB = ("import sys, types; "
         "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils'); ")
@@ -66,3 +68,13 @@ def test_the_onnxruntime_backend_loads_no_training_stack() -> None:
 def test_the_check_sees_the_training_stack_when_it_is_there() -> None:
     """The same check on a module that does import it (training): the test can fail."""
     assert "torch" in loaded_by("import recserve.models.train")
+
+
+def test_serving_code_never_imports_pandas() -> None:
+    """No module of the serving runtime imports pandas (only Ray Serve's own code may, when it is installed)."""
+    serving = [*(ROOT / "recserve" / "serving").rglob("*.py"), *(ROOT / "recserve" / "triton").rglob("*.py"),
+               *(ROOT / "recserve" / "operator").rglob("*.py"), *(ROOT / "recserve" / "encoder").glob("text.py")]
+    assert serving
+    offenders = [str(p.relative_to(ROOT)) for p in serving
+                 if any(line.strip().startswith(("import pandas", "from pandas")) for line in p.read_text().splitlines())]
+    assert offenders == []
