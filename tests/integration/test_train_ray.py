@@ -73,6 +73,17 @@ class Run:
         return "".join(self.lines)
 
 
+def registered_checkpoints(out: Path) -> int:
+    """Checkpoints the Ray Train controller has registered (its snapshot file): what a restart resumes from. A
+    checkpoint directory on disk that the controller has not registered yet is not (a worker killed then makes
+    the group start over: epoch 1 again)."""
+    snapshot = out.parent / f".{out.name}.ray-train" / "run" / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
+    except (OSError, ValueError):
+        return 0
+
+
 def train_workers() -> list[int]:
     ps = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
     return [int(p) for p in ps.stdout.split()]
@@ -100,7 +111,10 @@ def test_a_worker_killed_mid_epoch_is_survived(tmp_path: Path) -> None:
     run_ = Run(out, "--workers", "2", epochs=4)
     try:
         run_.wait_for("epoch 1/4:")
-        time.sleep(1.5)  # the first checkpoint reported; into the second epoch (3-5 s here)
+        end = time.monotonic() + 60
+        while registered_checkpoints(out) < 1:  # the first epoch's checkpoint registered: the kill is mid-epoch 2+
+            assert time.monotonic() < end and run_.proc.poll() is None, "".join(run_.lines)[-3000:]
+            time.sleep(0.05)
         victims = train_workers()
         assert victims, "no Ray Train worker process found"
         os.kill(victims[-1], signal.SIGKILL)
@@ -112,6 +126,7 @@ def test_a_worker_killed_mid_epoch_is_survived(tmp_path: Path) -> None:
     assert epochs_of(out) == [1, 2, 3, 4] and len(checkpoints(out)) >= 4
     assert 1 <= trained(out)["metrics"]["history"]["best_epoch"] <= 4
     assert sum("epoch 1/4:" in ln for ln in text.splitlines()) == 1, text[-3000:]  # epoch 1 not trained again
+    assert "epoch 4/4:" in text
     assert "RayTrainWorker" in text and "died" in text  # the failure happened, and was survived
 
 
@@ -120,11 +135,13 @@ def test_a_run_killed_whole_goes_on_with_resume(tmp_path: Path) -> None:
     run_ = Run(out, "--workers", "1", epochs=3, session=True)
     try:
         run_.wait_for("epoch 1/3:")
-        time.sleep(1.0)
+        end = time.monotonic() + 60
+        while registered_checkpoints(out) < 1 and time.monotonic() < end and run_.proc.poll() is None:
+            time.sleep(0.05)
     finally:
         os.killpg(run_.proc.pid, signal.SIGKILL)
         run_.finish()
-    assert not (out / "model.json").exists() and checkpoints(out)
+    assert not (out / "model.json").exists() and registered_checkpoints(out) >= 1
     resumed = run(out, "--workers", "1", "--resume")
     assert epochs_of(out) == [1, 2, 3]
     text = resumed.stdout + resumed.stderr
