@@ -2,11 +2,17 @@
 and epochs, and the peak resident memory of each Ray Train worker process (sampled from /proc every 0.2 s).
 On this 2-core machine two workers share the cores with Ray's own processes; on a bigger node (or one worker
 per node) the rows/s grow with the workers until the gradient all-reduce (gloo over TCP on CPU) dominates.
+
+Streamed: what one row costs the in-memory Criteo reader (its peak RSS over an import-only baseline, on
+``PROBE_ROWS`` rows), hence how many rows it holds in 2 GiB; then ``BENCH_STREAM_ROWS`` Criteo-format rows
+(``recserve write-shards``) trained for one epoch with 2 workers from the shards, with the peak RSS of every
+Ray process by its role (train worker, shard reader, ...) and of the driver.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -16,6 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "synthetic:200000"
 EPOCHS = 2
+PROBE_ROWS = 200_000
+STREAM_ROWS = int(os.environ.get("BENCH_STREAM_ROWS", "2000000"))
+STREAM_SPEC_OPTIONS = ",min_freq=20"
+"""Tokens seen fewer than 20 times are out of vocabulary (bounds the embedding tables, as on real Criteo)."""
+CLI = [sys.executable, "-c", "from recserve.cli import main; main()"]
 
 
 def _worker_rss() -> dict[int, int]:
@@ -60,9 +71,89 @@ def one(workdir: Path, workers: int) -> dict:
             "held_out_auc": history["held_out"]["auc"], "peak_rss_per_worker_mib": max(peak.values(), default=0) / 2**20}
 
 
+def _ray_rss() -> dict[int, tuple[str, int]]:
+    """(role, resident bytes) of every Ray worker process now (its title: ``ray::RayTrainWorker``, ...)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if not cmd.startswith("ray::"):
+                continue
+            rss = next(int(ln.split()[1]) for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmRSS"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        out[int(proc.name)] = (cmd[5:].split("(")[0].split(".")[0].strip() or "worker", rss * 1024)
+    return out
+
+
+def _shards(workdir: Path, rows: int) -> Path:
+    out = workdir / f"criteo-shards-{rows}"
+    if not (out / ".complete").exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        subprocess.run([*CLI, "write-shards", "--rows", str(rows), "--out", str(out)], check=True, cwd=ROOT,
+                       capture_output=True)
+        (out / ".complete").write_text("")
+    return out
+
+
+def in_memory_cost(workdir: Path) -> dict:
+    """Peak RSS of the in-memory Criteo reader on PROBE_ROWS rows over a baseline that imports the same modules."""
+    shards = _shards(workdir, PROBE_ROWS)
+    probe = ("import resource, sys; from recserve.data import load_dataset; import pyarrow.csv, pyarrow.compute; "
+             "{}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peak = [int(subprocess.run([sys.executable, "-c", probe.format(work)], check=True, capture_output=True, text=True,
+                               cwd=ROOT).stdout.split()[-1]) * 1024
+            for work in ("pass", f"load_dataset('criteo:{shards}{STREAM_SPEC_OPTIONS}')")]
+    per_row = (peak[1] - peak[0]) / PROBE_ROWS
+    return {"probe_rows": PROBE_ROWS, "bytes_per_row": per_row, "rows_in_2gib": int(2 * 2**30 / per_row),
+            "baseline_rss_mib": peak[0] / 2**20}
+
+
+def streamed(workdir: Path, rows: int, rows_in_2gib: int) -> dict:
+    shards = _shards(workdir, rows)
+    out = workdir / "train-streamed"
+    peak: dict[str, int] = {}
+    done = threading.Event()
+    driver_peak = [0]
+
+    def sample(pid: int) -> None:
+        while not done.is_set():
+            for role, rss in _ray_rss().values():
+                peak[role] = max(peak.get(role, 0), rss)
+            try:
+                kib = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if ln.startswith("VmRSS"))
+                driver_peak[0] = max(driver_peak[0], kib * 1024)
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.2)
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*CLI, "train", "--data", f"criteo:{shards}{STREAM_SPEC_OPTIONS}", "--out", str(out),
+                             "--epochs", "1", "--workers", "2", "--batch-size", "4096", "--force"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate(timeout=7200)
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(stderr[-2000:])
+    meta = json.loads((out / "model.json").read_text())["metrics"]
+    return {"rows": rows, "x_in_memory_2gib": rows / rows_in_2gib, "wall_s": time.perf_counter() - t0,
+            "shard_mib": sum(p.stat().st_size for p in shards.glob("part-*")) / 2**20,
+            "rows_per_s": meta["history"]["rows_per_s"], "held_out_auc": meta["held_out"]["auc"],
+            "rows_by_split": meta["history"]["rows"], "driver_peak_rss_mib": driver_peak[0] / 2**20,
+            "peak_rss_mib_by_role": {k: v / 2**20 for k, v in sorted(peak.items())}}
+
+
 def run(workdir: Path) -> dict:
     runs = [one(workdir, w) for w in (1, 2)]
-    return {"data": DATA, "epochs": EPOCHS, "runs": runs, "speedup": runs[1]["rows_per_s"] / runs[0]["rows_per_s"]}
+    cost = in_memory_cost(workdir)
+    return {"data": DATA, "epochs": EPOCHS, "runs": runs, "speedup": runs[1]["rows_per_s"] / runs[0]["rows_per_s"],
+            "in_memory": cost, "streamed": streamed(workdir, STREAM_ROWS, cost["rows_in_2gib"])}
 
 
 def markdown(r: dict) -> str:
@@ -73,4 +164,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['workers']} | {x['rows_per_s']:,.0f} | {x['held_out_auc']:.4f} | "
                      f"{x['peak_rss_per_worker_mib']:,.0f} | {x['wall_s']:.0f} |")
     lines += ["", f"2 workers / 1: {r['speedup']:.2f}x rows/s (both on the same 2 cores)."]
+    if "streamed" in r:
+        m, st = r["in_memory"], r["streamed"]
+        lines += ["", f"In memory, the Criteo reader costs {m['bytes_per_row']:,.0f} bytes per row (peak RSS over "
+                  f"its imports, {m['probe_rows']:,} rows): {m['rows_in_2gib']:,} rows in 2 GiB. Streamed from "
+                  f"{st['rows']:,} rows of shards ({st['shard_mib']:,.0f} MiB, {st['x_in_memory_2gib']:.1f}x that), "
+                  f"1 epoch, 2 workers: {st['rows_per_s']:,.0f} rows/s, held-out AUC {st['held_out_auc']:.4f}, "
+                  f"{st['wall_s']:.0f} s; driver peak RSS {st['driver_peak_rss_mib']:,.0f} MiB.", "",
+                  "| Ray process | peak RSS (MiB) |", "|---|---:|"]
+        lines += [f"| {role} | {mib:,.0f} |" for role, mib in st["peak_rss_mib_by_role"].items()]
     return "\n".join(lines)

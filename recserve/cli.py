@@ -46,7 +46,8 @@ class ModelKindOpt(str, Enum):
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Option(help="criteo:PATH, movielens:DIR, interactions:PATH or synthetic[:ROWS]")],
+    data: Annotated[str, typer.Option(help="criteo:PATH|DIR|GLOB (with --workers: streamed from its shards), "
+                                           "movielens:DIR, interactions:PATH or synthetic[:ROWS]")],
     out: Annotated[Path, typer.Option(help="output directory (model.onnx, model.pt, model.json, preprocessing.json)")],
     model: Annotated[ModelKindOpt, typer.Option(help="which reference model")] = ModelKindOpt.ranker,
     epochs: Annotated[int, typer.Option(min=1, help="the epoch with the best validation AUC is kept")] = 6,
@@ -62,13 +63,18 @@ def train(
                                                      "auto); default: a local Ray for the run")] = None,
     resume: Annotated[bool, typer.Option(help="with --workers: continue the interrupted run for --out from its last "
                                               "checkpoint")] = False,
+    gpu: Annotated[bool, typer.Option(help="with --workers: one GPU per worker (NCCL between them) instead of CPUs "
+                                           "(gloo)")] = False,
+    readers: Annotated[int, typer.Option(min=1, help="with --workers and criteo: shards: Ray Data actors that read and "
+                                                    "encode shards")] = 1,
 ) -> None:
     """Train a reference ranker or two-tower retriever on CPU and export it to ONNX."""
     from recserve.models.pipeline import RaySettings, train_model
 
-    if workers is None and (address is not None or resume):
-        raise ConfigError("--address and --resume are for a run on Ray Train: add --workers N")
-    ray = RaySettings(workers=workers, address=address, resume=resume) if workers is not None else None
+    if workers is None and (address is not None or resume or gpu or readers != 1):
+        raise ConfigError("--address, --resume, --gpu and --readers are for a run on Ray Train: add --workers N")
+    ray = (RaySettings(workers=workers, address=address, resume=resume, use_gpu=gpu, readers=readers)
+           if workers is not None else None)
     settings = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                     logq_correction=logq_correction)
     result = train_model(data, model.value, out, embedding_dim=embedding_dim, force=force or resume, ray=ray,
@@ -80,6 +86,31 @@ def train(
     if result.get("corrupt_rows"):
         err.print(f"skipped {result['corrupt_rows']:,} corrupt rows of {data} (counted in {out}/model.json)",
                   highlight=False, markup=False, soft_wrap=True)
+
+
+class ShardFormat(str, Enum):
+    tsv = "tsv"
+    parquet = "parquet"
+
+
+@app.command(name="write-shards")
+def write_shards(
+    rows: Annotated[int, typer.Option(min=1, help="rows to write in all")],
+    out: Annotated[Path, typer.Option(help="a new or empty directory for part-00000.tsv, ...")],
+    shard_rows: Annotated[int, typer.Option(min=1, help="rows per shard")] = 1_000_000,
+    format: Annotated[ShardFormat, typer.Option(help="tsv (Criteo's own) or parquet")] = ShardFormat.tsv,
+    seed: Annotated[int, typer.Option(help="the planted signal and the draws")] = 0,
+) -> None:
+    """Write synthetic Criteo-format shards (label, I1..I13, C1..C26) block by block, for runs larger than memory:
+    `recserve train --data criteo:OUT --workers N` streams them."""
+    from recserve.data.shards import write_synthetic
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} is not an empty directory; shards are never written over existing files")
+    paths = write_synthetic(rows, out, shard_rows=shard_rows, seed=seed, fmt=format.value)
+    size = sum(p.stat().st_size for p in paths)
+    console.print(f"wrote {rows:,} rows in {len(paths)} shard{'s' if len(paths) > 1 else ''} "
+                  f"({size / 2**20:,.1f} MiB) -> {out}", soft_wrap=True)
 
 
 class ObjectiveOpt(str, Enum):

@@ -8,6 +8,7 @@ the training rows with temperature-softened teacher scores plus the labels.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -54,6 +55,8 @@ class DistillStage(StageSpec):
     decay_on_plateau: bool = Field(False, description="halve the learning rate after an epoch without improvement")
     init_embeddings: bool = Field(False, description="start the student's embedding table from the teacher's "
                                   "(its leading principal components when the student's is narrower)")
+    workers: int | None = Field(None, ge=1, description="train the student on Ray Train with this many data-parallel "
+                                "workers (a local Ray, or the cluster RAY_ADDRESS names); default: in this process")
 
     def apply(self, state: ModelState, ctx: StageContext) -> tuple[ModelState, dict[str, Any]]:
         if state.kind != "ranker":
@@ -72,10 +75,27 @@ class DistillStage(StageSpec):
             details["embeddings_from_teacher"] = init_from_teacher(student, teacher_table(state))
         settings = replace(ctx.train, epochs=self.epochs, learning_rate=self.learning_rate, patience=self.patience,
                            decay_on_plateau=self.decay_on_plateau)
-        history = fit_ranker(student, train, settings, validation=validation, label="distill",
-                             distill=Distillation(teacher, self.temperature, self.alpha, self.loss, agreement))
+        distill = Distillation(teacher, self.temperature, self.alpha, self.loss, agreement)
+        if self.workers is None:
+            history = fit_ranker(student, train, settings, validation=validation, label="distill", distill=distill)
+        else:
+            history = self._on_ray(student, config, train, validation, settings, distill)
         return replace(state, module=student).with_module(student, ctx.data), {
             "teacher": source, "student": config.to_json(), "training": history, **details}
+
+    def _on_ray(self, student: Ranker, config: RankerConfig, train: RankingData, validation: RankingData,
+                settings, distill: Distillation) -> dict:
+        """The same training on Ray Train (recserve.models.distributed); checkpoints in a temporary directory."""
+        import tempfile
+
+        from recserve.models.distributed import RaySettings, fit_ranker_ray
+
+        with tempfile.TemporaryDirectory(prefix="recserve-distill-") as storage:
+            state, history = fit_ranker_ray(config, train, validation, settings, RaySettings(workers=self.workers),
+                                            Path(storage), distill=distill, init_state=student.state_dict())
+        student.load_state_dict(state)
+        student.eval()
+        return history
 
 
 STOPPING_FRACTION = 0.1

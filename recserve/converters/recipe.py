@@ -50,6 +50,8 @@ class DistillSettings(BaseModel):
     loss: Literal["bce", "mse"] = "bce"
     select: Literal["agreement", "auc"] = "agreement"
     init_embeddings: bool = True
+    workers: int | None = Field(None, ge=1, description="train each student on Ray Train with this many workers "
+                                "(a student started finishes its epochs even past the time budget)")
 
 
 class SearchSpec(BaseModel):

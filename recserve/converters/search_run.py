@@ -173,7 +173,7 @@ class Search:
                                                  cross_rank=s.cross_rank, bottom_mlp=s.bottom_mlp, top_mlp=s.top_mlp),
                              temperature=d.temperature, alpha=d.alpha, loss=d.loss, select=d.select, epochs=d.epochs,
                              patience=d.patience, decay_on_plateau=True, init_embeddings=d.init_embeddings,
-                             learning_rate=d.learning_rate)
+                             learning_rate=d.learning_rate, workers=d.workers)
         trained = self.build(self.root, stage)
         if not trained.accepted:
             return False

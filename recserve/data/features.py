@@ -16,14 +16,16 @@ from recserve.data.schema import DenseTransform, RankingData, SparseFeature, Voc
 from recserve.errors import DataError
 
 
-def fit_vocabulary(name: str, values: np.ndarray, min_freq: int = 1, extend: np.ndarray | None = None) -> Vocabulary:
+def fit_vocabulary(name: str, values: np.ndarray, min_freq: int = 1, extend: np.ndarray | None = None,
+                   counted: dict[str, int] | None = None) -> Vocabulary:
     """Like :meth:`Vocabulary.build` (most frequent first, ties by token, ``""`` = missing) on a numpy column.
 
     Tokens are ``str(value)``. ``extend`` (e.g. the whole catalog) adds, after the counted tokens and with
     count 0, the tokens that never occur in ``values``, so every catalog entity gets its own id.
-    Tokens seen in ``values`` fewer than ``min_freq`` times stay out-of-vocabulary.
+    Tokens seen in ``values`` fewer than ``min_freq`` times stay out-of-vocabulary. ``counted``: the
+    tokens' counts already made (a streamed pass over shards), instead of counting ``values``.
     """
-    counted = _count(values)
+    counted = _count(values) if counted is None else counted
     kept = sorted(((t, c) for t, c in counted.items() if c >= min_freq and t != ""), key=lambda tc: (-tc[1], tc[0]))
     tokens = [t for t, _ in kept]
     counts = [c for _, c in kept]
@@ -64,10 +66,17 @@ def fit_transform(
     x = x[np.isfinite(x)]
     if kind == "log1p":
         x = np.log1p(np.maximum(x, 0.0))
-    if x.size == 0:
+    return transform_from_moments(name, kind, x.size, float(x.mean()) if x.size else 0.0,
+                                  float(((x - x.mean()) ** 2).sum()) if x.size else 0.0)
+
+
+def transform_from_moments(name: str, kind: str, n: int, mean: float, m2: float) -> DenseTransform:
+    """The standardizing transform of values (after ``kind``) whose count, mean and summed squared deviations
+    are given (the population standard deviation; 1 for a constant column)."""
+    if n == 0:
         return DenseTransform(name, kind)
-    std = float(x.std())
-    return DenseTransform(name, kind, mean=float(x.mean()), std=std if std > 0 else 1.0, fill=0.0)
+    std = float(np.sqrt(m2 / n))
+    return DenseTransform(name, kind, mean=mean, std=std if std > 0 else 1.0, fill=0.0)
 
 
 class Preprocessor:

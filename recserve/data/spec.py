@@ -11,7 +11,7 @@ from recserve.data.splits import carve_validation
 from recserve.errors import DataError
 
 VALID_FORMS = (
-    "criteo:PATH[,min_freq=N] | movielens:DIR | interactions:PATH[,meta=PATH][,neg_ratio=N] | "
+    "criteo:PATH|DIR|GLOB[,min_freq=N] | movielens:DIR | interactions:PATH[,meta=PATH][,neg_ratio=N] | "
     "synthetic[:ROWS][,users=N][,items=N][,seed=N] | tensors:PATH.npz|PATH.parquet"
 )
 OPTIONS = {
@@ -100,7 +100,8 @@ def load_dataset(
     s = parse_spec(spec)
     common = {"seed": seed, "preprocessing": preprocessing}
     if s.kind == "criteo":
-        ds = criteo.load(Path(s.path), test_fraction=test_fraction, **s.options, **common)
+        ds = criteo.load(Path(s.path), test_fraction=test_fraction, validation_fraction=validation_fraction,
+                         **s.options, **common)
     elif s.kind == "movielens":
         ds = movielens.load(Path(s.path), test_fraction=test_fraction, eval_negatives=eval_negatives, **common)
     elif s.kind == "interactions":

@@ -25,6 +25,38 @@ def random_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
+FIT, VALIDATION, TEST = 0, 1, 2
+"""What :func:`hashed_split` assigns a row to."""
+
+
+def _uniform(seed: int, shard: int, rows: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) draw per (seed, shard, row), the same however the rows are read or batched (splitmix64)."""
+    with np.errstate(over="ignore"):
+        x = (np.asarray(rows, dtype=np.uint64) + np.uint64(shard) * np.uint64(0x100000000)
+             + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def hashed_split(shard: int, rows: np.ndarray, seed: int, test_fraction: float,
+                 validation_fraction: float) -> np.ndarray:
+    """int8 per row: FIT, VALIDATION or TEST, from a hash of (seed, shard, row index in the shard).
+
+    A row's split depends on nothing but its own position, so a reader that streams shards block by block
+    and one that loads them whole agree row for row, and adding a shard moves no earlier row. About
+    ``test_fraction`` of the rows are TEST and ``validation_fraction`` of the rest VALIDATION.
+    """
+    if not 0.0 <= validation_fraction < 1.0:
+        raise DataError(f"validation_fraction={validation_fraction} must be in [0, 1), e.g. 0.1")
+    u = _uniform(seed, shard, rows)
+    out = np.full(len(u), FIT, dtype=np.int8)
+    out[u < test_fraction + (1.0 - test_fraction) * validation_fraction] = VALIDATION
+    out[u < test_fraction] = TEST
+    return out
+
+
 def carve_validation(n: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of ``int(n * fraction)`` of ``n`` training rows held back for validation.
 

@@ -41,6 +41,8 @@ class DistillSettings:
     max_texts: int = 30_000
     """Training texts at most (a seeded sample), to bound the time on a CPU."""
     seed: int = 0
+    device: str | None = None
+    """PyTorch device to train on; None: the first CUDA GPU when there is one, else the CPU."""
 
 
 @dataclass
@@ -89,14 +91,15 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
     s = settings or DistillSettings()
     check_out(out, force, FILES, "recserve encoder distill")
     teacher_dir = Path(teacher) if teacher is not None else packaged_model_dir()
-    st = load_sentence_transformer(teacher_dir)
+    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    st = load_sentence_transformer(teacher_dir).to(device)
     total = int(st[0].auto_model.config.num_hidden_layers)
     candidates = layer_candidates(total, s.layers)
     train, val = _texts(data, s)
     torch.manual_seed(s.seed)
     limit = st.max_seq_length
     st.max_seq_length = TRAIN_SEQ_LENGTH
-    progress(f"teacher embeddings of {len(train) + len(val):,} texts")
+    progress(f"teacher embeddings of {len(train) + len(val):,} texts (on {device})")
     with torch.no_grad():
         target_train = st.encode(train, batch_size=128, convert_to_tensor=True)
         target_val = st.encode(val, batch_size=128, convert_to_tensor=True)
@@ -127,7 +130,8 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
         rng.shuffle(order)
         for start in range(0, len(order), s.batch_size):
             idx = order[start:start + s.batch_size]
-            features = student.preprocess([train[i] for i in idx])
+            features = {k: v.to(device) if hasattr(v, "to") else v
+                        for k, v in student.preprocess([train[i] for i in idx]).items()}
             got = student(features)["sentence_embedding"]
             loss = torch.nn.functional.mse_loss(torch.nn.functional.normalize(got, dim=1), target_train[idx])
             optimizer.zero_grad()
@@ -139,6 +143,7 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
         if cos > best:
             best, best_state, report.best_epoch = cos, copy.deepcopy(student.state_dict()), epoch
     student.load_state_dict(best_state)
+    student.to("cpu")
     student.max_seq_length = limit
     with tempfile.TemporaryDirectory() as tmp:
         student.save(tmp)

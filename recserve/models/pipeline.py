@@ -31,6 +31,11 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
     check_train_out(out, force)
     if ray is not None and kind != "ranker":
         raise ConfigError("--workers trains the ranker on Ray Train; the two-tower retriever trains in one process")
+    if ray is not None:
+        from recserve.models.streamed import is_streamed, train_streamed
+
+        if is_streamed(data_spec):
+            return train_streamed(data_spec, out, embedding_dim=embedding_dim, ray=ray, train=TrainSettings(**settings))
     data = load_dataset(data_spec, seed=settings.get("seed", 0))
     train = TrainSettings(**settings)
     if kind == "ranker":

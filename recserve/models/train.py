@@ -64,6 +64,21 @@ class Distillation:
     whose scores agree most with the teacher's there (mean squared logit difference), reading no label."""
 
 
+def ranker_loss(logit: torch.Tensor, label: torch.Tensor, teacher: torch.Tensor | None = None,
+                distill: Distillation | None = None) -> torch.Tensor:
+    """BCE on the labels, blended with the teacher part when distilling (see :class:`Distillation`)."""
+    bce = nn.functional.binary_cross_entropy_with_logits
+    loss = bce(logit, label)
+    if distill is None:
+        return loss
+    t = distill.temperature
+    if distill.loss == "mse":
+        soft_loss = nn.functional.mse_loss(logit, teacher)
+    else:
+        soft_loss = t * t * bce(logit / t, torch.sigmoid(teacher / t))
+    return distill.alpha * loss + (1 - distill.alpha) * soft_loss
+
+
 def _progress() -> Progress:
     """A bar on a terminal; nothing elsewhere (:func:`_epoch_line` reports instead)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -98,13 +113,9 @@ def fit_ranker(model: Ranker, data: RankingData, settings: TrainSettings, *, val
     rng = np.random.default_rng(settings.seed)
     judged = validation is not None and len(validation) > 0
     sparse, dense, y = (torch.from_numpy(a) for a in (data.sparse, data.dense, data.label))
-    soft = teacher = None
-    if distill is not None:
-        teacher = torch.from_numpy(distill.teacher_logits.astype(np.float32))
-        soft = torch.sigmoid(teacher / distill.temperature)
+    teacher = torch.from_numpy(distill.teacher_logits.astype(np.float32)) if distill is not None else None
     by_agreement = judged and distill is not None and distill.validation_logits is not None
     opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    bce = nn.functional.binary_cross_entropy_with_logits
     best_score, best_auc, best_epoch, best_state, history = -np.inf, -1.0, 0, None, []
     started = time.monotonic()
     with _progress() as progress:
@@ -115,14 +126,7 @@ def fit_ranker(model: Ranker, data: RankingData, settings: TrainSettings, *, val
             for s in range(0, len(perm), settings.batch_size):
                 b = perm[s:s + settings.batch_size]
                 logit = model(sparse[b], dense[b]).squeeze(1)
-                loss = bce(logit, y[b])
-                if distill is not None:
-                    t = distill.temperature
-                    if distill.loss == "mse":
-                        soft_loss = nn.functional.mse_loss(logit, teacher[b])
-                    else:
-                        soft_loss = t * t * bce(logit / t, soft[b])
-                    loss = distill.alpha * loss + (1 - distill.alpha) * soft_loss
+                loss = ranker_loss(logit, y[b], teacher[b] if teacher is not None else None, distill)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

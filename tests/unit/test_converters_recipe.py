@@ -63,6 +63,15 @@ def test_search_recipe_defaults() -> None:
     custom = parse_recipe("search:\n  objective: throughput\n  students: [{embedding_dim: 4, top_mlp: [8]}]\n"
                           "gate: {max_relative_auc_loss: 0.01, min_distinct_score_ratio: null}\n")
     assert custom.search.students[0].embedding_dim == 4 and custom.gate.min_distinct_score_ratio is None
+    assert s.distill.workers is None  # students train in this process unless told otherwise
+
+
+def test_distillation_on_ray_train_is_asked_for_with_workers() -> None:
+    stage = parse_recipe("stages: [{type: distill, workers: 4}]").stages[0]
+    assert isinstance(stage, DistillStage) and stage.workers == 4
+    assert parse_recipe("stages: [{type: distill}]").stages[0].workers is None
+    search = parse_recipe("search: {distill: {workers: 2}}\ngate: {max_relative_auc_loss: 0.01}\n").search
+    assert search.distill.workers == 2
 
 
 def test_embeddings_bits_null_keeps_float() -> None:
@@ -81,6 +90,7 @@ def test_embeddings_bits_null_keeps_float() -> None:
         ("stages:\n  - type: quantize\n    mode: int4\n", ["stages.0.quantize.mode"]),
         ("stages:\n  - type: embeddings\n    bits: 2\n", ["stages.0.embeddings.bits"]),
         ("stages:\n  - type: distill\n    student: {width: 3}\n", ["stages.0.distill.student.width"]),
+        ("stages:\n  - type: distill\n    workers: 0\n", ["stages.0.distill.workers", "greater than or equal to 1"]),
         ("stages:\n  - type: low_rank\n    rank: 4\n    energy: 0.9\n", ["stages.0.low_rank", "exactly one"]),
         ("stages:\n  - type: low_rank\n", ["stages.0.low_rank", "exactly one"]),
         ("stages:\n  - type: low_rank\n    energy: 1.5\n", ["stages.0.low_rank.energy"]),
