@@ -71,8 +71,10 @@ def one(workdir: Path, workers: int) -> dict:
             "held_out_auc": history["held_out"]["auc"], "peak_rss_per_worker_mib": max(peak.values(), default=0) / 2**20}
 
 
-def _ray_rss() -> dict[int, tuple[str, int]]:
-    """(role, resident bytes) of every Ray worker process now (its title: ``ray::RayTrainWorker``, ...)."""
+def _ray_rss() -> dict[int, tuple[str, int, int]]:
+    """(role, resident bytes, private resident bytes) of every Ray worker process now (its title:
+    ``ray::RayTrainWorker``, ...). The private part (RssAnon) leaves out pages shared with other processes:
+    the libraries and the object store's blocks being read."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -81,10 +83,12 @@ def _ray_rss() -> dict[int, tuple[str, int]]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             if not cmd.startswith("ray::"):
                 continue
-            rss = next(int(ln.split()[1]) for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmRSS"))
-        except (OSError, StopIteration, ValueError):
+            status = {ln.split(":")[0]: ln.split()[1] for ln in (proc / "status").read_text().splitlines()
+                      if ln.startswith(("VmRSS", "RssAnon"))}
+            rss, anon = int(status["VmRSS"]), int(status["RssAnon"])
+        except (OSError, KeyError, IndexError, ValueError):
             continue
-        out[int(proc.name)] = (cmd[5:].split("(")[0].split(".")[0].strip() or "worker", rss * 1024)
+        out[int(proc.name)] = (cmd[5:].split("(")[0].split(".")[0].strip() or "worker", rss * 1024, anon * 1024)
     return out
 
 
@@ -115,13 +119,15 @@ def streamed(workdir: Path, rows: int, rows_in_2gib: int) -> dict:
     shards = _shards(workdir, rows)
     out = workdir / "train-streamed"
     peak: dict[str, int] = {}
+    private: dict[str, int] = {}
     done = threading.Event()
     driver_peak = [0]
 
     def sample(pid: int) -> None:
         while not done.is_set():
-            for role, rss in _ray_rss().values():
+            for role, rss, anon in _ray_rss().values():
                 peak[role] = max(peak.get(role, 0), rss)
+                private[role] = max(private.get(role, 0), anon)
             try:
                 kib = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
                            if ln.startswith("VmRSS"))
@@ -146,7 +152,8 @@ def streamed(workdir: Path, rows: int, rows_in_2gib: int) -> dict:
             "shard_mib": sum(p.stat().st_size for p in shards.glob("part-*")) / 2**20,
             "rows_per_s": meta["history"]["rows_per_s"], "held_out_auc": meta["held_out"]["auc"],
             "rows_by_split": meta["history"]["rows"], "driver_peak_rss_mib": driver_peak[0] / 2**20,
-            "peak_rss_mib_by_role": {k: v / 2**20 for k, v in sorted(peak.items())}}
+            "peak_rss_mib_by_role": {k: v / 2**20 for k, v in sorted(peak.items())},
+            "peak_private_rss_mib_by_role": {k: v / 2**20 for k, v in sorted(private.items())}}
 
 
 def run(workdir: Path) -> dict:
@@ -171,6 +178,7 @@ def markdown(r: dict) -> str:
                   f"{st['rows']:,} rows of shards ({st['shard_mib']:,.0f} MiB, {st['x_in_memory_2gib']:.1f}x that), "
                   f"1 epoch, 2 workers: {st['rows_per_s']:,.0f} rows/s, held-out AUC {st['held_out_auc']:.4f}, "
                   f"{st['wall_s']:.0f} s; driver peak RSS {st['driver_peak_rss_mib']:,.0f} MiB.", "",
-                  "| Ray process | peak RSS (MiB) |", "|---|---:|"]
-        lines += [f"| {role} | {mib:,.0f} |" for role, mib in st["peak_rss_mib_by_role"].items()]
+                  "| Ray process | peak RSS (MiB) | of it private (MiB) |", "|---|---:|---:|"]
+        lines += [f"| {role} | {mib:,.0f} | {st.get('peak_private_rss_mib_by_role', {}).get(role, float('nan')):,.0f} |"
+                  for role, mib in st["peak_rss_mib_by_role"].items()]
     return "\n".join(lines)

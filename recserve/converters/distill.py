@@ -8,7 +8,6 @@ the training rows with temperature-softened teacher scores plus the labels.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -18,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recserve.converters.evaluate import predict, session
 from recserve.converters.graph import embedding_gathers, initializers
-from recserve.converters.stage import ModelState, StageContext, StageSpec
+from recserve.converters.stage import ModelState, StageContext, StageSpec, train_on_ray
 from recserve.data.schema import RankingData
 from recserve.data.splits import carve_validation
 from recserve.errors import StageError
+from recserve.models.artifact import build_module
 from recserve.models.ranker import Ranker, RankerConfig
 from recserve.models.train import Distillation, fit_ranker, predict_logits
 
@@ -69,7 +69,7 @@ class DistillStage(StageSpec):
         teacher, source = teacher_logits(state, ctx, train)
         config = RankerConfig(cardinalities=[f.cardinality for f in train.sparse_features],
                               num_dense=len(train.dense_names), **self.student.model_dump())
-        student = Ranker(config)
+        student = build_module("ranker", config, seed=ctx.train.seed)
         details: dict[str, Any] = {}
         if self.init_embeddings:
             details["embeddings_from_teacher"] = init_from_teacher(student, teacher_table(state))
@@ -79,23 +79,9 @@ class DistillStage(StageSpec):
         if self.workers is None:
             history = fit_ranker(student, train, settings, validation=validation, label="distill", distill=distill)
         else:
-            history = self._on_ray(student, config, train, validation, settings, distill)
+            history = train_on_ray(student, train, validation, settings, self.workers, distill)
         return replace(state, module=student).with_module(student, ctx.data), {
             "teacher": source, "student": config.to_json(), "training": history, **details}
-
-    def _on_ray(self, student: Ranker, config: RankerConfig, train: RankingData, validation: RankingData,
-                settings, distill: Distillation) -> dict:
-        """The same training on Ray Train (recserve.models.distributed); checkpoints in a temporary directory."""
-        import tempfile
-
-        from recserve.models.distributed import RaySettings, fit_ranker_ray
-
-        with tempfile.TemporaryDirectory(prefix="recserve-distill-") as storage:
-            state, history = fit_ranker_ray(config, train, validation, settings, RaySettings(workers=self.workers),
-                                            Path(storage), distill=distill, init_state=student.state_dict())
-        student.load_state_dict(state)
-        student.eval()
-        return history
 
 
 STOPPING_FRACTION = 0.1

@@ -42,6 +42,8 @@ class LowRankStage(StageSpec):
     energy: float | None = Field(None, gt=0.0, le=1.0, description="share of squared singular values to keep")
     min_saving: float = Field(0.2, ge=0.0, lt=1.0, description="factorize only layers where this share of weights is saved")
     fine_tune_epochs: int = Field(1, ge=0, description="epochs of fine-tuning after factorizing (PyTorch models only)")
+    workers: int | None = Field(None, ge=1, description="fine-tune on Ray Train with this many workers (a local Ray, "
+                                "or the cluster RAY_ADDRESS names); default: in this process")
 
     @model_validator(mode="after")
     def _one_of(self) -> LowRankStage:
@@ -73,7 +75,7 @@ class LowRankStage(StageSpec):
                         second.bias.copy_(child.bias)
                 setattr(parent, child_name, nn.Sequential(first, second))
                 factored[f"{name}.{child_name}".lstrip(".")] = p.shape[1]
-        history = ctx.fine_tune(state, self.fine_tune_epochs, "low-rank fine-tune")
+        history = ctx.fine_tune(state, self.fine_tune_epochs, "low-rank fine-tune", self.workers)
         return state.with_module(state.module, ctx.data), {"ranks": factored, "fine_tune": history}
 
     def _graph(self, state: ModelState) -> tuple[ModelState, dict[str, Any]]:

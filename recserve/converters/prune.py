@@ -82,6 +82,8 @@ class PruneStage(StageSpec):
     sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="share of weights / neurons removed")
     scope: Literal["global", "layer"] = "global"
     fine_tune_epochs: int = Field(1, ge=0, description="epochs of fine-tuning after pruning (PyTorch models only)")
+    workers: int | None = Field(None, ge=1, description="fine-tune on Ray Train with this many workers (a local Ray, "
+                                "or the cluster RAY_ADDRESS names); default: in this process")
 
     def apply(self, state: ModelState, ctx: StageContext) -> tuple[ModelState, dict[str, Any]]:
         if self.method == "structured":
@@ -95,7 +97,7 @@ class PruneStage(StageSpec):
         else:
             for m in linears:
                 torch_prune.l1_unstructured(m, "weight", amount=self.sparsity)
-        history = ctx.fine_tune(state, self.fine_tune_epochs, "prune fine-tune")
+        history = ctx.fine_tune(state, self.fine_tune_epochs, "prune fine-tune", self.workers)
         for m in linears:
             torch_prune.remove(m, "weight")
         zeros = sum(int((m.weight == 0).sum()) for m in linears)
@@ -132,7 +134,7 @@ class PruneStage(StageSpec):
         if config is not None and hasattr(config, "top_mlp"):
             config.top_mlp = sizes.get("top", config.top_mlp)
             config.bottom_mlp = sizes.get("bottom", config.bottom_mlp)
-        history = ctx.fine_tune(state, self.fine_tune_epochs, "prune fine-tune")
+        history = ctx.fine_tune(state, self.fine_tune_epochs, "prune fine-tune", self.workers)
         after = sum(p.numel() for p in state.module.parameters())
         return state.with_module(state.module, ctx.data), {
             "hidden_sizes": sizes, "parameters_removed": before - after, "fine_tune": history}

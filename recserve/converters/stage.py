@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -67,19 +68,39 @@ class StageContext:
                              "--data tensors:PATH only post-training stages run (quantize, embeddings, low_rank, prune)")
         return self.fit, self.validation.rows
 
-    def fine_tune(self, state: ModelState, epochs: int, label: str) -> dict[str, Any]:
+    def fine_tune(self, state: ModelState, epochs: int, label: str, workers: int | None = None) -> dict[str, Any]:
         """Train the state's module for ``epochs`` more epochs (no-op at 0); returns the history.
 
         Fine-tuning repairs a trained model: a quarter of the training learning rate, so it does not
         undo the best-epoch choice of the original training; the best epoch is kept on validation.
+        ``workers``: a ranker trains on Ray Train with that many workers (recserve.models.distributed).
         """
         if epochs <= 0 or state.module is None:
             return {}
         settings = replace(self.train, epochs=epochs, learning_rate=self.train.learning_rate / 4)
         if state.kind == "ranker":
             fit, validation = self.recserve_rows("fine-tuning")
-            return fit_ranker(state.module, fit, settings, validation=validation, label=label)
+            if workers is None:
+                return fit_ranker(state.module, fit, settings, validation=validation, label=label)
+            return train_on_ray(state.module, fit, validation, settings, workers)
         return fit_two_tower(state.module, self.data.retrieval, settings, label=label)
+
+
+def train_on_ray(module, fit: RankingData, validation: RankingData, settings: TrainSettings, workers: int,
+                 distill=None) -> dict[str, Any]:
+    """Train ``module`` in place on Ray Train (each worker a copy of it, pruning masks included; ``distill``: a
+    :class:`recserve.models.train.Distillation`); the best epoch's weights come back into it. Checkpoints live
+    in a temporary directory for the stage."""
+    import tempfile
+
+    from recserve.models.distributed import RaySettings, fit_ranker_ray
+
+    with tempfile.TemporaryDirectory(prefix="recserve-stage-") as storage:
+        best, history = fit_ranker_ray(None, fit, validation, settings, RaySettings(workers=workers), Path(storage),
+                                       distill=distill, module=module)
+    module.load_state_dict(best)
+    module.eval()
+    return history
 
 
 class StageSpec(BaseModel, ABC):

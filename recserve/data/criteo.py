@@ -104,16 +104,25 @@ def _tsv_batches(path: Path, block_bytes: int):
             skipped[0] += 1
         return "skip"
 
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=NAMES, block_size=block_bytes),
-        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, double_quote=False,
-                                         invalid_row_handler=bad_line),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in NAMES}, strings_can_be_null=False,
-                                             check_utf8=False))
-    for batch in reader:
-        corrupt, skipped[0] = skipped[0], 0
-        yield pa.Table.from_batches([batch]), corrupt
+    try:
+        if path.stat().st_size == 0:
+            return
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=NAMES, block_size=block_bytes),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, double_quote=False,
+                                             invalid_row_handler=bad_line),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in NAMES},
+                                                 strings_can_be_null=False, check_utf8=False))
+        for batch in reader:
+            corrupt, skipped[0] = skipped[0], 0
+            yield pa.Table.from_batches([batch]), corrupt
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):  # nothing but blank lines (or a compressed empty file)
+            return
+        raise DataError(f"criteo:{path}: not readable as tab-separated text ({e})") from e
+    except OSError as e:
+        raise DataError(f"criteo:{path}: cannot be read ({e})") from e
     if skipped[0]:  # lines skipped after the last batch (or a file with no valid line at all)
         yield reader.schema.empty_table(), skipped[0]
 

@@ -51,8 +51,14 @@ class TrainedModel:
         (out / "model.json").write_text(json.dumps(meta, indent=2))
 
 
-def build_module(kind: str, config: RankerConfig | TwoTowerConfig) -> nn.Module:
-    return Ranker(config) if kind == "ranker" else TwoTower(config)
+def build_module(kind: str, config: RankerConfig | TwoTowerConfig, seed: int | None = None) -> nn.Module:
+    """A new model of ``kind``; ``seed`` draws its initial weights (without touching torch's global generator),
+    so a run is repeatable from its seed alone."""
+    if seed is None:
+        return Ranker(config) if kind == "ranker" else TwoTower(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Ranker(config) if kind == "ranker" else TwoTower(config)
 
 
 def sample_feed(kind: str, data: Dataset, n: int = 64) -> dict[str, np.ndarray]:

@@ -85,11 +85,10 @@ def _loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(s.seed)
     torch.set_num_threads(max(1, config["threads"]))
-    model = build_module("ranker", RankerConfig(**config["model"]))
+    model = ray.get(config["module"]) if config.get("module") is not None else \
+        build_module("ranker", RankerConfig(**config["model"]))
     run = {"history": [], "best_auc": -1.0, "best_score": -np.inf, "best_epoch": 0, "best_state": None, "rows": 0,
            "seconds": 0.0}
-    if config.get("init_state") is not None:  # a student that starts from the teacher's embeddings
-        model.load_state_dict(ray.get(config["init_state"]))
     saved = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -266,16 +265,17 @@ def ray_running(ray_settings: RaySettings, readers: int = 0):
             ray.shutdown()
 
 
-def fit_ranker_ray(config: RankerConfig, fit, validation: RankingData, settings: TrainSettings,
+def fit_ranker_ray(config: RankerConfig | None, fit, validation: RankingData, settings: TrainSettings,
                    ray_settings: RaySettings, storage: Path, rows_per_epoch: int | None = None, *,
-                   distill: Distillation | None = None, init_state: dict | None = None) -> tuple[dict, dict]:
+                   distill: Distillation | None = None, module=None) -> tuple[dict, dict]:
     """Train on Ray Train; returns (the best epoch's state dict, the history) (see the module's docstring).
 
     ``fit``: the training rows in memory (put into Ray's object store), or a Ray Data dataset of them
     (``sparse``, ``dense``, ``label`` columns; streamed from shards by :mod:`recserve.models.streamed`), with its
     ``rows_per_epoch`` for the progress bar. ``distill``: train a student on the teacher's logits for the ``fit``
     rows (in memory) as :func:`recserve.models.train.fit_ranker` does, choosing the epoch by agreement when it
-    carries the validation rows' logits. ``init_state``: the model's weights before the first epoch."""
+    carries the validation rows' logits. ``module``: the model to train (a student initialized from its teacher,
+    a pruned or factorized ranker to fine-tune; each worker gets a copy) instead of a new one of ``config``."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -301,13 +301,14 @@ def fit_ranker_ray(config: RankerConfig, fit, validation: RankingData, settings:
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         trainer = TorchTrainer(
             _loop,
-            train_loop_config={"settings": asdict(settings) | {"deadline": None}, "model": asdict(config),
+            train_loop_config={"settings": asdict(settings) | {"deadline": None},
+                               "model": asdict(config) if config is not None else None,
                                "board": board, "rows_per_epoch": rows_per_epoch,
                                "threads": max(1, int(ray_settings.cpus_per_worker)),
                                "validation": ray.put(judge),
                                "distill": None if distill is None else {"temperature": distill.temperature,
                                                                         "alpha": distill.alpha, "loss": distill.loss},
-                               "init_state": None if init_state is None else ray.put(init_state)},
+                               "module": None if module is None else ray.put(module)},
             scaling_config=ray.train.ScalingConfig(num_workers=ray_settings.workers, use_gpu=ray_settings.use_gpu,
                                                    resources_per_worker={"CPU": ray_settings.cpus_per_worker}),
             run_config=ray.train.RunConfig(name=name, storage_path=str(storage),

@@ -46,7 +46,7 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
                             "--data tensors:PATH); recserve train reads raw data (movielens:, interactions:, ...)")
         t = data.ranking_train
         config = RankerConfig([f.cardinality for f in t.sparse_features], len(t.dense_names), embedding_dim=embedding_dim)
-        module = build_module(kind, config)
+        module = build_module(kind, config, seed=train.seed)
         if ray is None:
             history = fit_ranker(module, data.ranking_fit(), train, validation=data.ranking_validation())
         else:
@@ -63,7 +63,7 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
                             "(criteo data has no user or item ids: train a ranker on it)")
         config = TwoTowerConfig([f.cardinality for f in r.user_features], [f.cardinality for f in r.item_features],
                                 embedding_dim=embedding_dim)
-        module = build_module(kind, config)
+        module = build_module(kind, config, seed=train.seed)
         history = fit_two_tower(module, r, train)
     trained = TrainedModel(kind, config, module, data_spec, train.seed)
     graph = trained.export(data)

@@ -58,7 +58,7 @@ def tiny_data() -> Dataset:
 def ranker_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data: Dataset) -> Path:
     """A `recserve train`-style directory holding a tiny trained ranker (do not write into it)."""
     config = tiny_ranker_config(tiny_data)
-    module = build_module("ranker", config)
+    module = build_module("ranker", config, seed=0)
     fit_ranker(module, tiny_data.ranking_fit(), TINY_TRAIN, validation=tiny_data.ranking_validation())
     return _save(TrainedModel("ranker", config, module, TINY_SPEC), tiny_data, tmp_path_factory.mktemp("ranker"))
 
@@ -68,7 +68,7 @@ def two_tower_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data: Dataset) 
     r = tiny_data.retrieval
     config = TwoTowerConfig([f.cardinality for f in r.user_features], [f.cardinality for f in r.item_features],
                             embedding_dim=8, tower_mlp=[32], output_dim=16)
-    module = build_module("two-tower", config)
+    module = build_module("two-tower", config, seed=0)
     fit_two_tower(module, r, TINY_TRAIN)
     return _save(TrainedModel("two-tower", config, module, TINY_SPEC), tiny_data, tmp_path_factory.mktemp("tt"))
 

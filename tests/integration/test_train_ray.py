@@ -191,10 +191,11 @@ def test_criteo_shards_are_streamed_to_the_workers(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and "execution finished" not in proc.stdout + proc.stderr
 
 
-def test_a_recipes_distill_stage_runs_on_ray_train(tmp_path: Path) -> None:
+def test_a_recipes_distill_and_fine_tune_run_on_ray_train(tmp_path: Path) -> None:
     """``workers: 2`` in a recipe's distill stage: the student trains on Ray Train from the teacher's logits, chooses
-    its epoch by agreement with the teacher (patience included) and is gated as any student is; the same stage
-    in one process gives about the same student."""
+    its epoch by agreement with the teacher (patience included) and is gated as any student is; a magnitude
+    prune then fine-tunes it there too (each worker a copy of the pruned module, masks included). The same
+    recipe in one process gives about the same model."""
     cli = [sys.executable, "-c", "from recserve.cli import main; main()"]
     data = "synthetic:40000"
     teacher = tmp_path / "teacher"
@@ -207,6 +208,8 @@ def test_a_recipes_distill_stage_runs_on_ray_train(tmp_path: Path) -> None:
                  "    epochs: 4", "    patience: 2", "    select: agreement", "    alpha: 0.2",
                  "    learning_rate: 0.005"]
         stage += [f"    workers: {workers}"] if workers else []
+        stage += ["  - type: prune", "    sparsity: 0.5", "    fine_tune_epochs: 2"]
+        stage += [f"    workers: {workers}"] if workers else []
         recipe.write_text("\n".join(["name: ray-distill", "stages:", *stage,
                                      "gate: {max_relative_auc_loss: 0.5}", ""]))
         out = tmp_path / f"student-{workers}"
@@ -217,7 +220,10 @@ def test_a_recipes_distill_stage_runs_on_ray_train(tmp_path: Path) -> None:
         results[workers] = report
         assert (out / "model.onnx").exists()
     training = next(s for s in results[2]["stages"] if s["name"] == "distill")["details"]["training"]
+    fine_tune = next(s for s in results[2]["stages"] if s["name"] == "prune")["details"]
+    assert fine_tune["fine_tune"]["workers"] == 2 and len(fine_tune["fine_tune"]["epochs"]) == 2
+    assert 0.45 < fine_tune["sparsity"] < 0.55  # the masks held through the workers' training
     assert training["workers"] == 2 and all("validation_logit_mse" in e for e in training["epochs"])
     assert 1 <= training["best_epoch"] <= 4
     auc = {w: r["result"]["quality"]["auc"] for w, r in results.items()}
-    assert abs(auc[2] - auc[None]) / auc[None] <= 0.03, auc  # measured -0.32% and -0.31% against the teacher
+    assert abs(auc[2] - auc[None]) / auc[None] <= 0.03, auc  # measured 0.75684 and 0.75687

@@ -14,7 +14,7 @@ from recserve.converters.quantize import QuantizeStage
 from recserve.converters.recipe import Recipe, load_recipe, parse_recipe
 from recserve.errors import ConfigError, RecserveError
 
-ENCODER_RECIPES = {"query-encoder"}
+ENCODER_RECIPES = {"query-encoder", "query-encoder-gpu"}
 """Recipes for text encoders (recserve.encoder.recipe: tests/unit/test_encoder_recipe.py)."""
 RECIPES = sorted(p for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml")
                  if p.stem not in ENCODER_RECIPES)

@@ -138,3 +138,17 @@ def test_write_shards_cli(tmp_path: Path) -> None:
     assert len(again.stderr.strip().splitlines()) == 1
     assert json.loads(json.dumps(sorted(p.name for p in (tmp_path / "s").iterdir()))) == [
         "part-00000.tsv", "part-00001.tsv", "part-00002.tsv"]
+
+
+def test_empty_blank_and_broken_files_are_data_errors(tmp_path: Path) -> None:
+    import gzip
+
+    (tmp_path / "empty.tsv").write_text("")
+    (tmp_path / "blank.tsv").write_text("\n\n  \n")
+    (tmp_path / "broken.tsv.gz").write_bytes(gzip.compress(b"1\t2\n" * 100)[:20])
+    for name, needle in (("empty.tsv", "no usable rows"), ("blank.tsv", "no usable rows"),
+                         ("broken.tsv.gz", "cannot be read")):
+        with pytest.raises(DataError, match=needle):
+            load_dataset(f"criteo:{tmp_path / name}")
+    with pytest.raises(DataError, match="no usable rows"):
+        shards.fit([tmp_path / "empty.tsv", tmp_path / "blank.tsv"], shards.SplitSettings())

@@ -18,9 +18,11 @@ def test_the_shipped_recipe_parses_in_order() -> None:
 
     from recserve.encoder.recipe import load_encoder_recipe
 
-    r = load_encoder_recipe(Path(__file__).resolve().parents[2] / "recipes" / "query-encoder.yaml")
-    assert [s.type for s in r.stages] == ["distill", "prune_vocab", "quantize"]
-    assert r.gate.max_relative_ndcg_loss == 0.02 and r.gate.min_teacher_overlap_at_10 == 0.8
+    for name, layers in (("query-encoder", 3), ("query-encoder-gpu", 2)):
+        r = load_encoder_recipe(Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml")
+        assert r.name == name and [s.type for s in r.stages] == ["distill", "prune_vocab", "quantize"]
+        assert r.stages[0].layers == layers
+        assert r.gate.max_relative_ndcg_loss == 0.02 and r.gate.min_teacher_overlap_at_10 == 0.8
 
 
 @pytest.mark.parametrize(("text", "needle"), [
