@@ -528,6 +528,28 @@ def test_proxy_ingress_takes_several_replicas_per_pod(helm, tmp_path):
     assert (cfg.ingress, cfg.num_replicas) == ("proxy", 3)
 
 
+def test_router_serves_text_searches_set_in_values(helm, tmp_path):
+    """``router.config.searches`` reaches the router's config as recserve reads it, next to the rankers or alone;
+    a search entry the router would refuse is refused by the chart's schema first."""
+    from recserve.serving.config import RouterConfig
+
+    search = {"edge_encoder": "/models/query_encoder/1", "edge_index": "/models/product_index/1", "top_k": 20}
+    for models, default in (({}, "ranker"), ({"ranker": None}, "search")):
+        f = tmp_path / "v.yaml"
+        f.write_text(yaml.safe_dump({"router": {"config": {"models": models, "searches": {"search": search},
+                                                           "default_model": default}}}))
+        docs = [d for d in yaml.safe_load_all(template(helm, "-f", str(f)).stdout) if d]
+        cfg = RouterConfig.model_validate(_router_config(docs))
+        assert cfg.searches["search"].triton_model == "search" and cfg.searches["search"].top_k == 20
+        assert str(cfg.searches["search"].edge_index) == "/models/product_index/1"
+        assert ("ranker" in cfg.models) == (models == {})
+    f.write_text(yaml.safe_dump({"router": {"config": {"searches": {"search": {"edge_encoder": "/m/e"}}}}}))
+    refused = template(helm, "-f", str(f), check=False)
+    assert refused.returncode != 0 and "edge_index" in refused.stderr
+    f.write_text(yaml.safe_dump({"router": {"config": {"models": {"ranker": None}}}}))  # serves nothing
+    assert template(helm, "-f", str(f), check=False).returncode != 0
+
+
 def test_router_config_is_valid_for_recserve(docs):
     from recserve.serving.config import RouterConfig
 

@@ -258,8 +258,8 @@ The router's config file (router.yaml), from router.config plus what the chart k
 */}}
 {{- define "recserve.router.config" -}}
 {{- $cfg := deepCopy .Values.router.config }}
-{{- if not (hasKey (default dict $cfg.models) $cfg.default_model) }}
-{{- fail (printf "router.config.default_model %q is not among router.config.models (%s)" $cfg.default_model (keys (default dict $cfg.models) | sortAlpha | join ", ")) }}
+{{- if not (or (hasKey (default dict $cfg.models) $cfg.default_model) (hasKey (default dict $cfg.searches) $cfg.default_model)) }}
+{{- fail (printf "router.config.default_model %q is not among router.config.models or searches (%s)" $cfg.default_model (concat (keys (default dict $cfg.models)) (keys (default dict $cfg.searches)) | sortAlpha | join ", ")) }}
 {{- end }}
 {{- $_ := set $cfg "triton_url" (printf "%s:%d" (include "recserve.triton.fullname" .) (int .Values.triton.ports.grpc)) }}
 {{- $_ := set $cfg "policy_file" "/etc/recserve/policy/policy.json" }}
