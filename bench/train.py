@@ -29,20 +29,17 @@ STREAM_SPEC_OPTIONS = ",min_freq=20"
 CLI = [sys.executable, "-c", "from recserve.cli import main; main()"]
 
 
+def _memory(pid: int | str) -> tuple[int, int]:
+    """(resident bytes, private resident bytes) of a process now, from /proc (OSError once it is gone). The
+    private part (RssAnon) leaves out pages shared with other processes: the libraries and Ray's object store."""
+    status = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+              if ln.startswith(("VmRSS", "RssAnon"))}
+    return status.get("VmRSS", 0) * 1024, status.get("RssAnon", 0) * 1024
+
+
 def _worker_rss() -> dict[int, int]:
     """Resident bytes of each Ray Train worker process now."""
-    out = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes():
-                continue
-            rss = next(int(ln.split()[1]) for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmRSS"))
-        except (OSError, StopIteration, ValueError):
-            continue
-        out[int(proc.name)] = rss * 1024
-    return out
+    return {pid: rss for pid, (role, rss, _) in _ray_rss().items() if role == "RayTrainWorker"}
 
 
 def one(workdir: Path, workers: int) -> dict:
@@ -73,8 +70,7 @@ def one(workdir: Path, workers: int) -> dict:
 
 def _ray_rss() -> dict[int, tuple[str, int, int]]:
     """(role, resident bytes, private resident bytes) of every Ray worker process now (its title:
-    ``ray::RayTrainWorker``, ...). The private part (RssAnon) leaves out pages shared with other processes:
-    the libraries and the object store's blocks being read."""
+    ``ray::RayTrainWorker``, ...; see :func:`_memory`)."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -83,12 +79,10 @@ def _ray_rss() -> dict[int, tuple[str, int, int]]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             if not cmd.startswith("ray::"):
                 continue
-            status = {ln.split(":")[0]: ln.split()[1] for ln in (proc / "status").read_text().splitlines()
-                      if ln.startswith(("VmRSS", "RssAnon"))}
-            rss, anon = int(status["VmRSS"]), int(status["RssAnon"])
-        except (OSError, KeyError, IndexError, ValueError):
+            rss, anon = _memory(proc.name)
+        except (OSError, IndexError, ValueError):
             continue
-        out[int(proc.name)] = (cmd[5:].split("(")[0].split(".")[0].strip() or "worker", rss * 1024, anon * 1024)
+        out[int(proc.name)] = (cmd[5:].split("(")[0].split(".")[0].strip() or "worker", rss, anon)
     return out
 
 
@@ -129,10 +123,8 @@ def streamed(workdir: Path, rows: int, rows_in_2gib: int) -> dict:
                 peak[role] = max(peak.get(role, 0), rss)
                 private[role] = max(private.get(role, 0), anon)
             try:
-                kib = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-                           if ln.startswith("VmRSS"))
-                driver_peak[0] = max(driver_peak[0], kib * 1024)
-            except (OSError, StopIteration):
+                driver_peak[0] = max(driver_peak[0], _memory(pid)[0])
+            except OSError:
                 pass
             time.sleep(0.2)
 
