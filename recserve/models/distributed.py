@@ -75,7 +75,7 @@ def _loop(config: dict) -> None:
 
     from recserve.converters.metrics import auc_score
     from recserve.models.artifact import build_module
-    from recserve.models.train import Distillation, ranker_loss
+    from recserve.models.train import Distillation, predict_logits, ranker_loss
 
     quiet_train()
     quiet_data()
@@ -103,9 +103,9 @@ def _loop(config: dict) -> None:
     plain = model.module if hasattr(model, "module") else model
     shard = ray.train.get_dataset_shard("train")
     validation = ray.get(config["validation"])
+    teacher_validation = config.get("validation_teacher")
     board, per_epoch = config["board"], config["rows_per_epoch"]
     distill = Distillation(np.zeros(0, np.float32), **config["distill"]) if config.get("distill") else None
-    by_agreement = "teacher" in validation
     per_worker = max(1, s.batch_size // world)
     for epoch in range(len(run["history"]), s.epochs):
         model.train()
@@ -126,17 +126,12 @@ def _loop(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "loss": float(loss.item()), "rows_per_s_worker": rows / max(seconds, 1e-9)}
         # every rank scores the validation rows (the same weights after DDP's averaging, the same rows): they
         # all reach the same patience and learning-rate decisions without a message
-        plain.eval()
-        with torch.no_grad():
-            scores = np.concatenate([plain(torch.from_numpy(validation["sparse"][i:i + 8192]).to(device),
-                                           torch.from_numpy(validation["dense"][i:i + 8192]).to(device))
-                                     .squeeze(1).cpu().numpy()
-                                     for i in range(0, len(validation["label"]), 8192)])
-        auc = auc_score(validation["label"], scores)
+        scores = predict_logits(plain, validation, device=device)
+        auc = auc_score(validation.label, scores)
         entry = {"epoch": epoch + 1, "validation_auc": auc, "loss": metrics["loss"]}
         score = auc
-        if by_agreement:  # distillation choosing its epoch by agreement with the teacher (see fit_ranker)
-            entry["validation_logit_mse"] = float(np.mean((scores - validation["teacher"]) ** 2))
+        if teacher_validation is not None:  # distillation choosing its epoch by agreement with the teacher
+            entry["validation_logit_mse"] = float(np.mean((scores - teacher_validation) ** 2))
             score = -entry["validation_logit_mse"]
         run["history"].append(entry)
         run["rows"] += rows * world
@@ -292,9 +287,9 @@ def fit_ranker_ray(config: RankerConfig | None, fit, validation: RankingData, se
     rows_per_epoch = len(fit) if isinstance(fit, RankingData) else int(rows_per_epoch or 0)
     if distill is not None and not isinstance(fit, RankingData):
         raise ConfigError("distillation on Ray Train takes the training rows in memory (with the teacher's logits)")
-    judge = {"sparse": validation.sparse, "dense": validation.dense, "label": validation.label}
+    teacher_validation = None
     if distill is not None and distill.validation_logits is not None:
-        judge["teacher"] = np.asarray(distill.validation_logits, np.float32)
+        teacher_validation = np.asarray(distill.validation_logits, np.float32)
     with ray_running(ray_settings):
         from recserve.models.board import ProgressBoard
 
@@ -305,7 +300,7 @@ def fit_ranker_ray(config: RankerConfig | None, fit, validation: RankingData, se
                                "model": asdict(config) if config is not None else None,
                                "board": board, "rows_per_epoch": rows_per_epoch,
                                "threads": max(1, int(ray_settings.cpus_per_worker)),
-                               "validation": ray.put(judge),
+                               "validation": ray.put(validation), "validation_teacher": teacher_validation,
                                "distill": None if distill is None else {"temperature": distill.temperature,
                                                                         "alpha": distill.alpha, "loss": distill.loss},
                                "module": None if module is None else ray.put(module)},

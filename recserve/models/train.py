@@ -90,14 +90,17 @@ def _epoch_line(settings: TrainSettings, label: str, started: float, text: str) 
         print(f"{label}: {text} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
-def predict_logits(model: Ranker, data: RankingData, batch_size: int = 8192) -> np.ndarray:
+def predict_logits(model: Ranker, data: RankingData, batch_size: int = 8192, device=None) -> np.ndarray:
+    """The model's logits for ``data`` (float32), scored in batches (on ``device`` when given: a GPU)."""
     model.eval()
     out = []
     with torch.no_grad():
         for s in range(0, len(data), batch_size):
             sp = torch.from_numpy(data.sparse[s:s + batch_size])
             de = torch.from_numpy(data.dense[s:s + batch_size])
-            out.append(model(sp, de).squeeze(1).numpy())
+            if device is not None:
+                sp, de = sp.to(device), de.to(device)
+            out.append(model(sp, de).squeeze(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
