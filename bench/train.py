@@ -6,7 +6,9 @@ per node) the rows/s grow with the workers until the gradient all-reduce (gloo o
 Streamed: what one row costs the in-memory Criteo reader (its peak RSS over an import-only baseline, on
 ``PROBE_ROWS`` rows), hence how many rows it holds in 2 GiB; then ``BENCH_STREAM_ROWS`` Criteo-format rows
 (``recserve write-shards``) trained for one epoch with 2 workers from the shards, with the peak RSS of every
-Ray process by its role (train worker, shard reader, ...) and of the driver.
+Ray process by its role (train worker, shard reader, ...) and of the driver. The same for an interaction log
+(``recserve write-shards --kind interactions``, ``BENCH_LOG_ROWS`` interactions, each a positive and 4 negatives):
+what one interaction costs the in-memory reader (the ranking view and the retriever's), then the log streamed.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ DATA = "synthetic:200000"
 EPOCHS = 2
 PROBE_ROWS = 200_000
 STREAM_ROWS = int(os.environ.get("BENCH_STREAM_ROWS", "2000000"))
+LOG_ROWS = int(os.environ.get("BENCH_LOG_ROWS", "500000"))
 STREAM_SPEC_OPTIONS = ",min_freq=20"
 """Tokens seen fewer than 20 times are out of vocabulary (bounds the embedding tables, as on real Criteo)."""
+KINDS = ("criteo", "interactions")
 CLI = [sys.executable, "-c", "from recserve.cli import main; main()"]
 
 
@@ -86,32 +90,44 @@ def _ray_rss() -> dict[int, tuple[str, int, int]]:
     return out
 
 
-def _shards(workdir: Path, rows: int) -> Path:
-    out = workdir / f"criteo-shards-{rows}"
+def _shards(workdir: Path, rows: int, kind: str = "criteo") -> str:
+    """The spec of ``rows`` rows of ``kind`` written as shards (once per work directory)."""
+    out = workdir / f"{kind}-shards-{rows}"
     if not (out / ".complete").exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        subprocess.run([*CLI, "write-shards", "--rows", str(rows), "--out", str(out)], check=True, cwd=ROOT,
-                       capture_output=True)
+        subprocess.run([*CLI, "write-shards", "--kind", kind, "--rows", str(rows), "--out", str(out)], check=True,
+                       cwd=ROOT, capture_output=True)
         (out / ".complete").write_text("")
-    return out
+    if kind == "criteo":
+        return f"criteo:{out}{STREAM_SPEC_OPTIONS}"
+    return f"interactions:{out / 'log'},meta={out / 'item_meta.csv'}"
 
 
-def in_memory_cost(workdir: Path) -> dict:
-    """Peak RSS of the in-memory Criteo reader on PROBE_ROWS rows over a baseline that imports the same modules."""
-    shards = _shards(workdir, PROBE_ROWS)
+def _shard_mib(spec: str) -> float:
+    from recserve.data import criteo, logs
+    from recserve.data.spec import parse_spec
+
+    s = parse_spec(spec)
+    paths = criteo.shard_paths(s.path) if s.kind == "criteo" else logs.log_paths(s.path)
+    return sum(p.stat().st_size for p in paths) / 2**20
+
+
+def in_memory_cost(workdir: Path, kind: str = "criteo") -> dict:
+    """Peak RSS of the in-memory reader on PROBE_ROWS rows over a baseline that imports the same modules."""
+    spec = _shards(workdir, PROBE_ROWS, kind)
     probe = ("import resource, sys; from recserve.data import load_dataset; import pyarrow.csv, pyarrow.compute; "
              "{}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     peak = [int(subprocess.run([sys.executable, "-c", probe.format(work)], check=True, capture_output=True, text=True,
                                cwd=ROOT).stdout.split()[-1]) * 1024
-            for work in ("pass", f"load_dataset('criteo:{shards}{STREAM_SPEC_OPTIONS}')")]
+            for work in ("pass", f"load_dataset({spec!r})")]
     per_row = (peak[1] - peak[0]) / PROBE_ROWS
-    return {"probe_rows": PROBE_ROWS, "bytes_per_row": per_row, "rows_in_2gib": int(2 * 2**30 / per_row),
+    return {"kind": kind, "probe_rows": PROBE_ROWS, "bytes_per_row": per_row, "rows_in_2gib": int(2 * 2**30 / per_row),
             "baseline_rss_mib": peak[0] / 2**20}
 
 
-def streamed(workdir: Path, rows: int, rows_in_2gib: int) -> dict:
-    shards = _shards(workdir, rows)
-    out = workdir / "train-streamed"
+def streamed(workdir: Path, rows: int, rows_in_2gib: int, kind: str = "criteo") -> dict:
+    spec = _shards(workdir, rows, kind)
+    out = workdir / f"train-streamed-{kind}"
     peak: dict[str, int] = {}
     private: dict[str, int] = {}
     done = threading.Event()
@@ -129,7 +145,7 @@ def streamed(workdir: Path, rows: int, rows_in_2gib: int) -> dict:
             time.sleep(0.2)
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*CLI, "train", "--data", f"criteo:{shards}{STREAM_SPEC_OPTIONS}", "--out", str(out),
+    proc = subprocess.Popen([*CLI, "train", "--data", spec, "--out", str(out),
                              "--epochs", "1", "--workers", "2", "--batch-size", "4096", "--force"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
@@ -140,8 +156,8 @@ def streamed(workdir: Path, rows: int, rows_in_2gib: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(stderr[-2000:])
     meta = json.loads((out / "model.json").read_text())["metrics"]
-    return {"rows": rows, "x_in_memory_2gib": rows / rows_in_2gib, "wall_s": time.perf_counter() - t0,
-            "shard_mib": sum(p.stat().st_size for p in shards.glob("part-*")) / 2**20,
+    return {"kind": kind, "rows": rows, "x_in_memory_2gib": rows / rows_in_2gib, "wall_s": time.perf_counter() - t0,
+            "shard_mib": _shard_mib(spec),
             "rows_per_s": meta["history"]["rows_per_s"], "held_out_auc": meta["held_out"]["auc"],
             "rows_by_split": meta["history"]["rows"], "driver_peak_rss_mib": driver_peak[0] / 2**20,
             "peak_rss_mib_by_role": {k: v / 2**20 for k, v in sorted(peak.items())},
@@ -151,8 +167,11 @@ def streamed(workdir: Path, rows: int, rows_in_2gib: int) -> dict:
 def run(workdir: Path) -> dict:
     runs = [one(workdir, w) for w in (1, 2)]
     cost = in_memory_cost(workdir)
+    log_cost = in_memory_cost(workdir, "interactions")
     return {"data": DATA, "epochs": EPOCHS, "runs": runs, "speedup": runs[1]["rows_per_s"] / runs[0]["rows_per_s"],
-            "in_memory": cost, "streamed": streamed(workdir, STREAM_ROWS, cost["rows_in_2gib"])}
+            "in_memory": cost, "streamed": streamed(workdir, STREAM_ROWS, cost["rows_in_2gib"]),
+            "log_in_memory": log_cost,
+            "log_streamed": streamed(workdir, LOG_ROWS, log_cost["rows_in_2gib"], "interactions")}
 
 
 def markdown(r: dict) -> str:
@@ -163,10 +182,15 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['workers']} | {x['rows_per_s']:,.0f} | {x['held_out_auc']:.4f} | "
                      f"{x['peak_rss_per_worker_mib']:,.0f} | {x['wall_s']:.0f} |")
     lines += ["", f"2 workers / 1: {r['speedup']:.2f}x rows/s (both on the same 2 cores)."]
-    if "streamed" in r:
-        m, st = r["in_memory"], r["streamed"]
-        lines += ["", f"In memory, the Criteo reader costs {m['bytes_per_row']:,.0f} bytes per row (peak RSS over "
-                  f"its imports, {m['probe_rows']:,} rows): {m['rows_in_2gib']:,} rows in 2 GiB. Streamed from "
+    for cost_key, run_key, what in (("in_memory", "streamed", "the Criteo reader costs {} bytes per row"),
+                                     ("log_in_memory", "log_streamed", "the interaction-log reader costs {} bytes per "
+                                      "interaction (5 ranking rows and the retriever's pairs)")):
+        if run_key not in r:
+            continue
+        m, st = r[cost_key], r[run_key]
+        cost = what.format(format(m["bytes_per_row"], ",.0f"))
+        lines += ["", f"In memory, {cost} (peak RSS over its imports, "
+                  f"{m['probe_rows']:,} rows): {m['rows_in_2gib']:,} rows in 2 GiB. Streamed from "
                   f"{st['rows']:,} rows of shards ({st['shard_mib']:,.0f} MiB, {st['x_in_memory_2gib']:.1f}x that), "
                   f"1 epoch, 2 workers: {st['rows_per_s']:,.0f} rows/s, held-out AUC {st['held_out_auc']:.4f}, "
                   f"{st['wall_s']:.0f} s; driver peak RSS {st['driver_peak_rss_mib']:,.0f} MiB.", "",

@@ -46,8 +46,8 @@ class ModelKindOpt(str, Enum):
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Option(help="criteo:PATH|DIR|GLOB (with --workers: streamed from its shards), "
-                                           "movielens:DIR, interactions:PATH or synthetic[:ROWS]")],
+    data: Annotated[str, typer.Option(help="criteo:PATH|DIR|GLOB or interactions:PATH|DIR|GLOB (with --workers: "
+                                           "streamed from their shards), movielens:DIR or synthetic[:ROWS]")],
     out: Annotated[Path, typer.Option(help="output directory (model.onnx, model.pt, model.json, preprocessing.json)")],
     model: Annotated[ModelKindOpt, typer.Option(help="which reference model")] = ModelKindOpt.ranker,
     epochs: Annotated[int, typer.Option(min=1, help="the epoch with the best validation AUC is kept")] = 6,
@@ -65,8 +65,10 @@ def train(
                                               "checkpoint")] = False,
     gpu: Annotated[bool, typer.Option(help="with --workers: one GPU per worker (NCCL between them) instead of CPUs "
                                            "(gloo)")] = False,
-    readers: Annotated[int, typer.Option(min=1, help="with --workers and criteo: shards: Ray Data actors that read and "
-                                                    "encode shards")] = 1,
+    readers: Annotated[int, typer.Option(min=1, help="with --workers and criteo: or interactions: shards: Ray Data "
+                                                    "actors that read and encode shards")] = 1,
+    teacher: Annotated[Path | None, typer.Option(help="distil: a `recserve train` ranker whose soft targets the "
+                                                      "ranker learns too (its preprocessing is reused)")] = None,
 ) -> None:
     """Train a reference ranker or two-tower retriever on CPU and export it to ONNX."""
     from recserve.models.pipeline import RaySettings, train_model
@@ -78,8 +80,10 @@ def train(
     settings = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                     logq_correction=logq_correction)
     result = train_model(data, model.value, out, embedding_dim=embedding_dim, force=force or resume, ray=ray,
-                         **settings)
+                         teacher=teacher, **settings)
     quality = ", ".join(f"{k} {v:.4f}" for k, v in result["quality"].items())
+    if "teacher" in result:
+        quality += f" (teacher's auc {result['teacher']['held_out']['auc']:.4f})"
     console.print(f"[green]trained[/green] {model.value} on {data}: held-out {quality}; "
                   f"{result['parameters']:,} parameters, {result['size_bytes'] / 1024:,.1f} KiB -> {out}/model.onnx",
                   soft_wrap=True)
@@ -90,27 +94,47 @@ def train(
 
 class ShardFormat(str, Enum):
     tsv = "tsv"
+    csv = "csv"
     parquet = "parquet"
+
+
+class ShardKind(str, Enum):
+    criteo = "criteo"
+    interactions = "interactions"
 
 
 @app.command(name="write-shards")
 def write_shards(
     rows: Annotated[int, typer.Option(min=1, help="rows to write in all")],
-    out: Annotated[Path, typer.Option(help="a new or empty directory for part-00000.tsv, ...")],
+    out: Annotated[Path, typer.Option(help="a new or empty directory for the shards")],
+    kind: Annotated[ShardKind, typer.Option(help="criteo rows, or an interaction log (user, item, time) with "
+                                                 "item metadata")] = ShardKind.criteo,
     shard_rows: Annotated[int, typer.Option(min=1, help="rows per shard")] = 1_000_000,
-    format: Annotated[ShardFormat, typer.Option(help="tsv (Criteo's own) or parquet")] = ShardFormat.tsv,
+    format: Annotated[ShardFormat, typer.Option(help="tsv (criteo), csv (interactions) or parquet "
+                                                     "(either)")] = ShardFormat.tsv,
     seed: Annotated[int, typer.Option(help="the planted signal and the draws")] = 0,
 ) -> None:
-    """Write synthetic Criteo-format shards (label, I1..I13, C1..C26) block by block, for runs larger than memory:
-    `recserve train --data criteo:OUT --workers N` streams them."""
-    from recserve.data.shards import write_synthetic
-
+    """Write synthetic shards block by block, for runs larger than memory: Criteo rows (label, I1..I13, C1..C26),
+    which `recserve train --data criteo:OUT --workers N` streams, or an interaction log in OUT/log with
+    OUT/item_meta.csv, for `--data interactions:OUT/log,meta=OUT/item_meta.csv`."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} is not an empty directory; shards are never written over existing files")
-    paths = write_synthetic(rows, out, shard_rows=shard_rows, seed=seed, fmt=format.value)
+    fmt = format.value
+    if kind is ShardKind.criteo:
+        from recserve.data.shards import write_synthetic
+
+        if fmt == "csv":
+            raise ConfigError("--format csv: Criteo shards are tsv or parquet")
+        paths = write_synthetic(rows, out, shard_rows=shard_rows, seed=seed, fmt=fmt)
+    else:
+        from recserve.data.logs import write_synthetic
+
+        if fmt == "tsv":
+            fmt = "csv"
+        paths = write_synthetic(rows, out, shard_rows=shard_rows, seed=seed, fmt=fmt)
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {rows:,} rows in {len(paths)} shard{'s' if len(paths) > 1 else ''} "
-                  f"({size / 2**20:,.1f} MiB) -> {out}", soft_wrap=True)
+                  f"({size / 2**20:,.1f} MiB) -> {paths[0].parent}", soft_wrap=True)
 
 
 class ObjectiveOpt(str, Enum):

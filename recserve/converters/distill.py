@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recserve.converters.evaluate import predict, session
 from recserve.converters.graph import embedding_gathers, initializers
+from recserve.converters.metrics import logit_of
 from recserve.converters.stage import ModelState, StageContext, StageSpec, train_on_ray
 from recserve.data.schema import RankingData
 from recserve.data.splits import carve_validation
@@ -137,7 +138,4 @@ def teacher_logits(state: ModelState, ctx: StageContext, rows: RankingData) -> t
         return predict_logits(state.module, rows), "pytorch"
     (p,) = predict(session(state.graph, ctx.train.threads), rows.inputs(), [ctx.scoring.score_output])
     p = p.ravel().astype(np.float64)
-    if not ctx.scoring.logits:
-        p = np.clip(p, 1e-7, 1 - 1e-7)
-        p = np.log(p / (1 - p))
-    return p.astype(np.float32), "onnxruntime"
+    return (p if ctx.scoring.logits else logit_of(p)).astype(np.float32), "onnxruntime"

@@ -88,6 +88,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
 
 
+def logit_of(probability: np.ndarray) -> np.ndarray:
+    """float64 logits of probabilities (clipped to [1e-7, 1 - 1e-7] first)."""
+    p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
 def ranking_metrics(labels: np.ndarray, scores: np.ndarray, *, logits: bool = False) -> dict[str, float]:
     """AUC, logloss and calibration (mean predicted CTR / observed CTR) of a ranker's scores.
 

@@ -9,13 +9,13 @@ they agree row for row.
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from recserve.data import features
 from recserve.data.features import Preprocessor, encode, no_rows, ranking_data
 from recserve.data.schema import Dataset
 from recserve.data.splits import FIT, TEST, VALIDATION, hashed_split
@@ -65,20 +65,8 @@ class Block:
 
 def shard_paths(path: Path | str) -> list[Path]:
     """The shards a spec's path names, in a fixed order; DataError when there are none."""
-    text = str(path)
-    if any(ch in text for ch in "*?["):
-        found = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file()]
-    elif Path(text).is_dir():
-        found = sorted(p for p in Path(text).iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
-    elif Path(text).is_file():
-        found = [Path(text)]
-    else:
-        raise DataError(f"criteo:{text}: file not found; point the spec at a Criteo train.txt (label, I1..I13, "
-                        "C1..C26, tab-separated), a directory of such shards or a glob")
-    if not found:
-        raise DataError(f"criteo:{text}: no shards ({', '.join('*' + s for s in SHARD_SUFFIXES)}) there; point the "
-                        "spec at a Criteo TSV file, a directory of shards or a glob")
-    return found
+    return features.shard_paths(path, "criteo", SHARD_SUFFIXES, "point the spec at a Criteo train.txt (label, "
+                                "I1..I13, C1..C26, tab-separated), a directory of such shards or a glob")
 
 
 def read_blocks(paths: list[Path], block_bytes: int = BLOCK_BYTES, shards: list[int] | None = None) -> Iterator[Block]:
@@ -94,37 +82,8 @@ def read_blocks(paths: list[Path], block_bytes: int = BLOCK_BYTES, shards: list[
 
 
 def _tsv_batches(path: Path, block_bytes: int):
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    skipped = [0]
-
-    def bad_line(row) -> str:  # a wrong field count; whitespace-only lines are blank, not corrupt
-        if (row.text or "").strip():
-            skipped[0] += 1
-        return "skip"
-
-    try:
-        if path.stat().st_size == 0:
-            return
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=NAMES, block_size=block_bytes),
-            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, double_quote=False,
-                                             invalid_row_handler=bad_line),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in NAMES},
-                                                 strings_can_be_null=False, check_utf8=False))
-        for batch in reader:
-            corrupt, skipped[0] = skipped[0], 0
-            yield pa.Table.from_batches([batch]), corrupt
-    except pa.ArrowInvalid as e:
-        if "Empty CSV file" in str(e):  # nothing but blank lines (or a compressed empty file)
-            return
-        raise DataError(f"criteo:{path}: not readable as tab-separated text ({e})") from e
-    except OSError as e:
-        raise DataError(f"criteo:{path}: cannot be read ({e})") from e
-    if skipped[0]:  # lines skipped after the last batch (or a file with no valid line at all)
-        yield reader.schema.empty_table(), skipped[0]
+    return features.csv_batches(path, "criteo", NAMES, delimiter="\t", quoted=False, check_utf8=False,
+                                block_bytes=block_bytes)
 
 
 def _parquet_batches(path: Path):

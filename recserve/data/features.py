@@ -195,3 +195,109 @@ def require_file(path: Path, kind: str, what: str, hint: str) -> Path:
 def no_rows(kind: str, path: Path, corrupt: int, expected: str) -> DataError:
     """The error for a file that yielded no usable row."""
     return DataError(f"{kind}:{path}: no usable rows ({corrupt} corrupt); expected {expected}")
+
+
+def shard_paths(path: Path | str, kind: str, suffixes: tuple[str, ...], hint: str) -> list[Path]:
+    """The files a spec's path names (one file, a directory's files ending in ``suffixes``, or a glob), in a
+    fixed order; DataError when there are none."""
+    import glob
+
+    text = str(path)
+    if any(ch in text for ch in "*?["):
+        found = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file()]
+    elif Path(text).is_dir():
+        found = sorted(p for p in Path(text).iterdir() if p.is_file() and p.name.endswith(suffixes))
+    elif Path(text).is_file():
+        found = [Path(text)]
+    else:
+        raise DataError(f"{kind}:{text}: file not found; {hint}")
+    if not found:
+        raise DataError(f"{kind}:{text}: no shards ({', '.join('*' + s for s in suffixes)}) there; {hint}")
+    return found
+
+
+def csv_batches(path: Path, kind: str, names: list[str], *, delimiter: str, skip_rows: int = 0, quoted: bool = True,
+                check_utf8: bool = True, block_bytes: int = 8 << 20):
+    """(pyarrow table of string columns ``names``, lines skipped as corrupt) per block of a delimited text file
+    (``.gz`` too). A line with the wrong field count is corrupt; blank and whitespace-only lines are skipped."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    skipped = [0]
+
+    def bad_line(row) -> str:
+        if (row.text or "").strip():
+            skipped[0] += 1
+        return "skip"
+
+    quoting = {} if quoted else {"quote_char": False, "escape_char": False, "double_quote": False}
+    try:
+        if path.stat().st_size == 0:
+            return
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip_rows, block_size=block_bytes),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=bad_line, **quoting),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                 strings_can_be_null=False, check_utf8=check_utf8))
+        for batch in reader:
+            corrupt, skipped[0] = skipped[0], 0
+            yield pa.Table.from_batches([batch]), corrupt
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):  # nothing but blank lines (or a compressed empty file)
+            return
+        raise DataError(f"{kind}:{path}: not readable as delimited UTF-8 text ({str(e).splitlines()[0]})") from e
+    except OSError as e:
+        raise DataError(f"{kind}:{path}: cannot be read ({e})") from e
+    if skipped[0]:  # lines skipped after the last batch (or a file with no valid line at all)
+        yield reader.schema.empty_table(), skipped[0]
+
+
+def read_text_blocks(path: Path, kind: str, what: str, block_bytes: int = 8 << 20):
+    """(header, pyarrow table of whitespace-trimmed string columns, corrupt lines) per block of a file with a
+    header line: CSV or TSV (tab if the header holds one, else comma; ``.gz`` too) or Parquet."""
+    import csv
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if path.name.endswith(".parquet"):
+        yield from _parquet_blocks(path, kind)
+        return
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="") as f:
+            header_line = f.readline()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{kind}:{path}: cannot be read ({e})") from e
+    delimiter = "\t" if "\t" in header_line else ","
+    header = [h.strip() for h in next(csv.reader([header_line], delimiter=delimiter), [])]
+    if len(header) < 2:
+        raise DataError(f"{kind}:{path}: the {what} header {header_line.strip()!r} has fewer than 2 columns; "
+                        "write a header line with tab- or comma-separated column names")
+    if len(set(header)) != len(header):
+        raise DataError(f"{kind}:{path}: the {what} header {header} names a column twice; name each column once")
+    for table, corrupt in csv_batches(path, kind, header, delimiter=delimiter, skip_rows=1, block_bytes=block_bytes):
+        yield header, pa.table({n: pc.utf8_trim_whitespace(table.column(n)) for n in header}), corrupt
+
+
+def _parquet_blocks(path: Path, kind: str):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(path)
+        header = list(f.schema_arrow.names)
+        for batch in f.iter_batches(batch_size=65536):
+            table = pa.Table.from_batches([batch])
+            cols = {}
+            for n in header:
+                col = table.column(n)
+                if pa.types.is_timestamp(col.type):
+                    col = col.cast(pa.int64())
+                cols[n] = pc.fill_null(col.cast(pa.string()), "")
+            yield header, pa.table(cols), 0
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{kind}:{path}: not a readable parquet file ({e})") from e

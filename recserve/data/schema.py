@@ -113,6 +113,13 @@ class RankingData:
     def take(self, index: np.ndarray) -> RankingData:
         return RankingData(self.sparse_features, self.dense_names, self.sparse[index], self.dense[index], self.label[index])
 
+    @staticmethod
+    def concat(parts: list[RankingData]) -> RankingData:
+        """The rows of ``parts`` (at least one, same features) one after the other."""
+        first = parts[0]
+        return RankingData(first.sparse_features, first.dense_names, np.concatenate([p.sparse for p in parts]),
+                           np.concatenate([p.dense for p in parts]), np.concatenate([p.label for p in parts]))
+
     def inputs(self) -> dict[str, np.ndarray]:
         """The ONNX feed for a recserve ranker."""
         return {"sparse": self.sparse, "dense": self.dense}

@@ -72,7 +72,7 @@ class _Moments:
 
 
 @dataclass
-class _Counts:
+class Counts:
     """Token counts of one column, merged in pyarrow."""
 
     parts: list = field(default_factory=list)
@@ -104,7 +104,7 @@ def fit(paths: list[Path], split: SplitSettings, *, min_freq: int = 1, preproces
         max_validation_rows: int = 500_000, block_bytes: int = criteo.BLOCK_BYTES) -> Fitted:
     """One pass over ``paths`` (see the module's docstring); ``preprocessing`` reuses saved vocabularies and
     transforms instead of fitting them (the pass then only counts rows and keeps validation rows)."""
-    counts = [_Counts() for _ in criteo.SPARSE_NAMES]
+    counts = [Counts() for _ in criteo.SPARSE_NAMES]
     moments = [_Moments() for _ in criteo.DENSE_NAMES]
     rows = {"fit": 0, "validation": 0, "test": 0}
     corrupt = 0
@@ -191,6 +191,13 @@ class Encoder:
         self.transforms = transforms
         self.split = split
         self.keep = keep
+
+    def encoded(self, path: Path, shard: int):
+        """The encoded rows of split ``keep`` of shard ``path`` (number ``shard``), block by block."""
+        for block in criteo.read_blocks([path], shards=[shard]):
+            rows = self.select(block)
+            if len(rows):
+                yield self.arrays(rows)
 
     def select(self, block: criteo.Block) -> criteo.Block:
         return take(block, np.flatnonzero(self.split.of(block) == self.keep))

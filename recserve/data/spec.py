@@ -11,7 +11,7 @@ from recserve.data.splits import carve_validation
 from recserve.errors import DataError
 
 VALID_FORMS = (
-    "criteo:PATH|DIR|GLOB[,min_freq=N] | movielens:DIR | interactions:PATH[,meta=PATH][,neg_ratio=N] | "
+    "criteo:PATH|DIR|GLOB[,min_freq=N] | movielens:DIR | interactions:PATH|DIR|GLOB[,meta=PATH][,neg_ratio=N] | "
     "synthetic[:ROWS][,users=N][,items=N][,seed=N] | tensors:PATH.npz|PATH.parquet"
 )
 OPTIONS = {

@@ -29,14 +29,20 @@ FIT, VALIDATION, TEST = 0, 1, 2
 """What :func:`hashed_split` assigns a row to."""
 
 
-def _uniform(seed: int, shard: int, rows: np.ndarray) -> np.ndarray:
-    """A uniform [0, 1) draw per (seed, shard, row), the same however the rows are read or batched (splitmix64)."""
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """uint64 hashes of uint64 values (splitmix64's finalizer): well mixed, the same on every machine."""
     with np.errstate(over="ignore"):
-        x = (np.asarray(rows, dtype=np.uint64) + np.uint64(shard) * np.uint64(0x100000000)
-             + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64))
+        x = np.asarray(x, dtype=np.uint64)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
+        return x ^ (x >> np.uint64(31))
+
+
+def _uniform(seed: int, shard: int, rows: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) draw per (seed, shard, row), the same however the rows are read or batched."""
+    with np.errstate(over="ignore"):
+        x = splitmix64(np.asarray(rows, dtype=np.uint64) + np.uint64(shard) * np.uint64(0x100000000)
+                       + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64))
     return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
@@ -112,7 +118,7 @@ def sample_negatives(
     interacted = np.zeros(keys.shape, dtype=bool)
     if seen.size:
         interacted = seen[np.minimum(np.searchsorted(seen, keys), seen.size - 1)] == keys
-    ok = ~interacted & ~_repeats_in_rows(cand)
+    ok = ~interacted & ~repeats_in_rows(cand)
     enough = ok.sum(axis=1) >= k
     first_ok = np.argsort(~ok, axis=1, kind="stable")[:, :k]
     out[enough] = np.take_along_axis(cand, first_ok, axis=1)[enough]
@@ -131,7 +137,7 @@ def sample_negatives(
     return out
 
 
-def _repeats_in_rows(a: np.ndarray) -> np.ndarray:
+def repeats_in_rows(a: np.ndarray) -> np.ndarray:
     """True where a value already occurred earlier in the same row."""
     order = np.argsort(a, axis=1, kind="stable")
     s = np.take_along_axis(a, order, axis=1)

@@ -268,7 +268,8 @@ def fit_ranker_ray(config: RankerConfig | None, fit, validation: RankingData, se
     ``fit``: the training rows in memory (put into Ray's object store), or a Ray Data dataset of them
     (``sparse``, ``dense``, ``label`` columns; streamed from shards by :mod:`recserve.models.streamed`), with its
     ``rows_per_epoch`` for the progress bar. ``distill``: train a student on the teacher's logits for the ``fit``
-    rows (in memory) as :func:`recserve.models.train.fit_ranker` does, choosing the epoch by agreement when it
+    rows (``distill.teacher_logits`` for rows in memory; a ``teacher`` column of a dataset) as
+    :func:`recserve.models.train.fit_ranker` does, choosing the epoch by agreement when it
     carries the validation rows' logits. ``module``: the model to train (a student initialized from its teacher,
     a pruned or factorized ranker to fine-tune; each worker gets a copy) instead of a new one of ``config``."""
     import ray
@@ -285,8 +286,6 @@ def fit_ranker_ray(config: RankerConfig | None, fit, validation: RankingData, se
         shutil.rmtree(storage)
     storage.mkdir(parents=True, exist_ok=True)
     rows_per_epoch = len(fit) if isinstance(fit, RankingData) else int(rows_per_epoch or 0)
-    if distill is not None and not isinstance(fit, RankingData):
-        raise ConfigError("distillation on Ray Train takes the training rows in memory (with the teacher's logits)")
     teacher_validation = None
     if distill is not None and distill.validation_logits is not None:
         teacher_validation = np.asarray(distill.validation_logits, np.float32)

@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from recserve.converters.evaluate import Scoring, evaluate, held_out
+from recserve.converters.metrics import ranking_metrics
 from recserve.data import load_dataset
 from recserve.data.schema import RankingData
 from recserve.errors import ConfigError, DataError
 from recserve.models.artifact import TrainedModel, build_module
 from recserve.models.distributed import RaySettings
 from recserve.models.ranker import RankerConfig
-from recserve.models.train import TrainSettings, fit_ranker, fit_two_tower
+from recserve.models.teacher import TeacherScores, load_teacher
+from recserve.models.train import Distillation, TrainSettings, fit_ranker, fit_two_tower
 from recserve.models.two_tower import TwoTowerConfig
 from recserve.outdir import check_out
 
@@ -25,9 +27,13 @@ def check_train_out(out: Path, force: bool) -> None:
 
 
 def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32, force: bool = False,
-                ray: RaySettings | None = None, **settings: Any) -> dict[str, Any]:
-    """Train, export and save; with ``ray``, the ranker trains on Ray Train (recserve.models.distributed)."""
+                ray: RaySettings | None = None, teacher: Path | None = None, **settings: Any) -> dict[str, Any]:
+    """Train, export and save; with ``ray``, the ranker trains on Ray Train (recserve.models.distributed); with
+    ``teacher`` (a ``recserve train`` ranker directory), on its soft targets too (recserve.models.teacher)."""
     out = Path(out)
+    if teacher is not None and kind != "ranker":
+        raise ConfigError("--teacher distils a ranker; the two-tower retriever trains on its labels")
+    the_teacher = load_teacher(teacher) if teacher is not None else None
     check_train_out(out, force)
     if ray is not None and kind != "ranker":
         raise ConfigError("--workers trains the ranker on Ray Train; the two-tower retriever trains in one process")
@@ -35,8 +41,10 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
         from recserve.models.streamed import is_streamed, train_streamed
 
         if is_streamed(data_spec):
-            return train_streamed(data_spec, out, embedding_dim=embedding_dim, ray=ray, train=TrainSettings(**settings))
-    data = load_dataset(data_spec, seed=settings.get("seed", 0))
+            return train_streamed(data_spec, out, embedding_dim=embedding_dim, ray=ray, train=TrainSettings(**settings),
+                                  teacher=the_teacher)
+    data = load_dataset(data_spec, seed=settings.get("seed", 0),
+                        preprocessing=the_teacher.preprocessing if the_teacher is not None else None)
     train = TrainSettings(**settings)
     if kind == "ranker":
         if data.ranking_train is None or not len(data.ranking_train):
@@ -47,13 +55,17 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
         t = data.ranking_train
         config = RankerConfig([f.cardinality for f in t.sparse_features], len(t.dense_names), embedding_dim=embedding_dim)
         module = build_module(kind, config, seed=train.seed)
+        fit = data.ranking_fit()
+        distill = None
+        if the_teacher is not None:
+            distill = Distillation(TeacherScores(the_teacher.graph, train.threads).logits(fit.sparse, fit.dense))
         if ray is None:
-            history = fit_ranker(module, data.ranking_fit(), train, validation=data.ranking_validation())
+            history = fit_ranker(module, fit, train, validation=data.ranking_validation(), distill=distill)
         else:
             from recserve.models.distributed import checkpoint_storage, fit_ranker_ray
 
-            state, history = fit_ranker_ray(config, data.ranking_fit(), data.ranking_validation(), train, ray,
-                                            checkpoint_storage(out))
+            state, history = fit_ranker_ray(config, fit, data.ranking_validation(), train, ray,
+                                            checkpoint_storage(out), distill=distill)
             module.load_state_dict(state)
             module.eval()
     else:
@@ -69,6 +81,13 @@ def train_model(data_spec: str, kind: str, out: Path, *, embedding_dim: int = 32
     graph = trained.export(data)
     ev = evaluate(graph, Scoring(kind), held_out(data, kind, "test"), speed=False)
     trained.metrics = {"held_out": ev.quality, "history": history, "corrupt_rows": data.corrupt_rows}
+    result = {}
+    if the_teacher is not None:
+        test = data.ranking_test
+        trained.metrics["teacher"] = result["teacher"] = {
+            "directory": str(the_teacher.directory),
+            "held_out": ranking_metrics(test.label, TeacherScores(the_teacher.graph, train.threads).logits(
+                test.sparse, test.dense), logits=True)}
     trained.save(out, data, graph)
-    return {"quality": ev.quality, "parameters": ev.parameters, "size_bytes": ev.size_bytes,
-            "corrupt_rows": data.corrupt_rows}
+    return result | {"quality": ev.quality, "parameters": ev.parameters, "size_bytes": ev.size_bytes,
+                     "corrupt_rows": data.corrupt_rows}

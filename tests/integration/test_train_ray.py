@@ -158,20 +158,22 @@ def test_what_a_user_can_get_wrong(tmp_path: Path) -> None:
         assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
 
 
-def test_criteo_shards_are_streamed_to_the_workers(tmp_path: Path) -> None:
-    """``criteo:DIR`` with --workers: vocabularies fitted in one pass over the shards (the same as the in-memory
-    reader's), rows read and encoded by Ray Data as the workers take them, the test rows scored as a stream."""
+CLI = [sys.executable, "-c", "from recserve.cli import main; main()"]
+
+
+def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env())
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc
+
+
+def streamed_like_in_memory(spec: str, tmp_path: Path) -> tuple[Path, float]:
+    """Train on ``spec`` streamed (2 workers, 2 epochs) and in memory (one process); the streamed run's fitted
+    vocabularies and split sizes are the in-memory reader's, and its held-out AUC within 2%: (its output, AUC)."""
     from recserve.data import load_dataset
 
-    shards_dir = tmp_path / "shards"
-    cli = [sys.executable, "-c", "from recserve.cli import main; main()"]
-    subprocess.run([*cli, "write-shards", "--rows", "40000", "--shard-rows", "15000", "--out", str(shards_dir),
-                    "--format", "parquet"], check=True, capture_output=True, cwd=ROOT, env=env())
-    spec = f"criteo:{shards_dir},min_freq=2"
     out = tmp_path / "streamed"
-    proc = subprocess.run([*cli, "train", "--data", spec, "--out", str(out), "--epochs", "2", "--workers", "2"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env())
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    proc = cli("train", "--data", spec, "--out", str(out), "--epochs", "2", "--workers", "2")
     meta = trained(out)
     in_memory = load_dataset(spec)
     saved = json.loads((out / "preprocessing.json").read_text())
@@ -181,14 +183,36 @@ def test_criteo_shards_are_streamed_to_the_workers(tmp_path: Path) -> None:
     assert (rows["fit"], rows["validation"], rows["test"]) == (
         len(in_memory.ranking_fit()), len(in_memory.ranking_validation()), len(in_memory.ranking_test))
     assert epochs_of(out) == [1, 2] and meta["metrics"]["history"]["workers"] == 2
-    auc = meta["metrics"]["held_out"]["auc"]
-    # the same rows trained in one process, in memory
-    single = subprocess.run([*cli, "train", "--data", spec, "--out", str(tmp_path / "single"), "--epochs", "2"],
-                            capture_output=True, text=True, timeout=900, cwd=ROOT, env=env())
-    assert single.returncode == 0, single.stderr[-2000:]
-    auc1 = trained(tmp_path / "single")["metrics"]["held_out"]["auc"]
+    cli("train", "--data", spec, "--out", str(tmp_path / "single"), "--epochs", "2")
+    auc, auc1 = (trained(o)["metrics"]["held_out"]["auc"] for o in (out, tmp_path / "single"))
     assert auc > 0.7 and abs(auc - auc1) / auc1 <= 0.02, (auc, auc1)
     assert "Traceback" not in proc.stderr and "execution finished" not in proc.stdout + proc.stderr
+    return out, auc
+
+
+def test_criteo_shards_are_streamed_to_the_workers(tmp_path: Path) -> None:
+    """``criteo:DIR`` with --workers: vocabularies fitted in one pass over the shards (the same as the in-memory
+    reader's), rows read and encoded by Ray Data as the workers take them, the test rows scored as a stream."""
+    cli("write-shards", "--rows", "40000", "--shard-rows", "15000", "--out", str(tmp_path / "shards"),
+        "--format", "parquet")
+    streamed_like_in_memory(f"criteo:{tmp_path / 'shards'},min_freq=2", tmp_path)
+
+
+def test_an_interaction_log_is_streamed_to_the_workers(tmp_path: Path) -> None:
+    """``interactions:DIR`` with --workers: two passes over the log's shards fit the vocabularies, each user's
+    last two interactions and the seen pairs; Ray Data makes each epoch's rows (negatives included) from the
+    shards; the model equals in quality the one trained on the same rows in memory. Then a smaller student is
+    distilled from it (``--teacher``), streamed the same way: the shard readers add the teacher's logits."""
+    cli("write-shards", "--kind", "interactions", "--rows", "30000", "--shard-rows", "12000",
+        "--out", str(tmp_path / "s"))
+    spec = f"interactions:{tmp_path / 's' / 'log'},meta={tmp_path / 's' / 'item_meta.csv'}"
+    out, auc = streamed_like_in_memory(spec, tmp_path)
+    student = tmp_path / "student"
+    cli("train", "--data", spec, "--out", str(student), "--epochs", "1", "--workers", "2", "--embedding-dim", "4",
+        "--teacher", str(out))
+    taught = trained(student)["metrics"]
+    assert taught["teacher"]["held_out"]["auc"] == pytest.approx(auc, abs=1e-6)  # the same test rows
+    assert taught["held_out"]["auc"] > 0.7 and trained(student)["config"]["embedding_dim"] == 4
 
 
 def test_a_recipes_distill_and_fine_tune_run_on_ray_train(tmp_path: Path) -> None:

@@ -69,6 +69,31 @@ def test_train_says_how_many_corrupt_rows_it_skipped(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "m" / "model.json").read_text())["metrics"]["corrupt_rows"] == 2
 
 
+def test_train_with_a_teacher_distils_from_its_soft_targets(trained, tmp_path: Path) -> None:
+    teacher, _ = trained
+    out = tmp_path / "student"
+    proc = recserve("train", "--data", TINY, "--out", out, "--epochs", "2", "--batch-size", "128", "--embedding-dim", "2",
+                    "--teacher", teacher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "model.json").read_text())
+    taught = meta["metrics"]["teacher"]
+    assert taught["directory"] == str(teacher)
+    # the teacher scored on the student's test rows: the same number its own training reported
+    own = json.loads((teacher / "model.json").read_text())["metrics"]["held_out"]["auc"]
+    assert taught["held_out"]["auc"] == pytest.approx(own, abs=1e-6)
+    assert f"(teacher's auc {own:.4f})" in proc.stdout
+    assert json.loads((out / "preprocessing.json").read_text()) == json.loads((teacher / "preprocessing.json").read_text())
+    # distilling moves the student: the same student without the teacher learns other weights
+    plain = tmp_path / "plain"
+    assert recserve("train", "--data", TINY, "--out", plain, "--epochs", "2", "--batch-size", "128",
+                    "--embedding-dim", "2").returncode == 0
+    assert (out / "model.pt").read_bytes() != (plain / "model.pt").read_bytes()
+    assert_one_error_line(recserve("train", "--data", TINY, "--out", tmp_path / "x", "--teacher", tmp_path), 2,
+                          "--teacher", "no model.onnx")
+    assert_one_error_line(recserve("train", "--data", TINY, "--out", tmp_path / "y", "--teacher", teacher,
+                                   "--model", "two-tower"), 2, "--teacher distils a ranker")
+
+
 def test_compress_prints_the_table_and_passes(trained, tmp_path: Path) -> None:
     model, _ = trained
     recipe = tmp_path / "fp16.yaml"
