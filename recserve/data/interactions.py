@@ -53,11 +53,6 @@ def read_meta(path: Path) -> Meta:
     return Meta(attrs, values, corrupt)
 
 
-def read_log(paths: list[Path]) -> list[logs.LogBlock]:
-    """The log's blocks, all in memory."""
-    return list(logs.read_blocks(paths))
-
-
 def load(
     path: Path,
     *,
@@ -76,15 +71,14 @@ def load(
         )
     if neg_ratio < 1:
         raise DataError(f"interactions:{path}: neg_ratio={neg_ratio} must be at least 1 (negatives per positive)")
-    blocks = read_log(paths)
-    m = read_meta(Path(meta)) if meta is not None else None
+    blocks = list(logs.read_blocks(paths))
+    m = read_meta(Path(meta)) if meta is not None else Meta([], {}, 0)
     fitted = logs.fit(lambda: blocks, str(path), meta=m, neg_ratio=neg_ratio, seed=seed, preprocessing=preprocessing)
-    corrupt = fitted.corrupt + (m.corrupt if m is not None else 0)
+    corrupt = fitted.corrupt + m.corrupt
     log_users = [u for b in blocks for u in b.users.to_pylist()]
     log_items = [i for b in blocks for i in b.items.to_pylist()]
     times = np.concatenate([b.times for b in blocks])
-    meta_values = m.values if m is not None else {}
-    meta_names = m.names if m is not None else []
+    meta_values, meta_names = m.values, m.names
 
     # Catalog rows: users / items in order of first appearance (metadata-only items last).
     user_ids = list(dict.fromkeys(log_users))

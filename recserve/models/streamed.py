@@ -82,7 +82,7 @@ def criteo_source(spec, seed: int, test_fraction: float, validation_fraction: fl
 def log_source(spec, seed: int, preprocessing: Path | None = None) -> Source:
     paths = logs.log_paths(spec.path)
     meta = spec.options.get("meta")
-    m = interactions.read_meta(Path(str(meta))) if meta else None
+    m = interactions.read_meta(Path(str(meta))) if meta else interactions.Meta([], {}, 0)
     fitted = logs.fit(lambda: logs.read_blocks(paths), spec.path, meta=m, neg_ratio=int(spec.options.get("neg_ratio", 4)),
                       seed=seed, preprocessing=preprocessing)
     validation = fitted.held_out(VALIDATION)
@@ -90,7 +90,7 @@ def log_source(spec, seed: int, preprocessing: Path | None = None) -> Source:
         raise DataError(f"interactions:{spec.path}: no user has 3 interactions, so there are no validation rows to "
                         "choose the best epoch on; train on a longer log")
     return Source(paths, fitted.vocabularies, fitted.transforms, fitted.rows,
-                  fitted.corrupt + (m.corrupt if m is not None else 0), validation, logs.Encoder(fitted, FIT),
+                  fitted.corrupt + m.corrupt, validation, logs.Encoder(fitted, FIT),
                   test=fitted.held_out(TEST))
 
 
