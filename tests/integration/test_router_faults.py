@@ -502,8 +502,8 @@ def test_triton_hung_then_resumed(stack: RouterStack, rate: int) -> None:
 
 @pytest.mark.parametrize("rate", RATES)
 def test_one_slow_version_leaves_the_other_on_the_cloud(stack: RouterStack, rate: int) -> None:
-    """Version 2 of a 50/50 split answers slowly (its stub stopped 150 ms of every 200): its requests are answered
-    by the edge within their deadlines, and version 1's circuit stays closed throughout (one breaker per
+    """Version 2 of a 50/50 split answers slowly (its stub stopped 150 ms of every 200): most of its requests are
+    answered by the edge within their deadlines, and version 1's circuit stays closed throughout (one breaker per
     version: sampled from the router's metrics while version 2 is slow), so version 1 keeps answering from the
     cloud. (How many of version 1's requests the cloud answers also depends on how busy this machine is: a slow
     cloud answer raises the estimate that keeps requests whose deadline it would miss on the edge.)"""
@@ -544,12 +544,18 @@ def test_one_slow_version_leaves_the_other_on_the_cloud(stack: RouterStack, rate
         load.check()
         assert len(circuits) >= 5, circuits
         assert all(v1 == 0 for v1, _ in circuits), f"version 1's circuit left closed while v2 was slow: {circuits}"
-        assert any(v2 > 0 for _, v2 in circuits), f"version 2's circuit never opened: {circuits}"
         during = [o.response for o in load.outcomes if slowed + 1.0 < o.sent < ended and o.response is not None]
-        v1 = sum(1 for r in during if r.served_by == "cloud" and r.version == "1")
+        v1, v2 = (sum(1 for r in during if r.served_by == "cloud" and r.version == v) for v in ("1", "2"))
         why = Counter(r.reason for r in during if r.served_by != "cloud")
+        print(f"during the fault: cloud answered version 1 {v1}, version 2 {v2}; below it: {dict(why)}; "
+              f"circuits (v1, v2) sampled: {circuits}")
         assert v1 > 0, (f"version 1 answered {v1} of {len(during)} on the cloud; the others were "
                         f"answered below it because: {dict(why)}")
+        # Version 2's slow cloud was kept away from most of its requests: by its circuit (open after five
+        # timeouts) or by its latency estimate (its requests sent to the edge because the cloud would miss
+        # their deadline, so no timeouts to open the circuit: which of the two depends on the machine's timing)
+        assert v2 < v1, (f"version 2 answered {v2} on the cloud, version 1 {v1}: the slow version was not kept "
+                         f"away (circuits sampled: {circuits}; answered below the cloud because: {dict(why)})")
         assert sum(1 for r in during if r.served_by == "edge") > 0
     finally:
         write_policy(policy({"1": 100, "2": 0}), stack.repo.policy_file)
