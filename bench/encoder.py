@@ -49,47 +49,9 @@ def run(workdir: Path) -> dict:
         out["models"][name]["speed"] = {str(b): vars(s) for b, s in by_batch.items()}
         out["models"][name]["throughput_ratio"] = by_batch[64].texts_per_s / speed["fp32"][64].texts_per_s
     out["recipe"] = report.model_dump(mode="json") | {"seconds": round(seconds, 1)}
-    served = "encoder-recipe" if report.gate.passed else "int8_dynamic"  # a failed gate writes no encoder
-    out["search_ensemble"] = search_latency(workdir / served, spec, workdir / "search-repo", queries[:300]) | {
-        "encoder": served}
     out["bar"] = recipe.gate.model_dump(exclude_none=True)
     out["bar_met"] = report.gate.passed
     return out
-
-
-def search_latency(encoder: Path, catalog: str, repository: Path, queries: list[str]) -> dict:
-    """The Triton ``search`` ensemble over the whole catalog with ``encoder``, on the embedded Triton: one typed
-    query per call, one call at a time (gRPC, tritonclient), after 20 warm-up calls."""
-    import shutil
-
-    import numpy as np
-
-    from recserve.triton.client import TritonClient
-    from recserve.triton.search import build_search
-    from recserve.triton.server import EmbeddedTriton, ServerSettings
-
-    if repository.exists():
-        shutil.rmtree(repository)
-    t0 = time.perf_counter()
-    build_search(encoder, catalog, repository)
-    built = time.perf_counter() - t0
-    server = EmbeddedTriton(ServerSettings.on_free_ports(repository)).start()
-    try:
-        with TritonClient(server.grpc_url) as client:
-            def ask(q: str) -> None:
-                client.infer("search", {"query": np.array([q.encode()], dtype=object), "top_k": np.array([10], np.int32)})
-
-            for q in queries[:20]:
-                ask(q)
-            times = []
-            for q in queries:
-                t0 = time.perf_counter()
-                ask(q)
-                times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        server.stop()
-    return {"queries": len(queries), "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
-            "index_build_s": round(built, 1)}
 
 
 def markdown(r: dict) -> str:
@@ -115,10 +77,4 @@ def markdown(r: dict) -> str:
               f"{rep['relative_ndcg_loss']:+.2%}, top-10 overlap {rep['teacher_overlap_at_10']:.3f}: gate "
               f"**{'passed' if r['bar_met'] else 'failed'}**"
               + ("" if r["bar_met"] else f" ({'; '.join(rep['gate']['reasons'])})") + "."]
-    if "search_ensemble" in r:
-        s = r["search_ensemble"]
-        lines += ["", f"The `search` ensemble with the {s['encoder']} encoder over all {r['products']:,} products "
-                  f"(embedded Triton, one typed query per call, {s['queries']} calls): p50 {s['p50_ms']:.2f} ms, "
-                  f"p99 {s['p99_ms']:.2f} ms "
-                  "(bar: p50 < 10 ms)."]
     return "\n".join(lines)

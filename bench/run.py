@@ -18,11 +18,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.markdown import Markdown
 
-from bench import compression, encoder, loadtest, router, train, triton
+from bench import compression, encoder, loadtest, router, search, train, triton
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"compression": compression, "triton": triton, "router": router,
-              "loadtest": loadtest, "encoder": encoder, "train": train}
+              "loadtest": loadtest, "encoder": encoder, "search": search, "train": train}
 """In order: later benchmarks reuse what earlier ones built in the shared work directory."""
 
 

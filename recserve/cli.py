@@ -372,18 +372,32 @@ def index(
 @app.command(name="search-index")
 def search_index(
     encoder: Annotated[Path, typer.Argument(help="an encoder directory (`recserve encoder export`, or compressed)")],
-    catalog: Annotated[str, typer.Option(help="the products to search: search:PATH[,title=COL,product=COL] or "
-                                              "synthetic[:QUERIES]")],
+    catalog: Annotated[str, typer.Option(help="search data: search:PATH[,query=COL,title=COL,relevance=COL,"
+                                              "product=COL] or synthetic[:QUERIES]")],
     repository: Annotated[Path, typer.Option(help="Triton model repository")] = Path("model_repository"),
+    ranker: Annotated[bool, typer.Option(help="train a ranker on the judged queries to reorder the nearest "
+                                              "products (kept when it beats the encoder's order on validation)")] = True,
+    depth: Annotated[int, typer.Option(min=1, max=1000, help="nearest products the ranker reorders")] = 100,
+    catalog_encoder: Annotated[Path | None, typer.Option(help="embed the titles with this encoder instead (the one "
+                                                              "ENCODER was distilled from: once, offline)")] = None,
 ) -> None:
     """Build the `search` ensemble: query_tokenize -> query_encoder -> product_index (the catalog's titles
-    embedded by the same encoder)."""
+    embedded by the same encoder) -> search_ranker -> search_topk."""
     from recserve.triton.search import build_search
 
-    with console.status("embedding the catalog's titles"):
-        written = build_search(encoder, catalog, repository)
-    for d in written:
+    with console.status("") as status:
+        built = build_search(encoder, catalog, repository, ranker=ranker, depth=depth, catalog_encoder=catalog_encoder,
+                             progress=status.update)
+    for d in built.written:
         console.print(f"[green]built[/green] {d}", soft_wrap=True)
+    r = built.ranker
+    if r is not None:
+        for name, q in (("validation", r.validation), ("held-out", r.held_out)):
+            console.print(f"NDCG@10 on {q.queries:,} {name} queries: encoder's order {q.encoder_ndcg_at_10:.4f}, "
+                          f"ranker's {q.ranker_ndcg_at_10:.4f}", highlight=False)
+        console.print("ranker: kept" if r.kept else "[yellow]ranker: not kept[/yellow] (no better than the "
+                      "encoder's order on the validation queries): the ensemble ends at product_index",
+                      highlight=False)
 
 
 @app.command(name="trt-check")

@@ -11,7 +11,8 @@
 5. runs a short open-loop load test against Triton and the router and prints its table; then
    stops Triton and shows the edge answering;
 6. search: exports the packaged text encoder (all-MiniLM-L6-v2) to ONNX, builds the ``search`` ensemble
-   (tokenizer -> encoder -> nearest products) over a synthetic catalog, and answers typed queries.
+   (tokenizer -> encoder -> nearest products -> a ranker trained on the judged queries) over a synthetic
+   catalog, and answers typed queries.
 """
 
 from __future__ import annotations
@@ -117,13 +118,17 @@ def search_demo(console: Console, workdir: Path, catalog: str = "synthetic:200,p
     from recserve.triton.search import build_search
     from recserve.triton.server import EmbeddedTriton, ServerSettings
 
-    console.rule("6. search: a typed query -> tokenizer -> encoder -> nearest products, on Triton")
+    console.rule("6. search on Triton: tokenize -> encode -> nearest products -> rank")
     repo = workdir / "search_repository"
     if repo.exists():
         shutil.rmtree(repo)
-    with console.status("exporting the packaged text encoder and embedding the catalog"):
+    with console.status("exporting the packaged text encoder") as status:
         export_encoder(workdir / "encoder", force=True)
-        build_search(workdir / "encoder", catalog, repo)
+        ranker = build_search(workdir / "encoder", catalog, repo, progress=status.update).ranker
+    q = ranker.held_out
+    console.print(f"search ranker ({'kept' if ranker.kept else 'not kept: no better on validation'}): NDCG@10 on "
+                  f"{q.queries} held-out queries {q.encoder_ndcg_at_10:.3f} in the encoder's order, "
+                  f"{q.ranker_ndcg_at_10:.3f} in the ranker's", highlight=False)
     data = load_search(catalog)
     titles = dict(zip(data.product_ids, data.titles))
     with console.status("starting tritonserver"):

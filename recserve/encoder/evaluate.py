@@ -91,16 +91,19 @@ def teacher_agreement(top: np.ndarray, teacher_top: np.ndarray, queries: np.ndar
     return {f"teacher_overlap_at_{K}": float(overlap), "mean_cosine": float(cos.mean())}
 
 
-def judge(encoders: dict[str, Encoder], data: SearchData, teacher: str) -> dict[str, dict]:
+def judge(encoders: dict[str, Encoder], data: SearchData, teacher: str, catalog: str = "self") -> dict[str, dict]:
     """Each encoder on the held-out queries of ``data``: bytes, retrieval quality, and agreement with
-    ``encoders[teacher]`` (``size_ratio`` and ``relative_ndcg_loss`` against it too)."""
+    ``encoders[teacher]`` (``size_ratio`` and ``relative_ndcg_loss`` against it too). With ``catalog`` ``teacher``
+    every encoder's queries are matched against the teacher's embeddings of the titles (an index the teacher
+    built offline), else against its own."""
     import time
 
     queries, judgments = data.split(held_out=True)
     out, tops, embedded = {}, {}, {}
+    shared = encoders[teacher].embed(data.titles) if catalog == "teacher" else None
     for name, enc in encoders.items():
         t0 = time.perf_counter()
-        corpus = enc.embed(data.titles)
+        corpus = enc.embed(data.titles) if shared is None else shared
         seconds = time.perf_counter() - t0
         embedded[name] = enc.embed(queries)
         tops[name] = top_k(embedded[name], corpus)

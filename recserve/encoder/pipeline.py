@@ -156,11 +156,12 @@ def check_gate(gate: EncoderGate, report: EncoderReport) -> list[str]:
     return reasons
 
 
-def measure(teacher: Path, result: Path, data: SearchData, rounds: int = 5
+def measure(teacher: Path, result: Path, data: SearchData, rounds: int = 5, catalog: str = "self"
             ) -> tuple[EncoderMeasure, EncoderMeasure, int]:
-    """Both encoders on the held-out queries and both speeds (interleaved); and how many queries were judged."""
+    """Both encoders on the held-out queries and both speeds (interleaved); and how many queries were judged.
+    ``catalog``: who embeds the titles (:func:`recserve.encoder.evaluate.judge`)."""
     encoders = {"teacher": Encoder(teacher), "result": Encoder(result)}
-    quality = judge(encoders, data, teacher="teacher")
+    quality = judge(encoders, data, teacher="teacher", catalog=catalog)
     queries, _ = data.split(held_out=True)
     speed = speeds(encoders, queries[:64] or ["query"], seq_len=SEQ_LEN, rounds=rounds)
     out = []
@@ -210,10 +211,11 @@ def compress_encoder(model: Path, recipe: EncoderRecipe, out: Path, *, data_spec
         else:
             final, stages, failure = _run_stages(model, recipe.stages, recipe.seed, data, Path(tmp), progress)
         progress("evaluating on the held-out queries")
-        teacher, result, queries = measure(model, final, data)
+        teacher, result, queries = measure(model, final, data, catalog=recipe.catalog)
         info = load_info(final)
         report = EncoderReport(
             model=str(model), recipe=recipe.name, data=spec, products=len(data.titles), held_out_queries=queries,
+            catalog=recipe.catalog,
             teacher=teacher, result=result, stages=stages, size_ratio=teacher.bytes / result.bytes,
             throughput_ratio=result.texts_per_s_b64 / teacher.texts_per_s_b64,
             relative_ndcg_loss=1 - result.ndcg_at_10 / teacher.ndcg_at_10 if teacher.ndcg_at_10 else 0.0,

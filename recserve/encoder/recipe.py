@@ -79,6 +79,9 @@ class EncoderSearch(BaseModel):
     time_budget_s: float = Field(3600.0, gt=0.0, description="start no candidate after this many seconds")
 
 
+Catalog = Literal["self", "teacher"]
+
+
 class EncoderRecipe(BaseModel):
     """Ordered stages, the search data and the gate."""
 
@@ -87,6 +90,10 @@ class EncoderRecipe(BaseModel):
     description: str = ""
     data: str | None = Field(None, description="search data spec; `--data` overrides it")
     seed: int = Field(0, description="the query split, the distillation sample and the initialization")
+    catalog: Catalog = Field("self", description="who embeds the catalog's titles where the encoder serves: "
+                             "`self` (the compressed encoder, queries and titles alike) or `teacher` (the encoder "
+                             "it was compressed from, once, offline: `recserve search-index --catalog-encoder`; the "
+                             "compressed one embeds the queries); the report judges the encoder that way")
     stages: list[Stage] = Field(default_factory=list)
     search: EncoderSearch | None = None
     gate: EncoderGate = Field(default_factory=EncoderGate)

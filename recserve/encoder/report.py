@@ -67,6 +67,9 @@ class EncoderReport(BaseModel):
     products: int
     held_out_queries: int
     """Queries with a relevant product in the held-out half: the test split, used once, for this report."""
+    catalog: Literal["self", "teacher"] = "self"
+    """Who embedded the titles the queries were matched against: each encoder its own, or the teacher (an
+    index built offline with the teacher; the compressed encoder serves the queries)."""
     teacher: EncoderMeasure
     result: EncoderMeasure
     stages: list[StageReport]
@@ -90,7 +93,9 @@ class EncoderReport(BaseModel):
 def encoder_table(report: EncoderReport) -> Table:
     """Teacher and result on the held-out queries, and each stage: fits 80 columns."""
     verdict = "PASSED" if report.gate.passed else "FAILED"
-    t = Table(title=f"{report.recipe} on {report.data}: gate {verdict}", title_justify="left", pad_edge=False)
+    against = ", titles embedded by the teacher" if report.catalog == "teacher" else ""
+    t = Table(title=f"{report.recipe} on {report.data}{against}: gate {verdict}", title_justify="left",
+              pad_edge=False)
     for col in ("", "NDCG@10", "recall", "overlap", "MiB", "ratio", "texts/s", "ms b1"):
         t.add_column(col, justify="left" if not col else "right", overflow="fold")
     for name, m in (("teacher", report.teacher), ("result", report.result)):

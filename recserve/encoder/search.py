@@ -59,8 +59,11 @@ def candidates(recipe: EncoderRecipe, teacher_layers: int) -> list[tuple[str, li
 class Judge:
     """Candidates against the teacher on the validation queries: quality with its standard error, and speed."""
 
-    def __init__(self, teacher: Path, val: SearchData):
+    def __init__(self, teacher: Path, val: SearchData, catalog: str = "self"):
         self.teacher = Encoder(teacher)
+        self.catalog = catalog
+        """``teacher``: every candidate's queries against the teacher's embeddings of the titles (see
+        :func:`recserve.encoder.evaluate.judge`)."""
         self.queries, self.judgments = val.split(held_out=True)
         self.corpus = self.teacher.embed(val.titles)
         self.embedded = self.teacher.embed(self.queries)
@@ -74,7 +77,7 @@ class Judge:
         """(the candidate's Measure, its top-10 overlap with the teacher)."""
         enc = Encoder(directory)
         embedded = enc.embed(self.queries)
-        top = top_k(embedded, enc.embed(self.titles))
+        top = top_k(embedded, self.corpus if self.catalog == "teacher" else enc.embed(self.titles))
         ndcg, _ = per_query(top, self.judgments)
         base = float(self.ndcg.mean()) if len(self.ndcg) else 0.0
         diff = self.ndcg - ndcg
@@ -96,7 +99,7 @@ def run_search(model: Path, recipe: EncoderRecipe, data: SearchData, work: Path,
     s, gate = recipe.search, recipe.gate
     fit, val = validation_split(data, s.validation_share, recipe.seed)
     progress("the teacher on the validation queries")
-    judge = Judge(model, val)
+    judge = Judge(model, val, recipe.catalog)
     budget = Budget(max_relative_loss=gate.max_relative_ndcg_loss if gate.max_relative_ndcg_loss is not None
                     else math.inf, z=z_for(s.confidence),
                     test_to_validation=len(judge.ndcg) / max(1, int(data.held_out.sum())),

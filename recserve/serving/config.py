@@ -48,6 +48,9 @@ class SearchRoute(BaseModel):
                                "usually the compressed one")
     edge_index: Path = Field(description="a product_index version directory (embeddings.npy, products.json) built "
                              "by `recserve search-index` with the same edge_encoder")
+    edge_ranker: Path | None = Field(None, description="a search_ranker version directory (model.onnx, "
+                                     "search_ranker.json) built with edge_index: the edge reorders the nearest "
+                                     "products as the ensemble does; none: the edge answers in cosine order")
     top_k: int = Field(10, ge=1, description="products returned when a request asks for top_k 0")
 
 
@@ -152,6 +155,7 @@ def missing_files(cfg: RouterConfig) -> list[str]:
     for name, q in cfg.searches.items():
         wanted += [(f"searches.{name}.edge_encoder", q.edge_encoder, True), (f"searches.{name}.edge_index", q.edge_index,
                                                                              True)]
+        wanted += [(f"searches.{name}.edge_ranker", q.edge_ranker, True)] if q.edge_ranker is not None else []
     if cfg.retriever:
         r = cfg.retriever
         wanted += [("retriever.user_tower", r.user_tower, False), ("retriever.preprocessing", r.preprocessing, False),
@@ -187,6 +191,7 @@ def resolve_paths(cfg: RouterConfig, base: Path) -> RouterConfig:
             r.edge_model = fix(r.edge_model)
     for q in cfg.searches.values():
         q.edge_encoder, q.edge_index = fix(q.edge_encoder), fix(q.edge_index)
+        q.edge_ranker = fix(q.edge_ranker) if q.edge_ranker is not None else None
     if cfg.retriever:
         r = cfg.retriever
         r.user_tower, r.preprocessing, r.catalog = fix(r.user_tower), fix(r.preprocessing), fix(r.catalog)

@@ -172,7 +172,8 @@ class Router:
                                        frozenset(t.name for t in context.transforms))
             for r in route.rankers:
                 self.edge.load(r.edge_model)
-        self.searches = {name: _Search(route, EdgeSearch(route.edge_encoder, route.edge_index, config.edge_threads),
+        self.searches = {name: _Search(route, EdgeSearch(route.edge_encoder, route.edge_index, config.edge_threads,
+                                                         route.edge_ranker),
                                        LatencyEstimate(initial_ms=config.edge_latency_ms, initial_dev_ms=0.0,
                                                        clock=clock, forget_after_s=FORGET_AFTER_S))
                          for name, route in config.searches.items()}

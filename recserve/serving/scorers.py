@@ -55,26 +55,44 @@ class SearchAnswer:
 
 
 class EdgeSearch:
-    """A text search in process: the encoder's tokenizer and graph, then the products nearest the query
-    (``recserve.triton.search.ProductIndex``, the same code the Triton ``product_index`` model runs)."""
+    """A text search in process: the encoder's tokenizer and graph, the products nearest the query
+    (``recserve.triton.search.ProductIndex``, the same code the Triton ``product_index`` model runs) and, with a
+    ``ranker`` (a ``search_ranker`` version directory), those reordered by it as the ``search`` ensemble does."""
 
-    def __init__(self, encoder: Path, index: Path, threads: int = 1):
+    def __init__(self, encoder: Path, index: Path, threads: int = 1, ranker: Path | None = None):
         from recserve.encoder.artifact import INPUTS, MODEL_FILE, load_info
         from recserve.encoder.text import TextTokenizer
-        from recserve.triton.search import ProductIndex
+        from recserve.triton.search import RANKER_FILE, ProductIndex
 
         info = load_info(encoder)
         self.inputs = INPUTS
         self.tokenizer = TextTokenizer.of(encoder, info)
         self.session = session((Path(encoder) / MODEL_FILE).read_bytes(), threads)
-        self.index = ProductIndex(index)
+        self.index = ProductIndex(index, threads)
         if self.index.embeddings.shape[1] != info.dim:
             raise ValueError(f"{index} holds {self.index.embeddings.shape[1]}-wide embeddings; {encoder} makes "
                              f"{info.dim}-wide ones: build the index with this encoder (`recserve search-index`)")
+        self.ranker, self.depth = None, 0
+        if ranker is not None:
+            if self.index.terms is None:
+                raise ValueError(f"{index} has no title terms (terms.npz) for the ranker: rebuild it with "
+                                 "`recserve search-index`")
+            import json
+
+            self.depth = int(json.loads((Path(ranker) / RANKER_FILE).read_text())["depth"])
+            self.ranker = session((Path(ranker) / "model.onnx").read_bytes(), threads)
 
     def search(self, query: str, k: int) -> SearchAnswer:
         (embedding,) = self.session.run(None, dict(zip(self.inputs, self.tokenizer.encode([query]))))
-        items, scores = self.index.search(embedding, k)
+        if self.ranker is None:
+            items, scores = self.index.search(embedding, k)
+        else:
+            from recserve.triton.features import top_k
+
+            items, _, features = self.index.candidates(query, embedding, max(k, self.depth))
+            scores = self.ranker.run(None, {"features": features})[0].ravel()
+            best = top_k(scores, k)
+            items, scores = items[best], scores[best].astype(np.float32)
         return SearchAnswer([str(i) for i in items], scores, "edge")
 
 

@@ -23,10 +23,12 @@ MODELS = Path(__file__).resolve().parent / "models"
 STRING, FP32, INT64, INT32 = mc.TYPE_STRING, mc.TYPE_FP32, mc.TYPE_INT64, mc.TYPE_INT32
 
 
-def python_model_shim(name: str) -> str:
-    """The ``model.py`` Triton loads: it imports the model's code from the installed recserve package."""
-    return (f'"""Triton python model `{name}`: its code is recserve/triton/models/{name}.py."""\n\n'
-            f"from recserve.triton.models.{name} import TritonPythonModel  # noqa: F401\n")
+def python_model_shim(name: str, code: str | None = None) -> str:
+    """The ``model.py`` Triton loads: it imports the model's code (``code``, default ``name``) from the installed
+    recserve package."""
+    code = code or name
+    return (f'"""Triton python model `{name}`: its code is recserve/triton/models/{code}.py."""\n\n'
+            f"from recserve.triton.models.{code} import TritonPythonModel  # noqa: F401\n")
 
 
 def _python_model(name: str, inputs: list[tuple], outputs: list[tuple], parameters: dict[str, str] | None = None,
@@ -39,6 +41,18 @@ def _python_model(name: str, inputs: list[tuple], outputs: list[tuple], paramete
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     for k, v in (parameters or {}).items():
         cfg.parameters[k].string_value = v
+    return cfg
+
+
+def _onnxruntime_model(name: str, inputs: list[tuple], outputs: list[tuple]) -> mc.ModelConfig:
+    """One request at a time, one instance, one thread (the search path's graphs: see ``search_configs``)."""
+    cfg = mc.ModelConfig(name=name, backend="onnxruntime", max_batch_size=0)
+    for n, t, d in inputs:
+        cfg.input.add(name=n, data_type=t, dims=d)
+    for n, t, d in outputs:
+        cfg.output.add(name=n, data_type=t, dims=d)
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    cfg.parameters["intra_op_thread_count"].string_value = "1"
     return cfg
 
 
@@ -100,22 +114,26 @@ def item_index_config(name: str = "item_index", candidates: int = 100) -> mc.Mod
                           ("retrieval_scores", FP32, [-1])], {"candidates": str(candidates)})
 
 
-def search_configs(dim: int, encoder: str = "query_encoder") -> list[mc.ModelConfig]:
-    """``query_tokenize``, the encoder, ``product_index`` and the ``search`` ensemble (recserve.triton.search).
+def search_configs(dim: int, encoder: str = "query_encoder", depth: int = 0) -> list[mc.ModelConfig]:
+    """``query_tokenize``, the encoder, ``product_index``, ``search_ranker``, ``search_topk`` and the ``search``
+    ensemble (recserve.triton.search). With ``depth`` the ensemble reorders the ``depth`` nearest products
+    with the ranker; with 0 it ends at ``product_index`` (its ``scores`` are the cosines).
 
     One request is one typed query, so nothing batches across requests (``max_batch_size: 0``): a query's
     token count is its own, and the stand-in onnxruntime backend runs each request as it comes."""
+    from recserve.triton.search_features import FEATURES
+
     tokenize = _python_model("query_tokenize", [("query", STRING, [1])],
                              [("input_ids", INT64, [1, -1]), ("attention_mask", INT64, [1, -1])],
                              {"encoder_model": encoder}, instances=1)
-    enc = mc.ModelConfig(name=encoder, backend="onnxruntime", max_batch_size=0)
-    for n in ("input_ids", "attention_mask"):
-        enc.input.add(name=n, data_type=INT64, dims=[-1, -1])
-    enc.output.add(name="embedding", data_type=FP32, dims=[-1, dim])
-    enc.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-    enc.parameters["intra_op_thread_count"].string_value = "1"
-    index = _python_model("product_index", [("embedding", FP32, [1, dim]), ("top_k", INT32, [1])],
-                          [("items", STRING, [-1]), ("scores", FP32, [-1])])
+    enc = _onnxruntime_model(encoder, [("input_ids", INT64, [-1, -1]), ("attention_mask", INT64, [-1, -1])],
+                             [("embedding", FP32, [-1, dim])])
+    index = _python_model("product_index", [("embedding", FP32, [1, dim]), ("top_k", INT32, [1]), ("query", STRING, [1])],
+                          [("items", STRING, [-1]), ("scores", FP32, [-1]), ("features", FP32, [-1, len(FEATURES)])],
+                          {"rerank_depth": str(depth)})
+    ranker = _onnxruntime_model("search_ranker", [("features", FP32, [-1, len(FEATURES)])], [("score", FP32, [-1, 1])])
+    topk = _python_model("search_topk", [("score", FP32, [-1, 1]), ("item_ids", STRING, [-1]), ("top_k", INT32, [1])],
+                         [("items", STRING, [-1]), ("scores", FP32, [-1])])
     ens = mc.ModelConfig(name="search", platform="ensemble", max_batch_size=0)
     ens.input.add(name="query", data_type=STRING, dims=[1])
     ens.input.add(name="top_k", data_type=INT32, dims=[1])
@@ -123,8 +141,15 @@ def search_configs(dim: int, encoder: str = "query_encoder") -> list[mc.ModelCon
         ens.output.add(name=n, data_type=t, dims=[-1])
     _step(ens, "query_tokenize", {"query": "query"}, {"input_ids": "_input_ids", "attention_mask": "_attention_mask"})
     _step(ens, encoder, {"input_ids": "_input_ids", "attention_mask": "_attention_mask"}, {"embedding": "_embedding"})
-    _step(ens, "product_index", {"embedding": "_embedding", "top_k": "top_k"}, {"items": "items", "scores": "scores"})
-    return [tokenize, enc, index, ens]
+    nearest = {"embedding": "_embedding", "top_k": "top_k", "query": "query"}
+    if depth:
+        _step(ens, "product_index", nearest, {"items": "_candidates", "features": "_features"})
+        _step(ens, "search_ranker", {"features": "_features"}, {"score": "_score"})
+        _step(ens, "search_topk", {"score": "_score", "item_ids": "_candidates", "top_k": "top_k"},
+              {"items": "items", "scores": "scores"})
+    else:
+        _step(ens, "product_index", nearest, {"items": "items", "scores": "scores"})
+    return [tokenize, enc, index, ranker, topk, ens]
 
 
 def write_ensembles(repository: Path, ranker: str = "ranker") -> list[Path]:

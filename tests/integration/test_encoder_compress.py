@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recserve.data.search import load_search
 from recserve.encoder.artifact import FILES, MODEL_FILE, load_info
 from recserve.encoder.evaluate import Encoder
 from tests.integration.test_encoder_export import one_error, recserve
@@ -152,3 +153,24 @@ def test_the_search_chooses_a_student_on_validation_queries_and_reports_every_ca
     assert report["result"]["layers"] == 1 and [s["name"] for s in report["stages"]] == [
         "distill", "prune_vocab", "quantize"]
     assert report["gate"]["passed"] and (tmp_path / "out" / MODEL_FILE).exists()
+
+
+def test_a_student_judged_against_the_teachers_titles_and_served_with_them(compressed, teacher: Path,
+                                                                          tmp_path: Path) -> None:
+    """``catalog: teacher``: the report matches the student's queries against the teacher's titles (and says so);
+    ``search-index --catalog-encoder`` builds that index, the student serving the queries."""
+    out, _, _ = compressed
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("catalog: teacher\nstages: [{type: quantize}]\n")
+    proc = recserve("compress", teacher, "--recipe", recipe, "--data", DATA, "--out", tmp_path / "int8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "int8" / "report.json").read_text())
+    assert report["catalog"] == "teacher" and 0.5 < report["teacher_overlap_at_10"] <= 1
+    assert "titles embedded by the teacher" in recserve("report", tmp_path / "int8").stdout
+    proc = recserve("search-index", out, "--catalog", DATA, "--catalog-encoder", teacher, "--repository",
+                    tmp_path / "repo", "--no-ranker")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    index = np.load(tmp_path / "repo" / "product_index" / "1" / "embeddings.npy")
+    titles = load_search(DATA).titles
+    want = Encoder(teacher).embed(titles[:5])
+    np.testing.assert_allclose(index[:5], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)

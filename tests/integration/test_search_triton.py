@@ -1,7 +1,8 @@
 """The ``search`` ensemble on the real embedded Triton: a typed query -> query_tokenize -> query_encoder ->
-product_index, built by ``recserve search-index`` from the packaged encoder and the synthetic catalog. It must
-return what the encoder finds in process (the same products, in the same order), and answer a bad query
-INVALID_ARGUMENT without stopping."""
+product_index -> search_ranker -> search_topk, built by ``recserve search-index`` from the packaged encoder and
+the synthetic search data. It must return what the encoder and the ranker find in process (the same products,
+in the same order), its ``product_index`` what the encoder finds, and answer a bad query INVALID_ARGUMENT
+without stopping."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def search_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = recserve("search-index", base / "encoder", "--catalog", CATALOG, "--repository", base / "repo")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ranker: kept" in proc.stdout, proc.stdout
     return base / "encoder", base / "repo"
 
 
@@ -47,16 +49,48 @@ def ask(srv, query, k: int = 10) -> tuple[list[str], np.ndarray]:
     return [i.decode() for i in result.as_numpy("items")], result.as_numpy("scores")
 
 
-def test_the_ensemble_finds_what_the_encoder_finds_in_process(search_repo, triton) -> None:
-    encoder_dir, _ = search_repo
+def test_the_ensemble_finds_what_the_encoder_and_ranker_find_in_process(search_repo, triton) -> None:
+    from recserve.serving.scorers import EdgeSearch
+
+    encoder_dir, repo = search_repo
+    edge = EdgeSearch(encoder_dir, repo / "product_index" / "1", ranker=repo / "search_ranker" / "1")
+    queries, _ = load_search(CATALOG).split(held_out=True)
+    reordered = 0
+    for query in queries[:20]:
+        items, scores = ask(triton, query)
+        want = edge.search(query, 10)
+        assert items == want.items, query
+        np.testing.assert_allclose(scores, want.scores, rtol=1e-5, atol=1e-5)
+        assert (np.diff(scores) <= 1e-6).all()
+        reordered += items != ask_index(triton, edge, query, 10)
+    assert reordered > 0, "the ranker never changed the encoder's order"
+
+
+def ask_index(srv, edge, query: str, k: int) -> list[str]:
+    """The ``product_index`` model alone, asked for the products nearest the query's embedding (by ``edge``'s
+    encoder)."""
+    client = grpcclient.InferenceServerClient(f"localhost:{srv.settings.grpc_port}")
+    (embedding,) = edge.session.run(None, dict(zip(edge.inputs, edge.tokenizer.encode([query]))))
+    inputs = [grpcclient.InferInput("embedding", list(embedding.shape), "FP32"),
+              grpcclient.InferInput("top_k", [1], "INT32"), grpcclient.InferInput("query", [1], "BYTES")]
+    for i, v in zip(inputs, [embedding.astype(np.float32), np.array([k], np.int32), np.array([query], dtype=object)]):
+        i.set_data_from_numpy(v)
+    result = client.infer("product_index", inputs, outputs=[grpcclient.InferRequestedOutput("items")])
+    return [i.decode() for i in result.as_numpy("items")]
+
+
+def test_the_index_finds_what_the_encoder_finds_in_process(search_repo, triton) -> None:
+    from recserve.serving.scorers import EdgeSearch
+
+    encoder_dir, repo = search_repo
     data = load_search(CATALOG)
     queries, _ = data.split(held_out=True)
     enc = Encoder(encoder_dir)
     want = top_k(enc.embed(queries[:20]), enc.embed(data.titles))
+    edge = EdgeSearch(encoder_dir, repo / "product_index" / "1")
     for query, row in zip(queries[:20], want):
-        items, scores = ask(triton, query)
-        assert items == [data.product_ids[i] for i in row], query
-        assert (np.diff(scores) <= 1e-6).all() and scores[0] <= 1.0 + 1e-5
+        assert ask_index(triton, edge, query, 10) == [data.product_ids[i] for i in row], query
+        assert edge.search(query, 10).items == [data.product_ids[i] for i in row], query
 
 
 def test_top_k_and_odd_but_valid_queries(triton) -> None:
@@ -106,7 +140,8 @@ def test_the_router_searches_through_triton_and_from_the_edge_when_triton_hangs(
     index = repo / "product_index" / "1"
     cfg = RouterConfig.model_validate({
         "triton_url": f"127.0.0.1:{triton.settings.grpc_port}", "default_model": "search", "cache_ttl_s": 0,
-        "searches": {"search": {"edge_encoder": str(encoder_dir), "edge_index": str(index)}}})
+        "searches": {"search": {"edge_encoder": str(encoder_dir), "edge_index": str(index),
+                                "edge_ranker": str(repo / "search_ranker" / "1")}}})
     queries, _ = load_search(CATALOG).split(held_out=True)
 
     async def scenario():
@@ -140,3 +175,14 @@ def test_the_router_searches_through_triton_and_from_the_edge_when_triton_hangs(
             await router.close()
 
     asyncio.run(scenario())
+
+
+def test_no_ranker_ends_the_ensemble_at_the_nearest_products(search_repo, tmp_path: Path) -> None:
+    from recserve.converters.triton_config import from_pbtxt
+
+    proc = recserve("search-index", search_repo[0], "--catalog", CATALOG, "--repository", tmp_path, "--no-ranker")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["product_index", "query_encoder", "query_tokenize", "search"]
+    ens = from_pbtxt((tmp_path / "search" / "config.pbtxt").read_text())
+    assert [s.model_name for s in ens.ensemble_scheduling.step][-1] == "product_index"
+    assert "NDCG" not in proc.stdout

@@ -34,3 +34,40 @@ def test_agreement_with_the_teacher() -> None:
     got = teacher_agreement(top, teacher, q, np.array([[1.0, 1.0], [0.0, 1.0]]))
     assert got["teacher_overlap_at_10"] == pytest.approx((2 / 4 + 1.0) / 2)
     assert got["mean_cosine"] == pytest.approx((np.sqrt(0.5) + 1.0) / 2)
+
+
+class FakeEncoder:
+    """Embeds a text as a fixed vector per text (``table``), counting the texts it was asked for."""
+
+    def __init__(self, table: dict[str, np.ndarray], size: int):
+        self.table, self.size, self.asked = table, size, 0
+        self.info = type("Info", (), {"parameters": size})()
+
+    def embed(self, texts: list[str], batch: int = 64) -> np.ndarray:
+        self.asked += len(texts)
+        return np.stack([self.table[t] for t in texts]).astype(np.float32)
+
+    def bytes(self) -> int:
+        return self.size
+
+
+def test_judge_against_the_teachers_titles_embeds_them_once_and_matches_only_the_queries() -> None:
+    """With ``catalog="teacher"`` a student whose titles are garbled but whose queries match the teacher's
+    finds exactly the teacher's lists: only its query embeddings count."""
+    from recserve.data.search import SearchData
+    from recserve.encoder.evaluate import judge
+
+    rng = np.random.default_rng(0)
+    titles = [f"t{i}" for i in range(30)]
+    queries = [f"q{i}" for i in range(12)]
+    teacher = {t: rng.normal(size=8) for t in titles + queries}
+    student = dict(teacher) | {t: rng.normal(size=8) for t in titles}  # its own titles: noise
+    data = SearchData([f"p{i}" for i in range(30)], titles, queries, [{i: 1.0} for i in range(12)],
+                      np.ones(12, dtype=bool))
+    for catalog, same in (("teacher", True), ("self", False)):
+        encoders = {"teacher": FakeEncoder(teacher, 100), "student": FakeEncoder(student, 25)}
+        out = judge(encoders, data, teacher="teacher", catalog=catalog)
+        assert (out["student"]["teacher_overlap_at_10"] == 1.0) == same, (catalog, out["student"])
+        assert out["student"]["size_ratio"] == 4.0
+        asked_for_titles = encoders["student"].asked - len(queries)
+        assert asked_for_titles == (0 if catalog == "teacher" else len(titles))

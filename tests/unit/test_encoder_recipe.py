@@ -35,6 +35,7 @@ def test_the_shipped_recipe_parses_in_order() -> None:
     ("stages: [{type: distill, layer: 2}]", "layer"),
     ("gate: {max_relative_ndcg_loss: -1}\nstages: [{type: quantize}]", "max_relative_ndcg_loss"),
     ("- a list", "YAML mapping"),
+    ("catalog: student\nstages: [{type: quantize}]", "catalog"),
 ])
 def test_a_wrong_recipe_says_what_is_wrong(text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

@@ -533,7 +533,8 @@ def test_router_serves_text_searches_set_in_values(helm, tmp_path):
     a search entry the router would refuse is refused by the chart's schema first."""
     from recserve.serving.config import RouterConfig
 
-    search = {"edge_encoder": "/models/query_encoder/1", "edge_index": "/models/product_index/1", "top_k": 20}
+    search = {"edge_encoder": "/models/query_encoder/1", "edge_index": "/models/product_index/1",
+              "edge_ranker": "/models/search_ranker/1", "top_k": 20}
     for models, default in (({}, "ranker"), ({"ranker": None}, "search")):
         f = tmp_path / "v.yaml"
         f.write_text(yaml.safe_dump({"router": {"config": {"models": models, "searches": {"search": search},
@@ -542,6 +543,7 @@ def test_router_serves_text_searches_set_in_values(helm, tmp_path):
         cfg = RouterConfig.model_validate(_router_config(docs))
         assert cfg.searches["search"].triton_model == "search" and cfg.searches["search"].top_k == 20
         assert str(cfg.searches["search"].edge_index) == "/models/product_index/1"
+        assert str(cfg.searches["search"].edge_ranker) == "/models/search_ranker/1"
         assert ("ranker" in cfg.models) == (models == {})
     f.write_text(yaml.safe_dump({"router": {"config": {"searches": {"search": {"edge_encoder": "/m/e"}}}}}))
     refused = template(helm, "-f", str(f), check=False)

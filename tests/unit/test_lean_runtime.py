@@ -35,6 +35,7 @@ ENTRY_POINTS = [
     "recserve.triton.models.query_tokenize",
     "recserve.triton.models.product_index",
     "recserve.triton.search",
+    "recserve.triton.search_features",
     "recserve.encoder.text",  # the query tokenizer, wherever an encoder serves
     "recserve.encoder.artifact",
 ]

@@ -25,9 +25,9 @@ PRODUCTS = {"p-drill": "cordless drill", "p-saw": "saw", "p-hammer": "hammer", "
             "p-blue": "blue paint"}
 
 
-def tiny_encoder(directory: Path) -> None:
+def tiny_encoder(directory: Path, order: list[int] | None = None) -> None:
     """A real encoder directory: tokenizer.json (word pieces), model.onnx (sum of one-hot rows of the words,
-    special tokens zero), encoder.json."""
+    special tokens zero; ``order`` permutes the one-hot columns: another space), encoder.json."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     directory.mkdir(parents=True)
@@ -38,7 +38,7 @@ def tiny_encoder(directory: Path) -> None:
                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     tok.save(str(directory / "tokenizer.json"))
     table = np.zeros((len(VOCAB), len(WORDS)), np.float32)
-    table[4:, :] = np.eye(len(WORDS), dtype=np.float32)
+    table[4:, :] = np.eye(len(WORDS), dtype=np.float32)[:, order or list(range(len(WORDS)))]
     nodes = [helper.make_node("Gather", ["table", "input_ids"], ["rows"]),
              helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
              helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
@@ -193,3 +193,84 @@ def test_an_index_built_by_another_encoder_is_refused(search_dirs, tmp_path: Pat
     (tmp_path / "index" / "products.json").write_text(json.dumps(list(PRODUCTS)))
     with pytest.raises(ValueError, match="build the index with this encoder"):
         rig((encoder, tmp_path / "index"))
+
+
+def ranker_dir(directory: Path, weights: dict[str, float], depth: int = 5) -> Path:
+    """A ``search_ranker`` version directory: a linear graph over the named features (the others weigh 0)."""
+    from recserve.models.search_ranker import Fitted
+    from recserve.triton.search_features import FEATURES
+
+    w = np.array([[weights.get(f, 0.0)] for f in FEATURES], np.float32)
+    model = Fitted(np.zeros(len(FEATURES), np.float32), np.ones(len(FEATURES), np.float32), [(w, np.zeros(1, np.float32))], 1)
+    directory.mkdir(parents=True)
+    onnx.save(model.to_onnx(), str(directory / "model.onnx"))
+    (directory / "search_ranker.json").write_text(json.dumps({"depth": depth}))
+    return directory
+
+
+def test_the_edge_reorders_with_the_searchs_ranker(search_dirs, tmp_path: Path) -> None:
+    """With ``edge_ranker`` the edge scores the ``depth`` nearest products with the ranker's graph and answers its
+    top k: a ranker that prefers the least similar title reverses the encoder's order."""
+    from recserve.triton.search_features import TitleTerms
+
+    encoder, index = search_dirs
+    indexed = tmp_path / "index"
+    indexed.mkdir()
+    for f in ("embeddings.npy", "products.json"):
+        (indexed / f).write_bytes((index / f).read_bytes())
+    TitleTerms.build(list(PRODUCTS.values())).save(indexed)
+    reverse = ranker_dir(tmp_path / "reverse", {"cosine": -1.0})
+    router, cloud, _ = rig((encoder, indexed), searches={"search": {
+        "edge_encoder": str(encoder), "edge_index": str(indexed), "edge_ranker": str(reverse)}})
+    cloud.fail = CloudError("unavailable", "gone")
+    got = ask(router, "red paint", 100, top_k=5)  # cosines: red paint 1, blue paint 0.5, the others 0
+    assert got.served_by == "edge" and list(got.items)[-2:] == ["p-blue", "p-red"], list(got.items)
+    assert set(got.items) == set(PRODUCTS) and got.scores[0] >= got.scores[-1]
+    words = ranker_dir(tmp_path / "words", {"word_share": 1.0}, depth=5)
+    edge = type(router.searches["search"].edge)(encoder, indexed, ranker=words)
+    assert edge.search("red paint", 1).items == ["p-red"] and edge.search("hammer", 1).items == ["p-hammer"]
+
+
+def test_a_ranker_needs_an_index_with_title_terms(search_dirs, tmp_path: Path) -> None:
+    encoder, index = search_dirs
+    ranker = ranker_dir(tmp_path / "r", {"cosine": 1.0})
+    with pytest.raises(ValueError, match="no title terms"):
+        rig(search_dirs, searches={"search": {"edge_encoder": str(encoder), "edge_index": str(index),
+                                              "edge_ranker": str(ranker)}})
+
+
+def test_search_index_into_a_repository_it_cannot_join_writes_nothing(search_dirs, tmp_path: Path) -> None:
+    """A product_index served with another interface (an older recserve's, without the ranker's features):
+    refused before any model of the search is written."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from recserve.converters.triton_config import to_pbtxt
+    from recserve.errors import ConfigError
+    from recserve.triton.search import build_search
+
+    encoder, _ = search_dirs
+    old = mc.ModelConfig(name="product_index", backend="python", max_batch_size=0)
+    old.input.add(name="embedding", data_type=mc.TYPE_FP32, dims=[1, len(WORDS)])
+    old.output.add(name="items", data_type=mc.TYPE_STRING, dims=[-1])
+    (tmp_path / "product_index" / "1").mkdir(parents=True)
+    (tmp_path / "product_index" / "config.pbtxt").write_text(to_pbtxt(old))
+    with pytest.raises(ConfigError, match="product_index: the new model's inputs/outputs"):
+        build_search(encoder, "synthetic:20,products=30", tmp_path, ranker=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["product_index"]
+    assert sorted(p.name for p in (tmp_path / "product_index").iterdir()) == ["1", "config.pbtxt"]
+
+
+def test_a_catalog_encoder_must_share_the_query_encoders_space(search_dirs, tmp_path: Path) -> None:
+    """``--catalog-encoder``: the titles embedded by another encoder; one of another width, or whose embeddings of
+    the same titles disagree with the query encoder's, is refused before anything is written."""
+    from recserve.errors import ConfigError
+    from recserve.triton.search import build_search
+
+    encoder, _ = search_dirs
+    tiny_encoder(tmp_path / "shuffled", order=list(range(len(WORDS)))[::-1])
+    with pytest.raises(ConfigError, match="do not share a space"):
+        build_search(encoder, "synthetic:20,products=30", tmp_path / "repo", ranker=False,
+                     catalog_encoder=tmp_path / "shuffled")
+    assert not (tmp_path / "repo").exists()
+    built = build_search(encoder, "synthetic:20,products=30", tmp_path / "repo", ranker=False, catalog_encoder=encoder)
+    assert [p.name for p in built.written][:3] == ["1", "1", "1"] and built.ranker is None

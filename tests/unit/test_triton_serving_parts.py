@@ -247,6 +247,34 @@ def test_ensembles_call_the_named_ranker(tmp_path: Path) -> None:
     assert len(again) == 5
 
 
+@pytest.mark.parametrize("depth", [0, 100])
+def test_the_search_ensemble_with_and_without_its_ranker(depth: int) -> None:
+    """Every step's inputs are the ensemble's or an earlier step's outputs, of the type and width the step
+    declares; with a ranker (``depth``) product_index hands ``depth`` candidates and their features on."""
+    from recserve.triton.ensembles import search_configs
+    from recserve.triton.search_features import FEATURES
+
+    configs = {c.name: c for c in search_configs(384, depth=depth)}
+    ens = configs.pop("search")
+    steps = [s.model_name for s in ens.ensemble_scheduling.step]
+    assert steps == ["query_tokenize", "query_encoder", "product_index"] + \
+        (["search_ranker", "search_topk"] if depth else [])
+    assert configs["product_index"].parameters["rerank_depth"].string_value == str(depth)
+    tensors = {i.name: (i.data_type, list(i.dims)) for i in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        cfg = configs[step.model_name]
+        declared = {i.name: (i.data_type, list(i.dims)) for i in cfg.input}
+        assert set(step.input_map) == set(declared), step.model_name
+        for name, tensor in step.input_map.items():
+            have_type, have_dims = tensors[tensor]
+            assert have_type == declared[name][0], (step.model_name, name)
+            assert len(have_dims) == len(declared[name][1]), (step.model_name, name)
+        outputs = {o.name: (o.data_type, list(o.dims)) for o in cfg.output}
+        tensors |= {tensor: outputs[name] for name, tensor in step.output_map.items()}
+    assert {o.name for o in ens.output} <= set(tensors)
+    assert configs["search_ranker"].input[0].dims == [-1, len(FEATURES)]
+
+
 # --- recserve infer --json ------------------------------------------------------------------------------------------
 
 
