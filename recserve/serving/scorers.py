@@ -81,6 +81,7 @@ class EdgeSearch:
 
             self.depth = int(json.loads((Path(ranker) / RANKER_FILE).read_text())["depth"])
             self.ranker = session((Path(ranker) / "model.onnx").read_bytes(), threads)
+        self.search("warm up", 1)  # onnxruntime's first run of each graph allocates: not on a request's clock
 
     def search(self, query: str, k: int) -> SearchAnswer:
         (embedding,) = self.session.run(None, dict(zip(self.inputs, self.tokenizer.encode([query]))))
