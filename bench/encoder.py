@@ -68,7 +68,8 @@ def markdown(r: dict) -> str:
     rep = r["recipe"]
     t, res = rep["teacher"], rep["result"]
     lines += ["", f"The recipe `recipes/query-encoder.yaml` (`recserve compress`, {rep['seconds']:.0f} s; "
-              f"{' -> '.join(rep['compression'])}), its own run against the same teacher:", "",
+              f"{' -> '.join(rep['compression'])}), its own run against the same teacher (titles embedded by "
+              f"{'the teacher' if rep.get('catalog') == 'teacher' else 'each encoder'}):", "",
               "| | MiB | NDCG@10 | recall@10 | overlap@10 | b1 ms | b64 texts/s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in (("teacher", t), ("recipe", res)):
         lines.append(f"| {name} | {m['bytes'] / 2**20:.1f} | {m['ndcg_at_10']:.4f} | {m['recall_at_10']:.4f} | "

@@ -23,6 +23,7 @@ def test_the_shipped_recipe_parses_in_order() -> None:
         assert r.name == name and [s.type for s in r.stages] == ["distill", "prune_vocab", "quantize"]
         assert r.stages[0].layers == layers
         assert r.gate.max_relative_ndcg_loss == 0.02 and r.gate.min_teacher_overlap_at_10 == 0.8
+        assert r.catalog == "teacher"
 
 
 @pytest.mark.parametrize(("text", "needle"), [
