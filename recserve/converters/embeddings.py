@@ -27,15 +27,7 @@ from recserve.converters.evaluate import session
 from recserve.converters.graph import embedding_gathers, export_graph, initializers
 from recserve.converters.stage import ModelState, StageContext, StageSpec
 from recserve.errors import StageError
-
-
-def quantize_rows(table: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row quantization: (int values in [-2^(b-1)+1, 2^(b-1)-1], fp16 scales [V,1])."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = np.abs(table).max(axis=1, keepdims=True).astype(np.float32) / qmax
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float16)
-    q = np.clip(np.round(table / scale.astype(np.float32)), -qmax, qmax).astype(np.int8)
-    return q, scale
+from recserve.rowwise import quantize_rows
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

@@ -62,6 +62,12 @@ class FeatureEncoder:
         return raw_sparse.reshape(len(sparse), len(self.vocabularies)), raw_dense.astype(np.float32)
 
 
+def model_parameters(args: dict) -> dict[str, str]:
+    """The ``parameters`` of a Triton python model's config (``initialize``'s ``args``), name -> string value."""
+    parameters = json.loads(args["model_config"]).get("parameters", {})
+    return {name: value["string_value"] for name, value in parameters.items()}
+
+
 def sibling_file(this_model_dir: str, model: str, filename: str) -> Path:
     """``filename`` in the newest version of another model of the same repository (from a python model)."""
     root = Path(this_model_dir.rstrip("/")).parent / model

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recserve.errors import ConfigError, InferenceError
+from recserve.rowwise import quantize_rows
 from recserve.triton.search_features import TERMS_FILE, TitleTerms
 
 if TYPE_CHECKING:
@@ -58,20 +59,19 @@ def query_text(raw: np.ndarray) -> str:
     return text
 
 
-ROW_LEVELS = 63
-"""The INT8 rows use -63..63 (7 bits): x86 CPUs without VNNI multiply uint8 by int8 in pairs summed into int16,
-which saturates for 255 x 127 x 2 (onnxruntime's ``reduce_range`` for the same reason); 255 x 63 x 2 fits."""
+ROW_BITS = 7
+"""The INT8 rows use -63..63: x86 CPUs without VNNI multiply uint8 by int8 in pairs summed into int16, which
+saturates for 255 x 127 x 2 (onnxruntime's ``reduce_range`` for the same reason); 255 x 63 x 2 fits."""
 
 
 def scan_graph(embeddings: np.ndarray):
     """An ONNX graph: ``query`` [1, dim] float32 and ``k`` [1] int64 -> the ``k`` rows of highest approximate
-    cosine (``rows`` [k]), scanning an INT8 copy of ``embeddings`` (one scale per row, symmetric, ``ROW_LEVELS``;
+    cosine (``rows`` [k]), scanning an INT8 copy of ``embeddings`` (one scale per row, symmetric, ``ROW_BITS``;
     the query quantized per call, uint8): a quarter of the bytes a float32 scan reads, in onnxruntime's integer
     kernels."""
     from onnx import TensorProto, helper, numpy_helper
 
-    scale = (np.abs(embeddings).max(axis=1) / ROW_LEVELS).clip(1e-12).astype(np.float32)
-    quantized = np.round(embeddings / scale[:, None]).clip(-ROW_LEVELS, ROW_LEVELS).astype(np.int8)
+    quantized, scale = quantize_rows(embeddings, ROW_BITS)
     nodes = [helper.make_node("DynamicQuantizeLinear", ["query"], ["q", "q_scale", "q_zero"]),
              helper.make_node("MatMulInteger", ["q", "table", "q_zero"], ["dots"]),
              helper.make_node("Cast", ["dots"], ["dots_f"], to=TensorProto.FLOAT),
@@ -83,7 +83,7 @@ def scan_graph(embeddings: np.ndarray):
                                 helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("rows", TensorProto.INT64, ["k"])],
         [numpy_helper.from_array(np.ascontiguousarray(quantized.T), "table"),
-         numpy_helper.from_array(scale[None], "scale"), numpy_helper.from_array(np.array([-1], np.int64), "flat")])
+         numpy_helper.from_array(scale.astype(np.float32).T, "scale"), numpy_helper.from_array(np.array([-1], np.int64), "flat")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="recserve")
     model.ir_version = 8
     return model

@@ -36,6 +36,7 @@ ENTRY_POINTS = [
     "recserve.triton.models.product_index",
     "recserve.triton.search",
     "recserve.triton.search_features",
+    "recserve.rowwise",
     "recserve.encoder.text",  # the query tokenizer, wherever an encoder serves
     "recserve.encoder.artifact",
 ]

@@ -6,26 +6,25 @@ go on to the ranker. A request with other than one finite user embedding of the 
 context columns that do not fit the layout, is answered INVALID_ARGUMENT.
 """
 
-import json
 import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from recserve.errors import ModelError
+from recserve.triton.features import model_parameters
 from recserve.triton.retrieval import ItemIndex
 from recserve.triton.validation import error_response, require_finite, user_embedding_input
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
         directory = os.path.join(args["model_repository"], args["model_version"])
         self.index = ItemIndex(directory)
         if self.index.embeddings is None:  # a `recserve catalog` directory: it cannot answer a search
             raise ModelError(f"{directory} has no item embeddings: build it with `recserve index` to retrieve")
         self.dim = int(self.index.embeddings.shape[1])
-        self.candidates = int(config["parameters"]["candidates"]["string_value"])
+        self.candidates = int(model_parameters(args)["candidates"])
 
     def execute(self, requests):
         responses = []

@@ -8,13 +8,13 @@ the query's text); otherwise the ``top_k`` nearest. An embedding of the wrong wi
 not one UTF-8 text, or a negative ``top_k``, is answered INVALID_ARGUMENT.
 """
 
-import json
 import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from recserve.errors import InferenceError
+from recserve.triton.features import model_parameters
 from recserve.triton.search import ProductIndex, query_text
 from recserve.triton.validation import error_response
 
@@ -22,8 +22,7 @@ from recserve.triton.validation import error_response
 class TritonPythonModel:
     def initialize(self, args):
         self.index = ProductIndex(os.path.join(args["model_repository"], args["model_version"]))
-        params = json.loads(args["model_config"]).get("parameters", {})
-        self.depth = int(params.get("rerank_depth", {}).get("string_value", "0") or 0)
+        self.depth = int(model_parameters(args).get("rerank_depth") or 0)
 
     def execute(self, requests):
         responses = []

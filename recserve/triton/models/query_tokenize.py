@@ -5,20 +5,19 @@ The tokenizer is the ``tokenizer.json`` of the newest version of the encoder mod
 of bounded length is answered INVALID_ARGUMENT (``recserve.triton.search.query_text``).
 """
 
-import json
 
 import triton_python_backend_utils as pb_utils
 
 from recserve.encoder.artifact import EncoderInfo
 from recserve.encoder.text import TextTokenizer
-from recserve.triton.features import sibling_file
+from recserve.triton.features import model_parameters, sibling_file
 from recserve.triton.search import query_text
 from recserve.triton.validation import error_response
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        params = model_parameters(args)
         here, encoder = args["model_repository"], params["encoder_model"]
         info = EncoderInfo.model_validate_json(sibling_file(here, encoder, "encoder.json").read_text())
         self.tokenizer = TextTokenizer(sibling_file(here, encoder, "tokenizer.json"), info.max_seq_length)

@@ -6,18 +6,16 @@ width, or sparse values that are not UTF-8 text, are answered INVALID_ARGUMENT (
 raw numbers are missing values: the transform's fill).
 """
 
-import json
 
 import triton_python_backend_utils as pb_utils
 
-from recserve.triton.features import FeatureEncoder, read_columns, sibling_file
+from recserve.triton.features import FeatureEncoder, model_parameters, read_columns, sibling_file
 from recserve.triton.validation import error_response
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        ranker = config["parameters"]["ranker_model"]["string_value"]
+        ranker = model_parameters(args)["ranker_model"]
         path = sibling_file(args["model_repository"], ranker, "preprocessing.json")
         self.encoder = FeatureEncoder.load(path, read_columns(path).get("ranking_sparse"))
 

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from recserve.triton.features import FeatureEncoder, read_columns, sibling_file
+from recserve.triton.features import FeatureEncoder, model_parameters, read_columns, sibling_file
 from recserve.triton.retrieval import Layout, context_encoder
 from recserve.triton.validation import error_response
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
+        params = model_parameters(args)
         here = args["model_repository"]
         tower = sibling_file(here, params["user_tower_model"], "preprocessing.json")
         self.user = FeatureEncoder.load(tower, read_columns(tower)["user_sparse"], dense=False)
