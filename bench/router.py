@@ -218,6 +218,82 @@ def _python_grpc_floor(message: bytes, rates: list[float]) -> dict:
         proc.wait()
 
 
+def http2_framing(calls: int = 2000, rounds: int = 3) -> dict:
+    """CPU per call of a gRPC server's HTTP/2 handling alone, in this process, on the same calls (h2's client
+    as the peer, headers as grpcio sends them, a 300-byte request and a 130-byte answer with trailers):
+    the ``h2`` package, which the replica's server used before, against ``recserve.serving.http2``.
+    Rounds alternate; medians in microseconds."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, StreamEnded
+
+    from recserve.serving import http2
+
+    headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", RANK.encode()), (b":authority", b"router"),
+               (b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", b"100m")]
+    request, response = b"\x00\x00\x00\x01\x2b" + b"r" * 299, b"\x00\x00\x00\x00\x7d" + b"a" * 125
+    ok = ((b"grpc-status", b"0"),)
+    blocks = (http2.header_block(((b":status", b"200"), (b"content-type", b"application/grpc"))),
+              http2.header_block(ok))
+
+    def h2_server():
+        conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+
+        def handle(raw: bytes) -> bytes:
+            for ev in conn.receive_data(raw):
+                if isinstance(ev, DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, StreamEnded):
+                    conn.send_headers(ev.stream_id, ((b":status", b"200"), (b"content-type", b"application/grpc")))
+                    conn.send_data(ev.stream_id, response)
+                    conn.send_headers(ev.stream_id, ok, end_stream=True)
+            return conn.data_to_send()
+        return conn.data_to_send(), handle
+
+    def lite_server():
+        conn = http2.server(max_streams=1000, initial_window=1 << 20, max_header_bytes=64 << 10,
+                                      connection_window=4 << 20)
+
+        def handle(raw: bytes) -> bytes:
+            for ev in conn.receive(raw):
+                if type(ev) is http2.Data and ev.ended:
+                    conn.send_headers(ev.stream_id, blocks[0])
+                    conn.send_data(ev.stream_id, response)
+                    conn.send_headers(ev.stream_id, blocks[1], end_stream=True)
+            return conn.data_to_send()
+        return conn.data_to_send(), handle
+
+    def per_call(make) -> float:
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        greeting, handle = make()
+        client.receive_data(greeting)
+        spent, answered = 0.0, 0
+        for _ in range(calls):
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, headers)
+            client.send_data(sid, request, end_stream=True)
+            raw = client.data_to_send()
+            t0 = time.process_time()
+            out = handle(raw)
+            spent += time.process_time() - t0
+            for ev in client.receive_data(out):
+                if isinstance(ev, DataReceived):
+                    client.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                answered += isinstance(ev, StreamEnded)
+        assert answered == calls, answered
+        return spent / calls * 1e6
+
+    got: dict[str, list[float]] = {"h2": [], "recserve": []}
+    for _ in range(rounds):
+        got["h2"].append(per_call(h2_server))
+        got["recserve"].append(per_call(lite_server))
+    out = {k: _median(v) for k, v in got.items()}
+    return {"h2_us_per_call": out["h2"], "recserve_us_per_call": out["recserve"],
+            "ratio": out["h2"] / out["recserve"]}
+
+
 def _added(by_path: dict[str, dict]) -> dict:
     d, r = by_path["direct"], by_path["router"]
     return {"direct": d, "router": r, "added_p50_ms": r["p50_ms"] - d["p50_ms"], "added_p99_ms": r["p99_ms"] - d["p99_ms"]}
@@ -321,6 +397,7 @@ def run(workdir: Path) -> dict:
             cpu_half, cpu_busy = cpu_per_call(cfg, at_half), cpu_per_call(cfg, busy)
             rss = _replica_stats(cfg)[1]
             floor = _python_grpc_floor(paths["router"][2], [x["rate"] for x in rates.values()])
+            framing = http2_framing()
         fail = failover(triton, router_url, ranks)
     finally:
         triton.stop()
@@ -331,7 +408,7 @@ def run(workdir: Path) -> dict:
             "capacity_ratio": router_capacity / direct_capacity if direct_capacity else None,
             "cpu_ms_per_request": cpu_busy, "cpu_ms_per_request_half_capacity": cpu_half,
             "replica_rss_mb": rss / 2**20, "startup_s": startup_s,
-            "python_grpc_floor": floor, "failover": fail}
+            "python_grpc_floor": floor, "http2_framing": framing, "failover": fail}
 
 
 def markdown(r: dict) -> str:
@@ -373,6 +450,11 @@ def markdown(r: dict) -> str:
                   + f"{floor['closed_c1']['p50_ms']:.2f} / {floor['closed_c1']['p99_ms']:.2f}; "
                   + "; ".join(f"open loop {float(rate):,.0f}/s {x['p50_ms']:.2f} / {x['p99_ms']:.2f}"
                               for rate, x in floor.items() if not rate.startswith("closed")) + "."]
+    if r.get("http2_framing"):
+        x = r["http2_framing"]
+        lines += ["", f"HTTP/2 framing alone, CPU per call in one process (the same calls, rounds alternating): the h2 "
+                  f"package {x['h2_us_per_call']:.0f} us, the replica's own (`recserve.serving.http2`) "
+                  f"{x['recserve_us_per_call']:.0f} us ({x['ratio']:.1f}x less)."]
     f = r["failover"]
     first = f["first_edge_answer_after_stop_ms"]
     lines += ["", f"Failover (Triton stopped under a Rank stream, {f['budget_ms']} ms budget): first edge answer "

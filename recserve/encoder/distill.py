@@ -26,6 +26,8 @@ from recserve.errors import ConfigError
 from recserve.outdir import check_out
 
 MAX_VALIDATION = 2000
+TOP = 10
+"""Nearest titles compared when the ranking loss chooses the epoch (the report's top-10 overlap)."""
 TRAIN_SEQ_LENGTH = 64
 """Tokens per text while training (titles and queries are shorter; the exported student keeps the teacher's limit)."""
 
@@ -40,6 +42,10 @@ class DistillSettings:
     learning_rate: float = 1e-4
     max_texts: int = 30_000
     """Training texts at most (a seeded sample), to bound the time on a CPU."""
+    ranking_weight: float = 0.0
+    """Weight of the ranking-agreement loss over the teacher's catalog embeddings (0: cosine loss only)."""
+    temperature: float = 0.05
+    """Softmax temperature of the ranking-agreement loss (lower: only the top of each ranking counts)."""
     seed: int = 0
     device: str | None = None
     """PyTorch device to train on; None: the first CUDA GPU when there is one, else the CPU."""
@@ -51,8 +57,11 @@ class DistillReport:
     candidates: dict[str, float]
     """Each kept-layer candidate's validation cosine with the teacher before training."""
     epochs: list[float] = field(default_factory=list)
-    """Validation cosine with the teacher after each epoch."""
+    """Validation cosine with the teacher after each epoch (with a ranking loss: top-10 agreement)."""
     best_epoch: int = 0
+    """0: no epoch beat the student as first cut from the teacher (``start``)."""
+    start: float = 0.0
+    """The validation measure of the kept layers before any training."""
     train_texts: int = 0
     validation_texts: int = 0
 
@@ -103,6 +112,12 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
     with torch.no_grad():
         target_train = st.encode(train, batch_size=128, convert_to_tensor=True)
         target_val = st.encode(val, batch_size=128, convert_to_tensor=True)
+        catalog = None
+        if s.ranking_weight > 0:
+            progress(f"teacher embeddings of {len(data.titles):,} catalog titles")
+            catalog = torch.nn.functional.normalize(
+                st.encode(list(data.titles), batch_size=128, convert_to_tensor=True), dim=1)
+            val_top = (target_val @ catalog.T).topk(TOP, dim=1).indices
 
     def student_with(kept: list[int]):
         student = copy.deepcopy(st)
@@ -111,18 +126,27 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
         bert.config.num_hidden_layers = len(kept)
         return student
 
-    def agreement(student) -> float:
+    def agreement(student, ranking: bool = True) -> float:
         student.eval()
         with torch.no_grad():
             got = student.encode(val, batch_size=128, convert_to_tensor=True)
-        return float(torch.nn.functional.cosine_similarity(got, target_val).mean())
+            if catalog is None or not ranking:
+                return float(torch.nn.functional.cosine_similarity(got, target_val).mean())
+            top = (torch.nn.functional.normalize(got, dim=1) @ catalog.T).topk(TOP, dim=1).indices
+        return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top, val_top)) / (TOP * len(val))
 
-    scores = {",".join(map(str, c)): agreement(student_with(c)) for c in candidates}
+    def ranking_loss(got, target):
+        log_s = torch.log_softmax(got @ catalog.T / s.temperature, dim=1)
+        log_t = torch.log_softmax(target @ catalog.T / s.temperature, dim=1)
+        return torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+    scores = {",".join(map(str, c)): agreement(student_with(c), ranking=False) for c in candidates}
     kept = [int(i) for i in max(scores, key=scores.get).split(",")]
     report = DistillReport(kept, scores, train_texts=len(train), validation_texts=len(val))
     student = student_with(kept)
     optimizer = torch.optim.AdamW(student.parameters(), lr=s.learning_rate)
     best, best_state = agreement(student), copy.deepcopy(student.state_dict())
+    report.start = best
     order = list(range(len(train)))
     rng = random.Random(s.seed)
     for epoch in range(1, s.epochs + 1):
@@ -132,14 +156,17 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
             idx = order[start:start + s.batch_size]
             features = {k: v.to(device) if hasattr(v, "to") else v
                         for k, v in student.preprocess([train[i] for i in idx]).items()}
-            got = student(features)["sentence_embedding"]
-            loss = torch.nn.functional.mse_loss(torch.nn.functional.normalize(got, dim=1), target_train[idx])
+            got = torch.nn.functional.normalize(student(features)["sentence_embedding"], dim=1)
+            loss = torch.nn.functional.mse_loss(got, target_train[idx])
+            if catalog is not None:
+                loss = loss + s.ranking_weight * ranking_loss(got, target_train[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         cos = agreement(student)
         report.epochs.append(cos)
-        progress(f"epoch {epoch}: validation cosine with the teacher {cos:.4f}")
+        progress(f"epoch {epoch}: validation {'cosine' if catalog is None else 'top-10 agreement'} "
+                 f"with the teacher {cos:.4f}")
         if cos > best:
             best, best_state, report.best_epoch = cos, copy.deepcopy(student.state_dict()), epoch
     student.load_state_dict(best_state)

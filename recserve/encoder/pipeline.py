@@ -99,9 +99,11 @@ def _run_stage(stage, src: Path, out: Path, data: SearchData, seed: int, progres
                              f"({', '.join(info.compression)})")
         teacher = None if info.source == PACKAGED else Path(info.source)
         settings = DistillSettings(layers=stage.layers, epochs=stage.epochs, batch_size=stage.batch_size,
-                                   learning_rate=stage.learning_rate, max_texts=stage.max_texts, seed=seed)
+                                   learning_rate=stage.learning_rate, max_texts=stage.max_texts,
+                                   ranking_weight=stage.ranking_weight, temperature=stage.temperature, seed=seed)
         _, r = distill_encoder(out, data, teacher, settings, progress=progress)
-        return {"kept_layers": r.kept_layers, "candidates": r.candidates, "validation_cosine": r.epochs,
+        per_epoch = "validation_top10_agreement" if stage.ranking_weight > 0 else "validation_cosine"
+        return {"kept_layers": r.kept_layers, "candidates": r.candidates, per_epoch: r.epochs,
                 "best_epoch": r.best_epoch, "train_texts": r.train_texts, "validation_texts": r.validation_texts}
     if isinstance(stage, PruneVocabStage):
         texts = tuning_texts(data, seed)

@@ -26,6 +26,9 @@ class DistillStage(BaseModel):
     batch_size: int = Field(64, ge=1)
     max_texts: int = Field(30_000, ge=10, description="training texts at most (a seeded sample of tuning queries "
                                                       "and titles)")
+    ranking_weight: float = Field(0.0, ge=0.0, description="weight of the ranking-agreement loss over the teacher's "
+                                  "catalog embeddings (0: cosine only); the epoch is then chosen on top-10 agreement")
+    temperature: float = Field(0.05, gt=0.0, description="softmax temperature of the ranking-agreement loss")
 
 
 class PruneVocabStage(BaseModel):

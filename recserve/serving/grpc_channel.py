@@ -1,4 +1,4 @@
-"""A gRPC client channel on the event loop: unary calls over one HTTP/2 connection (``h2``), for the router's
+"""A gRPC client channel on the event loop: unary calls over one HTTP/2 connection (``http2.py``), for the router's
 calls to Triton's KServe API.
 
 Like the router's own server (``grpc_server.py``), every byte is handled on the event loop's thread:
@@ -12,29 +12,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import H2Error
-from h2.settings import SettingCodes
+from recserve.serving import http2
+from recserve.serving.grpc_wire import STATUS, grpc_timeout, message_frame, status_of, unframe
 
-from recserve.serving.grpc_wire import STATUS, grpc_timeout, message_frame, send_in_window, status_of, unframe
-
-_CONFIG = H2Configuration(client_side=True, header_encoding=None)
 CONNECT_TIMEOUT_S = 1.0
 """How long one connection attempt may take. An attempt to a host that drops packets (a pod gone, a hung
 machine) would otherwise wait out the kernel's SYN retries (a minute or more), and every call meanwhile shares
 it: bounded, a new attempt starts at the next call, so the cloud is reached within about a second of its return."""
 _WINDOW = 16 << 20
 """Receive window of the connection and of each stream: answers never wait for a window update."""
+MAX_HEADER_BYTES = 64 << 10
+"""Headers (or trailers) of one answer, decoded: more closes the connection."""
 
 
 class CallError(Exception):
@@ -57,16 +45,15 @@ class _Call:
 class _Protocol(asyncio.Protocol):
     def __init__(self, authority: bytes):
         self.authority = authority
-        self.conn = H2Connection(config=_CONFIG)
+        self.conn = http2.client(initial_window=_WINDOW, max_header_bytes=MAX_HEADER_BYTES, connection_window=_WINDOW)
         self.calls: dict[int, _Call] = {}
+        self.blocks: dict[bytes, bytes] = {}
+        """Method path -> the request headers' block but the timeout (the same bytes for every call)."""
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.conn.initiate_connection()
-        self.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW, SettingCodes.ENABLE_PUSH: 0})
-        self.conn.increment_flow_control_window(_WINDOW)
         self._flush()
 
     def connection_lost(self, exc) -> None:
@@ -74,60 +61,57 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self.conn.receive_data(data)
-        except H2Error as e:
+            events = self.conn.receive(data)
+        except http2.ConnectionError as e:
             self._fail_all(f"HTTP/2 error: {e}")
+            self._flush()
             self.transport.close()
             return
         for event in events:
-            call = self.calls.get(getattr(event, "stream_id", None))
-            if isinstance(event, (ResponseReceived, TrailersReceived)) and call is not None:
-                call.headers.update(event.headers)
-            elif isinstance(event, DataReceived):
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            kind = type(event)
+            if kind is http2.Data or kind is http2.Headers:
+                call = self.calls.get(event.stream_id)
                 if call is not None:
-                    call.body += event.data
-            elif isinstance(event, StreamEnded) and call is not None:
-                self._finish(event.stream_id, call)
-            elif isinstance(event, StreamReset) and call is not None:
-                self.calls.pop(event.stream_id, None)
-                _set(call.future, CallError(STATUS["UNAVAILABLE"], f"the server reset the call ({event.error_code})"))
-            elif isinstance(event, WindowUpdated):
+                    if kind is http2.Data:
+                        call.body += event.data
+                    else:
+                        call.headers.update(event.headers)
+                    if event.ended:
+                        self._finish(event.stream_id, call)
+            elif kind is http2.Reset:
+                call = self.calls.pop(event.stream_id, None)
+                if call is not None:
+                    _set(call.future, CallError(STATUS["UNAVAILABLE"], "the server reset the call"))
+            elif event is http2.WINDOW_OPENED:
                 for stream_id, c in list(self.calls.items()):
                     if c.unsent:
                         self._send(stream_id, c)
-            elif isinstance(event, ConnectionTerminated):
-                self._fail_all(f"the server closed the connection ({event.error_code})")
+            elif event is http2.GOING_AWAY:
+                self._fail_all("the server closed the connection (GOAWAY)")
         self._flush()
 
     def call(self, path: bytes, payload: bytes, timeout_s: float) -> tuple[int, asyncio.Future]:
-        stream_id = self.conn.get_next_available_stream_id()
+        block = self.blocks.get(path)
+        if block is None:
+            block = self.blocks[path] = http2.header_block((
+                (b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", self.authority),
+                (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+        stream_id = self.conn.open(block + http2.header_block(((b"grpc-timeout", grpc_timeout(timeout_s)),)))
+        if stream_id is None:
+            raise CallError(STATUS["UNAVAILABLE"], "the server's limit on concurrent calls is reached")
         call = self.calls[stream_id] = _Call(asyncio.get_running_loop().create_future(), unsent=message_frame(payload))
-        self.conn.send_headers(stream_id, [
-            (b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", self.authority),
-            (b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", grpc_timeout(timeout_s))])
         self._send(stream_id, call)
         self._flush()
         return stream_id, call.future
 
     def cancel(self, stream_id: int) -> None:
         if self.calls.pop(stream_id, None) is not None and not self.closed:
-            try:
-                self.conn.reset_stream(stream_id, 8)  # CANCEL
-            except H2Error:
-                pass
+            self.conn.reset(stream_id, http2.CANCEL)
             self._flush()
 
     def _send(self, stream_id: int, call: _Call) -> None:
         """What the flow-control windows allow of the request; the rest waits for a window update."""
-        try:
-            call.unsent = send_in_window(self.conn, stream_id, call.unsent)
-            if call.unsent:
-                return
-            self.conn.end_stream(stream_id)
-        except H2Error as e:
-            self.calls.pop(stream_id, None)
-            _set(call.future, CallError(STATUS["UNAVAILABLE"], f"could not send the call: {e}"))
+        call.unsent = self.conn.send_data(stream_id, call.unsent, end_stream=True)
 
     def _finish(self, stream_id: int, call: _Call) -> None:
         self.calls.pop(stream_id, None)

@@ -55,18 +55,6 @@ def status_of(headers: dict[bytes, bytes]) -> tuple[int, str] | None:
     return int(raw) if raw.isdigit() else 2, unquote(headers.get(b"grpc-message", b"").decode("latin-1"))
 
 
-def send_in_window(conn, stream_id: int, data: bytes) -> bytes:
-    """Send what the HTTP/2 flow-control windows allow of ``data`` on a stream (``h2.connection.H2Connection``);
-    what is left waits for a window update."""
-    while data:
-        room = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-        if room <= 0:
-            break
-        conn.send_data(stream_id, data[:room])
-        data = data[room:]
-    return data
-
-
 def bytes_tensor(values: list[bytes]) -> bytes:
     """A KServe v2 BYTES tensor's raw contents: each element as a 4-byte little-endian length and its bytes."""
     return b"".join(struct.pack("<I", len(v)) + v for v in values)

@@ -174,3 +174,17 @@ def test_a_student_judged_against_the_teachers_titles_and_served_with_them(compr
     titles = load_search(DATA).titles
     want = Encoder(teacher).embed(titles[:5])
     np.testing.assert_allclose(index[:5], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_ranking_agreement_loss_brings_the_students_top_10_closer_to_the_teachers(tmp_path: Path) -> None:
+    """``ranking_weight``: the student learns the teacher's order of the catalog's titles for each text (what a
+    query encoder serving against the teacher's titles is judged on); its epoch is chosen on validation top-10
+    agreement, which training raises above the student's first cut from the teacher."""
+    from recserve.encoder.distill import DistillSettings, distill_encoder
+
+    data = load_search(DATA)
+    _, report = distill_encoder(tmp_path / "student", data, settings=DistillSettings(
+        layers=1, epochs=2, max_texts=300, ranking_weight=1.0, learning_rate=3e-4))
+    print("top-10 agreement", report.start, report.epochs)
+    assert all(0 <= a <= 1 for a in report.epochs) and len(report.epochs) == 2
+    assert report.best_epoch > 0 and max(report.epochs) > report.start

@@ -67,3 +67,52 @@ def test_a_connection_attempt_that_hangs_is_given_up_and_retried() -> None:
     for code, took, message in outcomes:  # each call: its own attempt, given up after 0.3 s, not the call's 5 s
         assert code == STATUS["UNAVAILABLE"] and 0.25 < took < 2.0, (code, took, message)
         assert "no answer to the connection attempt" in message
+
+
+@pytest.fixture
+def grpc_server():
+    """A real gRPC server (grpcio's C core, as Triton's): ``/t.T/Echo`` answers its request, ``/t.T/Fail`` fails
+    with INVALID_ARGUMENT, ``/t.T/Slow`` answers after 0.5 s."""
+    from concurrent import futures
+
+    import grpc
+
+    def echo(request: bytes, context) -> bytes:
+        return request
+
+    def fail(request: bytes, context) -> bytes:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no good: 100% wrong")
+
+    def slow(request: bytes, context) -> bytes:
+        time.sleep(0.5)
+        return request
+
+    handlers = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in
+                {"Echo": echo, "Fail": fail, "Slow": slow}.items()}
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_calls_to_a_real_grpc_server_answer_fail_and_time_out_as_grpc_says(grpc_server: str) -> None:
+    async def calls():
+        channel = GrpcChannel(grpc_server)
+        small = [bytes([i]) * (100 + i) for i in range(20)]
+        big = bytes(range(256)) * 8192  # 2 MiB: more than the server's initial windows, sent as they open
+        answers = await asyncio.gather(*(channel.unary("/t.T/Echo", m, 5.0) for m in [*small, big]))
+        with pytest.raises(CallError) as failed:
+            await channel.unary("/t.T/Fail", b"x", 5.0)
+        with pytest.raises(CallError) as late:
+            await channel.unary("/t.T/Slow", b"x", 0.1)
+        after = await channel.unary("/t.T/Echo", b"still here", 5.0)  # the connection outlives both
+        await channel.close()
+        return answers, failed.value, late.value, after, small + [big]
+
+    answers, failed, late, after, sent = asyncio.run(calls())
+    assert answers == sent
+    assert failed.code == STATUS["INVALID_ARGUMENT"] and str(failed) == "no good: 100% wrong"
+    assert late.code == STATUS["DEADLINE_EXCEEDED"]
+    assert after == b"still here"
