@@ -7,6 +7,7 @@ id 0 is reserved for out-of-vocabulary and missing values.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ class Vocabulary:
         index = self._index
         return np.fromiter((index.get(v, OOV_ID) for v in values), dtype=np.int64)
 
+    def id(self, value: str) -> int:
+        """The id of one raw value (OOV for unknown and missing ones)."""
+        return self._index.get(value, OOV_ID)
+
     def to_json(self) -> dict:
         return {"name": self.name, "tokens": self.tokens, "counts": self.counts}
 
@@ -84,6 +89,15 @@ class DenseTransform:
         out = (x - self.mean) / (self.std or 1.0)
         out[missing] = self.fill
         return out.astype(np.float32)
+
+    def apply_one(self, raw: float) -> float:
+        """:meth:`apply` of one value, in float64 (without numpy's per-call cost: the router's context row)."""
+        x = float(raw)
+        if not math.isfinite(x):
+            return self.fill
+        if self.kind == "log1p":
+            x = float(np.log1p(max(x, 0.0)))  # numpy's log1p, not math's: they differ in the last bit
+        return (x - self.mean) / (self.std or 1.0)
 
     def invert(self, values: np.ndarray) -> np.ndarray:
         """A raw value that :meth:`apply` maps to ``values`` (for building requests from encoded rows)."""

@@ -18,6 +18,11 @@ class TTLCache:
         """key -> (time stored, value), oldest use first."""
         self.hits = self.misses = 0
 
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is ever stored (a caller can skip building keys when not)."""
+        return self.maxsize > 0 and max(self.ttl_s, self.stale_s) > 0
+
     def get(self, key: Hashable) -> Any | None:
         """The value if stored less than ``ttl_s`` ago."""
         item = self._data.get(key)
@@ -37,7 +42,7 @@ class TTLCache:
         return (age, item[1]) if age < max(self.ttl_s, self.stale_s) else None
 
     def put(self, key: Hashable, value: Any) -> None:
-        if self.maxsize <= 0 or max(self.ttl_s, self.stale_s) <= 0:
+        if not self.enabled:
             return
         self._data[key] = (self.clock(), value)
         self._data.move_to_end(key)

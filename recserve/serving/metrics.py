@@ -54,6 +54,16 @@ class RouterMetrics:
         self.edge_latency = Histogram("recserve_router_edge_seconds", "Edge (in-process) scoring latency",
                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.policy_reloads = Gauge("recserve_router_policy_reloads", "Routing policy files loaded", registry=r)
+        self._children: dict[tuple, object] = {}
+
+    def child(self, family, *labels: str):
+        """``family.labels(*labels)``, remembered: the request path asks for the same few children on every call,
+        and ``labels`` checks, converts and locks each time. For label values from a bounded set only."""
+        key = (family, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = family.labels(*labels)
+        return found
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -151,7 +151,7 @@ class Router:
         if config.coalesce:
             self._coalescer = Coalescer(self.cloud.score, getattr(self.cloud, "batch_limit", lambda model: 0),
                                         config.cloud_calls_in_flight,
-                                        on_batch=lambda model, n: self.metrics.cloud_batch.labels(model).observe(n))
+                                        on_batch=lambda model, n: self.metrics.child(self.metrics.cloud_batch, model).observe(n))
             self._cloud_call = self._coalescer.score
         self.edge = edge or EdgeScorer(config.edge_threads)
         self.metrics = metrics or RouterMetrics()
@@ -218,8 +218,9 @@ class Router:
             raise
         finally:
             self.metrics.inflight.dec()
-        self.metrics.requests.labels(name, response.served_by, response.version, "OK").inc()
-        self.metrics.latency.labels(name, response.served_by, response.version).observe(self.clock() - start)
+        m = self.metrics
+        m.child(m.requests, name, response.served_by, response.version, "OK").inc()
+        m.child(m.latency, name, response.served_by, response.version).observe(self.clock() - start)
         return response
 
     async def _rank(self, req: RankRequest, name: str, start: float, budget_ms: float | None) -> RankResponse:
@@ -229,12 +230,15 @@ class Router:
         if model is None:
             raise RankError("NOT_FOUND", f"unknown model {short(name)!r}; this router serves "
                                          f"{sorted([*self.models, *self.searches])}")
-        if len(req.candidate_item_ids) > self.config.max_candidates:
-            raise RankError("INVALID_ARGUMENT", f"{len(req.candidate_item_ids)} candidates is more than the "
+        # the protobuf fields read once: every read of a repeated or map field builds its Python objects anew
+        items, user, numeric = list(req.candidate_item_ids), dict(req.user), dict(req.numeric)
+        if len(items) > self.config.max_candidates:
+            raise RankError("INVALID_ARGUMENT", f"{len(items)} candidates is more than the "
                             f"{self.config.max_candidates} allowed; send fewer or raise max_candidates")
-        too_long = next((s for s in (req.request_id, req.query, *req.candidate_item_ids, *req.user.keys(),
-                                     *req.user.values(), *req.numeric.keys()) if len(s) > MAX_ID_CHARS), None)
-        if too_long is not None:
+        texts = (items, user.keys(), user.values(), numeric.keys())
+        if max(len(req.request_id), len(req.query), *(max(map(len, t), default=0) for t in texts)) > MAX_ID_CHARS:
+            too_long = next(s for s in (req.request_id, req.query, *(s for t in texts for s in t))
+                            if len(s) > MAX_ID_CHARS)
             raise RankError("INVALID_ARGUMENT", f"ids, keys and values are at most {MAX_ID_CHARS} characters; "
                             f"got {short(too_long, 32)!r}")
         if req.top_k < 0:
@@ -246,9 +250,10 @@ class Router:
             self._policy_epoch = self.policy.reloads
             self.cache.clear()
             self.metrics.policy_reloads.set(self.policy.reloads)
-        unknown = self._unknown(model, req, policy)
-        key = (name, tuple(sorted(req.user.items())), req.query, tuple(req.candidate_item_ids), req.top_k,
-               tuple(sorted(req.numeric.items())))
+        rows = model.catalog.rows_for(items)
+        unknown = self._unknown(model, rows, user, numeric, policy)
+        key = (name, tuple(sorted(user.items())), req.query, tuple(items), req.top_k,
+               tuple(sorted(numeric.items()))) if self.cache.enabled else None  # hashing 50 ids is not free
         cached = self.cache.get(key)
         if cached is not None:
             self.metrics.cache_hits.inc()
@@ -256,10 +261,12 @@ class Router:
             out.CopyFrom(cached)
             out.request_id, out.served_by, out.reason = req.request_id, "cache", _why("cache hit", unknown)
             return out
-        items = list(req.candidate_item_ids) or await self._retrieve(req)
-        sparse, dense = self._rows(model, req, items)
+        if not items:
+            items = await self._retrieve(user)
+            rows = model.catalog.rows_for(items)
+        sparse, dense = self._rows(model, req.query, user, numeric, rows)
         primary = model.route.rankers[0].triton_model
-        point, hashed = assignment_point(policy, primary, req.user, self.rng())
+        point, hashed = assignment_point(policy, primary, user, self.rng())
         if not hashed and primary in policy.models and policy.models[primary].assignment.by == "hash":
             self.metrics.unsticky.labels(name).inc()
         version = choose_version(policy, primary, point)  # a version of primary, or another model's ("m:1")
@@ -366,7 +373,7 @@ class Router:
                             scores=scores[best].astype(float).tolist(), served_by=served_by, model=name,
                             version=version, reason=reason)
 
-    def _last_rung(self, req: RankRequest, name: str, key: tuple, items: list[str], reason: str) -> RankResponse:
+    def _last_rung(self, req: RankRequest, name: str, key: tuple | None, items: list[str], reason: str) -> RankResponse:
         """Neither cloud nor edge fits what is left of the deadline: a stale cached answer of the same
         request if there is one, else the candidates in their given order (no scores: no model ranked them)."""
         stale = self.cache.stale(key)
@@ -382,14 +389,16 @@ class Router:
         return RankResponse(request_id=req.request_id, items=items[:req.top_k or len(items)], served_by="fallback",
                             model=name, version="", reason=f"{reason}: the candidates in their given order")
 
-    def _unknown(self, model: _Model, req: RankRequest, policy: RoutingPolicy) -> str:
-        """What in the request no model knows (unknown item ids; user and numeric keys nothing reads), counted in
-        the metrics; a request with any is refused when the policy says ``unknown_inputs: refuse``."""
-        items = sum(1 for i in req.candidate_item_ids if i not in model.catalog.row_of)
+    def _unknown(self, model: _Model, rows: np.ndarray, user: dict[str, str], numeric: dict[str, float],
+                 policy: RoutingPolicy) -> str:
+        """What in the request no model knows (unknown item ids, whose ``rows`` are the catalog's OOV row; user and
+        numeric keys nothing reads), counted in the metrics; a request with any is refused when the policy says
+        ``unknown_inputs: refuse``."""
+        items = int(np.count_nonzero(rows == model.catalog.oov))
         split = policy.models.get(model.route.rankers[0].triton_model)
         sticky_key = split.assignment.key if split is not None else ""
-        keys = sorted({k for k in req.user if k not in model.known_user and k != sticky_key}
-                      | {k for k in req.numeric if k not in model.known_numeric})
+        keys = sorted({k for k in user if k not in model.known_user and k != sticky_key}
+                      | {k for k in numeric if k not in model.known_numeric})
         if not items and not keys:
             return ""
         parts = ([f"{items} unknown item id{'s' if items > 1 else ''}"] if items else []) + \
@@ -403,24 +412,20 @@ class Router:
         return "; ".join(parts)
 
     # -- pieces ------------------------------------------------------------------------------------
-    async def _retrieve(self, req: RankRequest) -> list[str]:
+    async def _retrieve(self, user: dict[str, str]) -> list[str]:
         if self.retrieve_fn is not None:
-            return list(await self.retrieve_fn(dict(req.user)))
+            return list(await self.retrieve_fn(dict(user)))
         if self.retriever is None:
             raise RankError("INVALID_ARGUMENT", "candidate_item_ids is empty and this router has no retriever: "
                             "send candidates, or configure `retriever`")
-        return self.retriever.candidates(dict(req.user))
+        return self.retriever.candidates(user)
 
-    def _rows(self, model: _Model, req: RankRequest, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        values = dict(req.user)
-        if req.query:
-            values.setdefault("query_id", req.query)
-            values.setdefault("query", req.query)
-        enc = model.context
-        raw_sparse = np.array([[values.get(n, "") for n in enc.sparse_names]], dtype=object)
-        raw_dense = np.array([[req.numeric.get(t.name, np.nan) for t in enc.transforms]], dtype=np.float64)
-        ctx_sparse, ctx_dense = enc.encode(raw_sparse, raw_dense)
-        rows = model.catalog.rows_for(items)
+    @staticmethod
+    def _rows(model: _Model, query: str, user: dict[str, str], numeric: dict[str, float],
+              rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ranker's input rows: the candidates' catalog ``rows`` with the request's context in every row."""
+        values = {"query_id": query, "query": query, **user} if query else user
+        ctx_sparse, ctx_dense = model.context.encode_one(values, numeric)
         return model.catalog.ranker_rows(rows, ctx_sparse, ctx_dense)
 
     async def _cloud(self, model: _Model, primary: str, version: str, target: _Target, sparse, dense,
@@ -465,7 +470,7 @@ class Router:
         took = self.clock() - t0
         target.breaker.record_success()
         target.estimate.observe(took * 1e3)
-        self.metrics.cloud_latency.labels(triton_model, version).observe(took)
+        self.metrics.child(self.metrics.cloud_latency, triton_model, version).observe(took)
         return answer
 
     def _maybe_shadow(self, policy: RoutingPolicy, triton_model: str, served_version: str, sparse, dense, scores,

@@ -136,15 +136,21 @@ class ItemIndex:
             self.layout = Layout(**json.loads((d / "layout.json").read_text()))
         except (OSError, ValueError, TypeError) as e:
             raise ModelError(f"{d} is not an item catalog (`recserve index` or `recserve catalog` output): {e}") from e
-        # one extra row of OOV features answers for items the catalog does not know
-        self.item_sparse = np.concatenate([sparse, np.zeros((1, sparse.shape[1]), sparse.dtype)])
-        self.item_dense = np.concatenate([dense, np.zeros((1, dense.shape[1]), dense.dtype)])
+        # each item's ranker row with the context columns left zero (a request fills them), and one extra row of
+        # OOV features for items the catalog does not know: a request's rows are one gather
+        lay = self.layout
+        self.sparse_rows = np.zeros((len(sparse) + 1, len(lay.sparse_names)), np.int64)
+        self.sparse_rows[:-1, lay.sparse_item] = sparse
+        self.dense_rows = np.zeros((len(dense) + 1, len(lay.dense_names)), np.float32)
+        self.dense_rows[:-1, lay.dense_item] = dense
+        self.oov = len(self.item_ids)
+        """The row of an unknown item."""
         self.row_of = {str(item): i for i, item in enumerate(self.item_ids)}
 
     def rows_for(self, item_ids: list[str]) -> np.ndarray:
         """Catalog rows of raw item ids; unknown items get the OOV row."""
-        oov = len(self.item_ids)
-        return np.array([self.row_of.get(i, oov) for i in item_ids], dtype=np.int64)
+        row_of, oov = self.row_of, self.oov
+        return np.array([row_of.get(i, oov) for i in item_ids], dtype=np.int64)
 
     def search(self, user_embedding: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(item rows, scores) of the ``k`` items closest to one user embedding, best first."""
@@ -158,16 +164,13 @@ class ItemIndex:
 
     def ranker_rows(self, rows: np.ndarray, context_sparse: np.ndarray, context_dense: np.ndarray):
         """Full ranker inputs for candidate ``rows``: item columns from the index, context broadcast."""
-        lay, n = self.layout, len(rows)
+        lay = self.layout
         context_sparse, context_dense = np.asarray(context_sparse).ravel(), np.asarray(context_dense).ravel()
         if len(context_sparse) != len(lay.sparse_context) or len(context_dense) != len(lay.dense_context):
             raise InferenceError(f"context: expected {len(lay.sparse_context)} sparse ({', '.join(lay.context_sparse_names)}) "
                                  f"and {len(lay.dense_context)} dense ({', '.join(lay.context_dense_names)}) values")
-        sparse = np.zeros((n, len(lay.sparse_names)), np.int64)
-        dense = np.zeros((n, len(lay.dense_names)), np.float32)
-        sparse[:, lay.sparse_item] = self.item_sparse[rows]
+        sparse, dense = self.sparse_rows.take(rows, axis=0), self.dense_rows.take(rows, axis=0)
         sparse[:, lay.sparse_context] = context_sparse
-        dense[:, lay.dense_item] = self.item_dense[rows]
         dense[:, lay.dense_context] = context_dense
         return sparse, dense
 

@@ -72,8 +72,16 @@ def _serve(repo: Path) -> tuple[subprocess.Popen, int, int]:
     grpc, http = free_port(), free_port()
     proc = subprocess.Popen(cli_args("serve", "--repository", repo, "--grpc-port", grpc, "--http-port", http,
                                      "--metrics-port", free_port()),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env(),
+                            preexec_fn=_interruptible)
     return proc, grpc, http
+
+
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default. A suite started in the background by a non-interactive
+    shell (nohup, `make test &`) runs with SIGINT ignored, which children inherit: Ctrl-C's signal, which these
+    tests send, would never reach `recserve serve` (as for any program started that way)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop(proc: subprocess.Popen, grpc: int) -> None:

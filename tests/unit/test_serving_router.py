@@ -249,8 +249,9 @@ def test_rows_sent_to_the_scorer_are_the_catalog_rows_plus_the_request_context(e
 
     idx = ItemIndex(env.catalog)
     rows = idx.rows_for(["151", "49"])
-    np.testing.assert_array_equal(call.sparse[[0, 2]][:, idx.layout.sparse_item], idx.item_sparse[rows])
-    np.testing.assert_allclose(call.dense[[0, 2]][:, idx.layout.dense_item], idx.item_dense[rows])
+    np.testing.assert_array_equal(call.sparse[[0, 2]][:, idx.layout.sparse_item],
+                                  np.load(env.catalog / "item_sparse.npy")[rows])
+    np.testing.assert_allclose(call.dense[[0, 2]][:, idx.layout.dense_item], np.load(env.catalog / "item_dense.npy")[rows])
 
 
 def test_no_budget_goes_to_cloud(env: Env) -> None:

@@ -53,6 +53,23 @@ def test_encode_takes_bytes_as_triton_sends_them(encoder: FeatureEncoder) -> Non
     np.testing.assert_array_equal(got_b, [[2, 2], [0, 3]])
     np.testing.assert_array_equal(got_b, got_s)
 
+@pytest.mark.parametrize("values, numbers", [
+    ({"color": "red", "size": "L"}, {"price": math.e - 1, "match": 1.0}),
+    ({"color": "green"}, {"price": -5.0}),  # unknown token, missing size, missing match, negative log1p input
+    ({}, {"price": math.inf, "match": math.nan}),  # non-finite numbers are missing
+    ({"size": "M", "other": "x"}, {"price": 1e9, "match": -3.25, "other": 2.0}),
+])
+def test_encode_one_is_encode_of_one_row(encoder: FeatureEncoder, values: dict, numbers: dict) -> None:
+    """The router's single-row path maps a row exactly as the batch path (the Triton models') does."""
+    sparse, dense = encoder.encode_one(values, numbers)
+    want_sparse, want_dense = encoder.encode(
+        np.array([[values.get(n, "") for n in encoder.sparse_names]], dtype=object),
+        np.array([[numbers.get(t.name, np.nan) for t in encoder.transforms]]))
+    assert sparse.dtype == np.int64 and dense.dtype == np.float32
+    np.testing.assert_array_equal(sparse, want_sparse[0])
+    np.testing.assert_array_equal(dense, want_dense[0])
+
+
 
 @pytest.mark.parametrize("sparse, dense, needle", [
     (np.array([["red", "S", "x"]], dtype=object), np.zeros((1, 2)), "sparse features: expected \\[N, 2\\]"),
