@@ -37,7 +37,6 @@ class HeaderDecoder:
         self.dynamic: list[tuple[bytes, bytes]] = []
         """Newest first: index 62 is ``dynamic[0]``."""
         self._used = 0
-        self._fields = STATIC + self.dynamic  # index - 1 -> field, rebuilt when the dynamic table changes
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = []
@@ -68,9 +67,11 @@ class HeaderDecoder:
         return headers
 
     def _field(self, index: int) -> tuple[bytes, bytes]:
-        if not 0 < index <= len(self._fields):
-            raise HeaderError(f"header index {index} is not in the table")
-        return self._fields[index - 1]
+        if 0 < index <= len(STATIC):
+            return STATIC[index - 1]
+        if len(STATIC) < index <= len(STATIC) + len(self.dynamic):
+            return self.dynamic[index - len(STATIC) - 1]
+        raise HeaderError(f"header index {index} is not in the table")
 
     @staticmethod
     def _integer(block: bytes, i: int, prefix: int) -> tuple[int, int]:
@@ -125,11 +126,9 @@ class HeaderDecoder:
             self._evict(entry)
             self.dynamic.insert(0, header)
             self._used += entry
-        self._fields = STATIC + self.dynamic
 
     def _evict(self, room: int) -> None:
         """Drop the oldest entries until ``room`` more bytes fit in ``table_size``."""
         while self.dynamic and self._used + room > self.table_size:
             name, value = self.dynamic.pop()
             self._used -= ENTRY_OVERHEAD + len(name) + len(value)
-        self._fields = STATIC + self.dynamic

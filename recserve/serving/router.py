@@ -132,9 +132,8 @@ class Retriever:
                                           dense=False)
 
     def candidates(self, user: dict[str, str]) -> list[str]:
-        raw = np.array([[user.get(n, "") for n in self.encoder.sparse_names]], dtype=object)
-        ids, _ = self.encoder.encode(raw, np.zeros((1, 0)))
-        (emb,) = self.tower.run(["user_embedding"], {"user_sparse": ids})
+        ids, _ = self.encoder.encode_one(user, {})
+        (emb,) = self.tower.run(["user_embedding"], {"user_sparse": ids[None, :]})
         rows, _ = self.index.search(emb[0], self.route.candidates)
         return [str(i) for i in self.index.item_ids[rows]]
 

@@ -36,7 +36,7 @@ def test_blocks_decode_as_hpacks_own_decoder_decodes_them(huffman: bool) -> None
         block = encoder.encode(headers, huffman=huffman)
         want = [(bytes(k), bytes(v)) for k, v in theirs.decode(block, raw=True)]
         assert ours.decode(block) == want == [(bytes(k), bytes(v)) for k, v in headers]
-        assert [e for e in ours.dynamic] == [tuple(e) for e in theirs.header_table.dynamic_entries]
+        assert ours.dynamic == [tuple(e) for e in theirs.header_table.dynamic_entries]
 
 
 def test_a_repeated_call_is_all_indexed_fields_and_decodes_the_same() -> None:
