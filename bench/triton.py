@@ -57,6 +57,11 @@ def infer_request(model: str, sparse: np.ndarray, dense: np.ndarray) -> service_
     return req
 
 
+STATS_SETTLE_S = 5.0
+"""Triton's backends report a batch's statistics after sending its responses, so a client holding every
+answer can read counts a moment old: how long :func:`counted` waits for them to reach what was sent."""
+
+
 def _successes(client: TritonClient, model: str) -> tuple[int, int]:
     """Rows Triton scored for ``model`` (its ``inference_count``: a batch of n rows counts n) and failed calls."""
     stats = client.statistics(model)["model_stats"][0]
@@ -70,7 +75,11 @@ def counted(client: TritonClient, model: str, total: int, load: Callable[[], T],
     in one Triton call: rows, not calls, are what every path has in common)."""
     ok0, fail0 = _successes(client, model)
     result = load()
-    ok1, fail1 = _successes(client, model)
+    want = (ok0 + total * rows, fail0)
+    deadline = time.monotonic() + STATS_SETTLE_S
+    while (now := _successes(client, model)) != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ok1, fail1 = now
     if (ok1 - ok0, fail1 - fail0) != (total * rows, 0):
         raise RuntimeError(f"{model}: Triton scored {ok1 - ok0} rows of the {total} x {rows} sent, "
                            f"{fail1 - fail0} calls failed")
@@ -96,17 +105,24 @@ def server_vs_client(client: TritonClient, url: str, model: str, rows, n: int = 
     raw = grpcclient.InferenceServerClient(url)
     client_ms, server_ms = [], []
 
-    def server_ns() -> int:
-        s = client.statistics(model)["model_stats"][0]["inference_stats"]
-        return sum(int(s[k].get("ns", 0)) for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+    def server_ns(calls: int | None = None) -> tuple[int, int]:
+        """(successful calls, their queue + compute ns) once the calls counted reach ``calls``."""
+        deadline = time.monotonic() + STATS_SETTLE_S
+        while True:
+            s = client.statistics(model)["model_stats"][0]["inference_stats"]
+            done = int(s["success"].get("count", 0))
+            if calls is None or done >= calls or time.monotonic() > deadline:
+                return done, sum(int(s[k].get("ns", 0))
+                                 for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+            time.sleep(0.001)
 
     for i in range(n + 20):
         sp, de = rows[i % len(rows)]
-        before = server_ns()
+        calls, before = server_ns()
         t0 = time.perf_counter()
         raw.infer(model, _inputs(sp, de))
         took = time.perf_counter() - t0
-        after = server_ns()
+        _, after = server_ns(calls + 1)
         if i >= 20:
             client_ms.append(took * 1e3)
             server_ms.append((after - before) / 1e6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from router_fixtures import wait_until
 
 from recserve.converters.build import build
 from recserve.converters.triton_config import BuildProfile
@@ -23,7 +24,12 @@ def test_repeated_request_is_served_from_the_response_cache(tmp_path, ranker_dir
         feed = {"sparse": np.ones((3, int(n_sparse)), np.int64), "dense": np.zeros((3, int(n_dense)), np.float32)}
         first = client.infer("ranker", feed)["score"]
         again = [client.infer("ranker", feed)["score"] for _ in range(3)]
-        stats = client.statistics("ranker")["model_stats"][0]["inference_stats"]
+
+        def stats() -> dict | None:  # Triton counts a call a moment after answering it
+            s = client.statistics("ranker")["model_stats"][0]["inference_stats"]
+            return s if int(s["cache_hit"].get("count", 0)) + int(s["cache_miss"].get("count", 0)) >= 4 else None
+
+        stats = wait_until(stats, 10, what="Triton counting the 4 calls")
     assert all(np.array_equal(first, a) for a in again)
     assert int(stats["cache_hit"]["count"]) == 3
     assert int(stats["cache_miss"]["count"]) == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import triton_fixtures
+from router_fixtures import wait_until
 from triton_fixtures import (
     UNKNOWN_TOKEN,
     TrainedModels,
@@ -205,7 +206,9 @@ def test_dynamic_batching_merges_concurrent_requests(client: TritonClient, repo:
         futures = [pool.submit(client.infer, "ranker", {"sparse": sparse[i:i + 1], "dense": dense[i:i + 1]})
                    for i in range(64)]
         got = np.concatenate([f.result()["score"] for f in futures])
-    inf1, exe1, merged1 = _counts(client, "ranker")
+    # Triton reports a batch's statistics after sending its responses: wait for the counts to catch up
+    inf1, exe1, merged1 = wait_until(lambda: (c := _counts(client, "ranker"))[0] - inf0 >= 64 and c, 10,
+                                     what="Triton counting the 64 requests")
     assert inf1 - inf0 == 64
     assert exe1 - exe0 < inf1 - inf0, f"{exe1 - exe0} executions for 64 requests: nothing was batched"
     assert merged1 > merged0  # executions of more than one row, made of one-row requests
