@@ -1,11 +1,12 @@
 """Layer-dropping distillation of a text encoder: a student that keeps some of the teacher's transformer
 layers (initialized from them), trained to give the teacher's embeddings.
 
-The texts are the tuning half's queries and the corpus's product titles (what the encoder will embed); the
-held-out queries are never seen. A tenth of the texts (at most ``MAX_VALIDATION``) is set aside for
-validation, on which everything data-dependent is chosen: which layers the student keeps (the candidates
-whose untrained student agrees best with the teacher) and after which epoch its weights are kept (the best
-mean cosine with the teacher). The loss is the mean squared difference of the two L2-normalized embeddings
+The texts are the tuning half's queries, the corpus's product titles and query-like spans of those titles
+(what the encoder will embed); the held-out queries are never seen. A fifth of the tuning queries (at most
+``MAX_VALIDATION``) is set aside for validation, on which everything data-dependent is chosen: which layers
+the student keeps (the candidates whose untrained student agrees best with the teacher) and after which
+epoch its weights are kept (the best mean cosine with the teacher, or with a ranking loss the best top-10
+agreement over the catalog). The loss is the mean squared difference of the two L2-normalized embeddings
 (2 - 2 cos). The student is then exported like any encoder (:func:`export_encoder`: checked against its own
 PyTorch model), with what was done in its ``encoder.json``.
 """
@@ -22,10 +23,13 @@ from pathlib import Path
 from recserve.data.search import SearchData
 from recserve.encoder.artifact import FILES
 from recserve.encoder.export import PACKAGED, ExportResult, export_encoder, load_sentence_transformer, packaged_model_dir
-from recserve.errors import ConfigError
+from recserve.errors import ConfigError, DataError
 from recserve.outdir import check_out
 
 MAX_VALIDATION = 2000
+"""Validation queries at most (a fifth of the tuning queries)."""
+SPAN_WORDS = (1, 4)
+"""Words in a query-like span of a title (a training text), fewest and most."""
 TOP = 10
 """Nearest titles compared when the ranking loss chooses the epoch (the report's top-10 overlap)."""
 TRAIN_SEQ_LENGTH = 64
@@ -82,12 +86,36 @@ def layer_candidates(total: int, keep: int) -> list[list[int]]:
 
 
 def _texts(data: SearchData, settings: DistillSettings) -> tuple[list[str], list[str]]:
-    tuning, _ = data.split(held_out=False)
-    texts = sorted(set(tuning) | set(data.titles))
+    """(training texts, validation texts), seeded.
+
+    Validation: a fifth of the tuning queries (at most ``MAX_VALIDATION``), never trained on. A query encoder is
+    judged on queries, and titles make a misleading measure: a title's own embedding is in the catalog, so its
+    neighbours are easy to agree on (on Home Depot, validation on nine-tenths titles read 0.82 top-10 agreement
+    for a student whose held-out overlap was 0.699; on queries it read 0.74 for one that held out at 0.724).
+    Training, ``max_texts`` at most: the other tuning queries first, then the catalog's titles and as many
+    query-like spans of titles (``SPAN_WORDS`` consecutive words), so the student learns both the short,
+    partial texts queries are and the titles they are matched against."""
     rng = random.Random(settings.seed)
-    rng.shuffle(texts)
-    n_val = min(MAX_VALIDATION, max(1, len(texts) // 10))
-    return texts[n_val:n_val + settings.max_texts], texts[:n_val]
+    tuning, _ = data.split(held_out=False)
+    queries = sorted(set(tuning))
+    if len(queries) < 2:
+        raise DataError(f"distillation needs at least 2 distinct tuning queries (one to validate on); "
+                        f"the data has {len(queries)}")
+    rng.shuffle(queries)
+    n_val = min(MAX_VALIDATION, max(1, len(queries) // 5))
+    val, train = queries[:n_val], queries[n_val:settings.max_texts + n_val]
+    titles = sorted(set(data.titles) - set(val))
+    rng.shuffle(titles)
+    room = settings.max_texts - len(train)
+    train += titles[:(room + 1) // 2]
+    lo, hi = SPAN_WORDS
+    while len(train) < settings.max_texts and titles:
+        words = rng.choice(titles).split()
+        k = rng.randint(min(lo, len(words)), min(hi, len(words)))
+        i = rng.randint(0, len(words) - k)
+        train.append(" ".join(words[i:i + k]))
+    rng.shuffle(train)
+    return train, val
 
 
 def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, settings: DistillSettings | None = None,

@@ -3,7 +3,7 @@ held-out queries.
 
 Each stage reads the encoder directory the last one wrote and writes a new one (model.onnx, tokenizer.json,
 encoder.json) in a scratch directory; the stages learn only from the tuning half of the queries and the
-catalog's titles (distillation also chooses its kept layers and epoch on a validation slice of those). The
+catalog's titles (distillation also chooses its kept layers and epoch on a fifth of the tuning queries). The
 held-out half is used once, for the report: NDCG@10 and recall@10 against the graded labels, top-10 overlap
 and cosine with the encoder the recipe started from, bytes, and CPU latency (batch 1) and throughput (batch
 64) at 16 tokens, the two encoders measured interleaved in one run. The output is written only when the

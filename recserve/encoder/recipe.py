@@ -24,8 +24,8 @@ class DistillStage(BaseModel):
     epochs: int = Field(4, ge=1, description="a ceiling: the best validation epoch is kept")
     learning_rate: float = Field(1e-4, gt=0.0)
     batch_size: int = Field(64, ge=1)
-    max_texts: int = Field(30_000, ge=10, description="training texts at most (a seeded sample of tuning queries "
-                                                      "and titles)")
+    max_texts: int = Field(30_000, ge=10, description="training texts at most: the tuning queries not "
+                                                      "validated on, then titles and 1-4 word spans of titles")
     ranking_weight: float = Field(0.0, ge=0.0, description="weight of the ranking-agreement loss over the teacher's "
                                   "catalog embeddings (0: cosine only); the epoch is then chosen on top-10 agreement")
     temperature: float = Field(0.05, gt=0.0, description="softmax temperature of the ranking-agreement loss")
