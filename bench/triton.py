@@ -59,7 +59,15 @@ def infer_request(model: str, sparse: np.ndarray, dense: np.ndarray) -> service_
 
 STATS_SETTLE_S = 5.0
 """Triton's backends report a batch's statistics after sending its responses, so a client holding every
-answer can read counts a moment old: how long :func:`counted` waits for them to reach what was sent."""
+answer can read counts a moment old: how long :func:`_settled` waits for them to reach what was sent."""
+
+
+def _settled(read: Callable[[], T], done: Callable[[T], bool]) -> T:
+    """``read()`` again until ``done`` says its value has caught up, or ``STATS_SETTLE_S`` passed: the last value."""
+    deadline = time.monotonic() + STATS_SETTLE_S
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return value
 
 
 def _successes(client: TritonClient, model: str) -> tuple[int, int]:
@@ -76,10 +84,7 @@ def counted(client: TritonClient, model: str, total: int, load: Callable[[], T],
     ok0, fail0 = _successes(client, model)
     result = load()
     want = (ok0 + total * rows, fail0)
-    deadline = time.monotonic() + STATS_SETTLE_S
-    while (now := _successes(client, model)) != want and time.monotonic() < deadline:
-        time.sleep(0.02)
-    ok1, fail1 = now
+    ok1, fail1 = _settled(lambda: _successes(client, model), want.__eq__)
     if (ok1 - ok0, fail1 - fail0) != (total * rows, 0):
         raise RuntimeError(f"{model}: Triton scored {ok1 - ok0} rows of the {total} x {rows} sent, "
                            f"{fail1 - fail0} calls failed")
@@ -105,16 +110,11 @@ def server_vs_client(client: TritonClient, url: str, model: str, rows, n: int = 
     raw = grpcclient.InferenceServerClient(url)
     client_ms, server_ms = [], []
 
-    def server_ns(calls: int | None = None) -> tuple[int, int]:
-        """(successful calls, their queue + compute ns) once the calls counted reach ``calls``."""
-        deadline = time.monotonic() + STATS_SETTLE_S
-        while True:
-            s = client.statistics(model)["model_stats"][0]["inference_stats"]
-            done = int(s["success"].get("count", 0))
-            if calls is None or done >= calls or time.monotonic() > deadline:
-                return done, sum(int(s[k].get("ns", 0))
-                                 for k in ("queue", "compute_input", "compute_infer", "compute_output"))
-            time.sleep(0.001)
+    def server_ns() -> tuple[int, int]:
+        """(successful calls, their queue + compute ns)."""
+        s = client.statistics(model)["model_stats"][0]["inference_stats"]
+        return int(s["success"].get("count", 0)), sum(
+            int(s[k].get("ns", 0)) for k in ("queue", "compute_input", "compute_infer", "compute_output"))
 
     for i in range(n + 20):
         sp, de = rows[i % len(rows)]
@@ -122,7 +122,7 @@ def server_vs_client(client: TritonClient, url: str, model: str, rows, n: int = 
         t0 = time.perf_counter()
         raw.infer(model, _inputs(sp, de))
         took = time.perf_counter() - t0
-        _, after = server_ns(calls + 1)
+        _, after = _settled(server_ns, lambda v, want=calls + 1: v[0] >= want)
         if i >= 20:
             client_ms.append(took * 1e3)
             server_ms.append((after - before) / 1e6)
