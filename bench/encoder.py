@@ -1,9 +1,10 @@
 """Query encoder benchmark (issue 19): the packaged all-MiniLM-L6-v2 exported to ONNX (the teacher, FP32), the
 shipped recipe ``recipes/query-encoder.yaml`` run by ``recserve compress`` (distillation to 3 layers, the
-vocabulary pruned, INT8), and each precision alone (INT8 dynamic, INT8 static QDQ, FP16), judged on search
-data: products retrieved for the held-out half of the queries (split by their text; only the tuning half
-and the titles are learned from) from the whole corpus, against the raters' graded labels; agreement with the
-teacher; bytes; CPU speed at batch 1 and 64 for 16 tokens, the encoders in turn round after round in one run.
+vocabulary pruned, INT8), and each precision alone (INT8 dynamic, also with its outlier channels float, INT8
+static QDQ, FP16), judged on search data: products retrieved for the held-out half of the queries (split by
+their text; only the tuning half and the titles are learned from) from the whole corpus, against the raters'
+graded labels; agreement with the teacher; bytes; CPU speed at batch 1 and 64 for 16 tokens, the encoders in
+turn round after round in one run.
 
 Data: Home Depot's product search relevance (``../shared/datasets/home_depot_search``: real queries and
 titles) when present, else the project's synthetic search text. Issue 19's bar: the compressed encoder at least
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HOME_DEPOT = SHARED / "home_depot_search" / "search_relevance.csv"
 RECIPE = ROOT / "recipes" / "query-encoder.yaml"
 MODES = ("int8_dynamic", "int8_static", "fp16")
+PRECISIONS = {mode: (mode, None) for mode in MODES} | {"int8_dynamic_outliers": ("int8_dynamic", 2.0)}
+"""Each precision alone: name -> (mode, outlier_ratio)."""
 
 
 def run(workdir: Path) -> dict:
@@ -39,9 +42,10 @@ def run(workdir: Path) -> dict:
     t0 = time.perf_counter()
     report = compress_encoder(teacher, recipe, workdir / "encoder-recipe", data_spec=spec, force=True)
     seconds = time.perf_counter() - t0
-    for mode in MODES:
-        quantize_encoder(teacher, workdir / mode, mode, tuning_texts(data, 0, 512) if mode == "int8_static" else None)
-    encoders = {"fp32": Encoder(teacher)} | {mode: Encoder(workdir / mode) for mode in MODES}
+    for name, (mode, ratio) in PRECISIONS.items():
+        calibrated = mode == "int8_static" or ratio is not None
+        quantize_encoder(teacher, workdir / name, mode, tuning_texts(data, 0, 512) if calibrated else None, ratio)
+    encoders = {"fp32": Encoder(teacher)} | {name: Encoder(workdir / name) for name in PRECISIONS}
     out: dict = {"data": spec.replace(str(SHARED), "../shared/datasets"), "products": len(data.titles),
                  "held_out_queries": len(queries), "models": judge(encoders, data, teacher="fp32")}
     speed = speeds(encoders, queries[:64])

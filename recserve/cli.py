@@ -813,8 +813,11 @@ def encoder_quantize(
     out: Annotated[Path, typer.Option(help="output directory (a new encoder directory)")],
     mode: Annotated[EncoderPrecision, typer.Option(help="int8_static: QDQ, calibrated on --data; fp16: for GPUs")
                     ] = EncoderPrecision.int8_dynamic,
-    data: Annotated[str | None, typer.Option(help="int8_static: search data whose tuning queries and titles "
-                                                  "calibrate it")] = None,
+    data: Annotated[str | None, typer.Option(help="int8_static, --outlier-ratio: search data whose tuning queries "
+                                                  "and titles calibrate it")] = None,
+    outlier_ratio: Annotated[float | None, typer.Option(
+        help="int8_dynamic: keep float the input channels whose range is above this times "
+        "the 99th percentile of their input's channel ranges (needs --data)")] = None,
     force: Annotated[bool, typer.Option(help="replace an earlier `recserve encoder quantize` output in --out")] = False,
 ) -> None:
     """Quantize an exported encoder (INT8 weights, or FP16; LayerNorm and Softmax stay float in INT8)."""
@@ -825,15 +828,22 @@ def encoder_quantize(
     load_info(encoder)
     check_out(out, force, FILES, "recserve encoder quantize")
     calibration = None
-    if mode == EncoderPrecision.int8_static:
+    if outlier_ratio is not None and mode != EncoderPrecision.int8_dynamic:
+        raise ConfigError(f"--outlier-ratio is for --mode int8_dynamic, not {mode.value}")
+    if outlier_ratio is not None and outlier_ratio <= 1:
+        raise ConfigError(f"--outlier-ratio must be above 1 (a channel above the 99th percentile); got {outlier_ratio}")
+    if mode == EncoderPrecision.int8_static or outlier_ratio is not None:
         if data is None:
-            raise ConfigError("int8_static measures activation ranges on real text: give --data search:PATH "
+            what = "int8_static" if outlier_ratio is None else "--outlier-ratio"
+            raise ConfigError(f"{what} measures activation ranges on real text: give --data search:PATH "
                               "(or synthetic)")
         from recserve.data.search import load_search
 
         calibration = tuning_texts(load_search(data), 0, 512)
     with console.status(f"quantizing ({mode.value})"):
-        result = quantize_encoder(encoder, out, mode.value, calibration)
+        result, q = quantize_encoder(encoder, out, mode.value, calibration, outlier_ratio)
+    if outlier_ratio is not None:
+        console.print(f"{q.float_channels} outlier input channels kept float", highlight=False)
     p = result.info.parity
     console.print(f"{mode.value} encoder: {result.bytes / 2**20:.1f} MiB; against the float graph on {p.texts} "
                   f"texts: min cosine {p.min_cosine:.4f}, max abs diff {p.max_abs_diff:.1e}", highlight=False)

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from recserve.data.search import SearchData
 from recserve.encoder.artifact import FILES
@@ -26,12 +27,15 @@ from recserve.encoder.export import PACKAGED, ExportResult, export_encoder, load
 from recserve.errors import ConfigError, DataError
 from recserve.outdir import check_out
 
+Schedule = Literal["constant", "linear"]
 MAX_VALIDATION = 2000
 """Validation queries at most (a fifth of the tuning queries)."""
 SPAN_WORDS = (1, 4)
 """Words in a query-like span of a title (a training text), fewest and most."""
 TOP = 10
 """Nearest titles compared when the ranking loss chooses the epoch (the report's top-10 overlap)."""
+WARMUP = 0.06
+"""Share of the training steps the ``linear`` schedule warms up over."""
 TRAIN_SEQ_LENGTH = 64
 """Tokens per text while training (titles and queries are shorter; the exported student keeps the teacher's limit)."""
 
@@ -44,6 +48,10 @@ class DistillSettings:
     """Most passes over the training texts; the best epoch on validation is kept."""
     batch_size: int = 64
     learning_rate: float = 1e-4
+    """The peak learning rate (see ``schedule``)."""
+    schedule: Schedule = "constant"
+    """``constant``: ``learning_rate`` throughout; ``linear``: up from 0 over the first ``WARMUP`` of the steps, then
+    down to 0 at the last step (the weights settle at the end instead of still jumping at every batch)."""
     max_texts: int = 30_000
     """Training texts at most (a seeded sample), to bound the time on a CPU."""
     ranking_weight: float = 0.0
@@ -83,6 +91,16 @@ def layer_candidates(total: int, keep: int) -> list[list[int]]:
         if c is not None and len(c) == keep and min(c) >= 0 and c not in out:
             out.append(c)
     return out
+
+
+def learning_rate_factor(schedule: Schedule, step: int, total: int) -> float:
+    """The share of the peak learning rate at optimizer step ``step`` (0-based) of ``total``."""
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, round(WARMUP * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / (total - warmup + 1))
 
 
 def _texts(data: SearchData, settings: DistillSettings) -> tuple[list[str], list[str]]:
@@ -173,6 +191,8 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
     report = DistillReport(kept, scores, train_texts=len(train), validation_texts=len(val))
     student = student_with(kept)
     optimizer = torch.optim.AdamW(student.parameters(), lr=s.learning_rate)
+    steps = s.epochs * -(-len(train) // s.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: learning_rate_factor(s.schedule, i, steps))
     best, best_state = agreement(student), copy.deepcopy(student.state_dict())
     report.start = best
     order = list(range(len(train)))
@@ -191,6 +211,7 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            scheduler.step()
         cos = agreement(student)
         report.epochs.append(cos)
         progress(f"epoch {epoch}: validation {'cosine' if catalog is None else 'top-10 agreement'} "

@@ -27,7 +27,7 @@ from recserve.data.search import SearchData, load_search
 from recserve.encoder.artifact import FILES, INFO_FILE, INPUTS, MODEL_FILE, TOKENIZER_FILE, Parity, load_info
 from recserve.encoder.evaluate import Encoder, judge, speeds
 from recserve.encoder.export import CHECK_TEXTS, ExportResult, _write
-from recserve.encoder.quantize import Mode, quantize_graph
+from recserve.encoder.quantize import Mode, Quantized, quantize_graph
 from recserve.encoder.recipe import DistillStage, EncoderGate, EncoderRecipe, PruneVocabStage, QuantizeStage
 from recserve.encoder.report import EncoderMeasure, EncoderReport
 from recserve.encoder.text import TextTokenizer
@@ -81,10 +81,12 @@ def _embed(model: Path, tokenizer: TextTokenizer, texts: list[str]) -> np.ndarra
                            for i in range(0, len(texts), 64)])
 
 
-def quantize_encoder(src: Path, out: Path, mode: Mode, calibration: list[str] | None = None) -> ExportResult:
+def quantize_encoder(src: Path, out: Path, mode: Mode, calibration: list[str] | None = None,
+                     outlier_ratio: float | None = None) -> tuple[ExportResult, Quantized]:
     """The encoder at ``src`` in ``mode`` (recserve.encoder.quantize), written to the new directory ``out``."""
-    tok = TextTokenizer.of(src)
-    return derive(src, out, {MODEL_FILE: quantize_graph(src, mode, tok, calibration)}, mode.replace("_", "-"))
+    q = quantize_graph(src, mode, TextTokenizer.of(src), calibration, outlier_ratio)
+    step = mode.replace("_", "-") + (f" ({q.float_channels} outlier channels float)" if outlier_ratio else "")
+    return derive(src, out, {MODEL_FILE: q.model}, step), q
 
 
 def _run_stage(stage, src: Path, out: Path, data: SearchData, seed: int, progress: Callable[[str], None]) -> dict:
@@ -99,7 +101,7 @@ def _run_stage(stage, src: Path, out: Path, data: SearchData, seed: int, progres
                              f"({', '.join(info.compression)})")
         teacher = None if info.source == PACKAGED else Path(info.source)
         settings = DistillSettings(layers=stage.layers, epochs=stage.epochs, batch_size=stage.batch_size,
-                                   learning_rate=stage.learning_rate, max_texts=stage.max_texts,
+                                   learning_rate=stage.learning_rate, schedule=stage.schedule, max_texts=stage.max_texts,
                                    ranking_weight=stage.ranking_weight, temperature=stage.temperature, seed=seed)
         _, r = distill_encoder(out, data, teacher, settings, progress=progress)
         per_epoch = "validation_top10_agreement" if stage.ranking_weight > 0 else "validation_cosine"
@@ -114,9 +116,11 @@ def _run_stage(stage, src: Path, out: Path, data: SearchData, seed: int, progres
         return {"vocabulary_before": r.before, "vocabulary_after": r.after, "tokens_used": r.used,
                 "texts": r.texts, "parity_min_cosine": result.info.parity.min_cosine}
     if isinstance(stage, QuantizeStage):
-        calibration = tuning_texts(data, seed, stage.calibration_texts) if stage.mode == "int8_static" else None
-        result = quantize_encoder(src, out, stage.mode, calibration)
-        return {"mode": stage.mode, "parity_min_cosine": result.info.parity.min_cosine}
+        calibrated = stage.mode == "int8_static" or stage.outlier_ratio is not None
+        calibration = tuning_texts(data, seed, stage.calibration_texts) if calibrated else None
+        result, q = quantize_encoder(src, out, stage.mode, calibration, stage.outlier_ratio)
+        return {"mode": stage.mode, "parity_min_cosine": result.info.parity.min_cosine,
+                **({"float_channels": q.float_channels} if stage.outlier_ratio is not None else {})}
     raise StageError(f"unknown stage {stage!r}")
 
 

@@ -3,7 +3,8 @@
 - ``int8_dynamic``: the weights of every MatMul (attention projections and feed-forward layers: ~80% of the
   transformer's compute) and the token embedding table (the Gather: most of the bytes) stored as INT8 with
   one scale per output channel; each MatMul's input quantized at run time from its batch's own range, so no
-  calibration data is needed.
+  calibration data is needed. With ``outlier_ratio`` the few input channels whose calibration range is far
+  above the rest stay float (:mod:`recserve.encoder.outliers`): they would otherwise set that range.
 - ``int8_static``: the same weights, and each MatMul input quantized with a scale fixed beforehand from the
   ranges seen on calibration texts (the tuning queries and titles), as QuantizeLinear/DequantizeLinear pairs
   (QDQ, symmetric INT8 with zero point 0 as everywhere in recserve: the one file onnxruntime and TensorRT both
@@ -25,12 +26,14 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from recserve.encoder.artifact import INPUTS, MODEL_FILE
+from recserve.encoder.outliers import Split, channel_ranges, split_outliers
 from recserve.encoder.text import TextTokenizer
 
 Mode = Literal["int8_dynamic", "int8_static", "fp16"]
@@ -85,32 +88,50 @@ def after_gelu(graph) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and n.name and from_gelu(n.input[0])]
 
 
-def quantize_graph(src: Path, mode: Mode, tokenizer: TextTokenizer, calibration: list[str] | None = None) -> bytes:
-    """The graph ``src/model.onnx`` in ``mode`` (see the module's docstring); ``calibration`` texts for int8_static."""
+@dataclass
+class Quantized:
+    model: bytes
+    float_channels: int = 0
+    """int8_dynamic with ``outlier_ratio``: the outlier input channels kept float."""
+
+
+def quantize_graph(src: Path, mode: Mode, tokenizer: TextTokenizer, calibration: list[str] | None = None,
+                   outlier_ratio: float | None = None) -> Quantized:
+    """The graph ``src/model.onnx`` in ``mode`` (see the module's docstring); ``calibration`` texts for int8_static
+    and for int8_dynamic's ``outlier_ratio``."""
     source = Path(src) / MODEL_FILE
+    if outlier_ratio is not None and mode != "int8_dynamic":
+        raise ValueError("outlier_ratio is for int8_dynamic")
+    if (mode == "int8_static" or outlier_ratio is not None) and not calibration:
+        raise ValueError(f"{mode}{' with outlier_ratio' if outlier_ratio else ''} needs calibration texts")
+    import onnx
+
     if mode == "fp16":
-        import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         with _quiet():
             model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-        return model.SerializeToString()
+        return Quantized(model.SerializeToString())
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         target = Path(tmp) / MODEL_FILE
         if mode == "int8_dynamic":
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=OPS)
-        else:
-            if not calibration:
-                raise ValueError("int8_static needs calibration texts")
-            import onnx
-
-            keep_float = after_gelu(onnx.load(str(source), load_external_data=False).graph)
-            quantize_static(source, target, _Calibration(tokenizer, calibration), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=OPS, per_channel=True, activation_type=QuantType.QInt8,
-                            nodes_to_exclude=keep_float,
-                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": True,
-                                           "WeightSymmetric": True})
-        return target.read_bytes()
+            split = Split(0, [])
+            if outlier_ratio is not None:
+                model = onnx.load(str(source))
+                feeds = list(_Calibration(tokenizer, calibration).batches)
+                split = split_outliers(model, channel_ranges(model, feeds), outlier_ratio)
+                source = Path(tmp) / "split.onnx"
+                onnx.save(model, str(source))
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=OPS,
+                             nodes_to_exclude=split.keep_float)
+            return Quantized(target.read_bytes(), split.channels)
+        keep_float = after_gelu(onnx.load(str(source), load_external_data=False).graph)
+        quantize_static(source, target, _Calibration(tokenizer, calibration), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=OPS, per_channel=True, activation_type=QuantType.QInt8,
+                        nodes_to_exclude=keep_float,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": True,
+                                       "WeightSymmetric": True})
+        return Quantized(target.read_bytes())

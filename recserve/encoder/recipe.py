@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from recserve.encoder.distill import Schedule
 from recserve.encoder.quantize import Mode
 from recserve.specs import parse_staged, read_text
 
@@ -22,7 +23,9 @@ class DistillStage(BaseModel):
     type: Literal["distill"] = "distill"
     layers: int = Field(3, ge=1, description="transformer layers the student keeps")
     epochs: int = Field(4, ge=1, description="a ceiling: the best validation epoch is kept")
-    learning_rate: float = Field(1e-4, gt=0.0)
+    learning_rate: float = Field(1e-4, gt=0.0, description="the peak learning rate")
+    schedule: Schedule = Field("constant", description="`constant`, or `linear`: warm up over the first 6% of the "
+                               "steps, then down to 0 at the last")
     batch_size: int = Field(64, ge=1)
     max_texts: int = Field(30_000, ge=10, description="training texts at most: the tuning queries not "
                                                       "validated on, then titles and 1-4 word spans of titles")
@@ -44,7 +47,17 @@ class QuantizeStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["quantize"] = "quantize"
     mode: Mode = "int8_dynamic"
-    calibration_texts: int = Field(512, ge=1, description="int8_static: tuning texts its ranges are measured on")
+    calibration_texts: int = Field(512, ge=1, description="int8_static and outlier_ratio: tuning texts the ranges "
+                                   "are measured on")
+    outlier_ratio: float | None = Field(None, gt=1.0, description="int8_dynamic: input channels whose range is above "
+                                        "this times the 99th percentile of their input's channel ranges stay float "
+                                        "(none: every channel INT8)")
+
+    @model_validator(mode="after")
+    def _outliers_are_dynamic(self) -> QuantizeStage:
+        if self.outlier_ratio is not None and self.mode != "int8_dynamic":
+            raise ValueError(f"outlier_ratio is for mode int8_dynamic, not {self.mode}")
+        return self
 
 
 Stage = Annotated[DistillStage | PruneVocabStage | QuantizeStage, Field(discriminator="type")]

@@ -140,15 +140,21 @@ def test_int8_weights_a_quarter_of_the_bytes_and_the_same_search_results_mostly(
     from recserve.encoder.pipeline import quantize_encoder
 
     out, _ = exported
-    result = quantize_encoder(out, tmp_path / "int8", "int8_dynamic")
+    result, _ = quantize_encoder(out, tmp_path / "int8", "int8_dynamic")
     info = load_info(tmp_path / "int8")
     assert info.compression == ["int8-dynamic"] and info.parity.min_cosine > 0.95
     assert (out / "model.onnx").stat().st_size / result.bytes > 3.5
-    got = judge({"fp32": Encoder(out), "int8": Encoder(tmp_path / "int8")}, load_search("synthetic:200,products=600"),
-                teacher="fp32")
+    data = "synthetic:200,products=600"
+    proc = recserve("encoder", "quantize", out, "--out", tmp_path / "split", "--outlier-ratio", "2", "--data", data)
+    assert proc.returncode == 0 and "outlier input channels kept float" in proc.stdout, proc.stderr[-2000:]
+    assert load_info(tmp_path / "split").compression[0].startswith("int8-dynamic (")
+    got = judge({"fp32": Encoder(out), "int8": Encoder(tmp_path / "int8"), "split": Encoder(tmp_path / "split")},
+                load_search(data), teacher="fp32")
     assert got["fp32"]["ndcg_at_10"] > 0.4, got  # words of the product: a pretrained encoder finds it (0.53)
     assert got["int8"]["teacher_overlap_at_10"] > 0.8 and got["int8"]["mean_cosine"] > 0.98, got  # 0.91, 0.992
     assert got["int8"]["size_ratio"] > 3.5 and abs(got["int8"]["relative_ndcg_loss"]) < 0.05, got
+    # the few outlier channels float: closer to the float graph, the same size (Home Depot: overlap 0.910 -> 0.941)
+    assert got["split"]["mean_cosine"] > got["int8"]["mean_cosine"] and got["split"]["size_ratio"] > 3.5, got
 
 
 def test_evaluate_and_quantize_from_the_command_line(exported, tmp_path: Path) -> None:
@@ -162,6 +168,10 @@ def test_evaluate_and_quantize_from_the_command_line(exported, tmp_path: Path) -
     one_error(recserve("encoder", "evaluate", tmp_path, "--data", "synthetic"), "is not an exported encoder")
     one_error(recserve("encoder", "evaluate", out, "--data", "criteo:x"), "unknown kind 'criteo'", "search:PATH")
     one_error(recserve("encoder", "quantize", out, "--out", out), "not empty", "--force")
+    one_error(recserve("encoder", "quantize", out, "--out", tmp_path / "q", "--outlier-ratio", "2"), "--data")
+    one_error(recserve("encoder", "quantize", out, "--out", tmp_path / "q", "--outlier-ratio", "2", "--mode", "fp16",
+                       "--data", "synthetic"), "int8_dynamic")
+    assert not (tmp_path / "q").exists()
 
 
 def test_distill_a_two_layer_student_that_agrees_with_the_teacher(tmp_path: Path) -> None:

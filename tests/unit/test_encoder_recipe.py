@@ -37,6 +37,9 @@ def test_the_shipped_recipe_parses_in_order() -> None:
     ("gate: {max_relative_ndcg_loss: -1}\nstages: [{type: quantize}]", "max_relative_ndcg_loss"),
     ("- a list", "YAML mapping"),
     ("catalog: student\nstages: [{type: quantize}]", "catalog"),
+    ("stages: [{type: distill, schedule: cosine}]", "schedule"),
+    ("stages: [{type: quantize, mode: fp16, outlier_ratio: 2}]", "outlier_ratio is for mode int8_dynamic"),
+    ("stages: [{type: quantize, outlier_ratio: 1}]", "outlier_ratio"),
 ])
 def test_a_wrong_recipe_says_what_is_wrong(text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
