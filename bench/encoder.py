@@ -21,6 +21,7 @@ from recserve.data.search import load_search
 from recserve.encoder.evaluate import Encoder, judge, speeds
 from recserve.encoder.export import export_encoder
 from recserve.encoder.pipeline import compress_encoder, quantize_encoder, tuning_texts
+from recserve.encoder.quantize import needs_calibration
 from recserve.encoder.recipe import load_encoder_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,8 @@ def run(workdir: Path) -> dict:
     report = compress_encoder(teacher, recipe, workdir / "encoder-recipe", data_spec=spec, force=True)
     seconds = time.perf_counter() - t0
     for name, (mode, ratio) in PRECISIONS.items():
-        calibrated = mode == "int8_static" or ratio is not None
-        quantize_encoder(teacher, workdir / name, mode, tuning_texts(data, 0, 512) if calibrated else None, ratio)
+        calibration = tuning_texts(data, 0, 512) if needs_calibration(mode, ratio) else None
+        quantize_encoder(teacher, workdir / name, mode, calibration, ratio)
     encoders = {"fp32": Encoder(teacher)} | {name: Encoder(workdir / name) for name in PRECISIONS}
     out: dict = {"data": spec.replace(str(SHARED), "../shared/datasets"), "products": len(data.titles),
                  "held_out_queries": len(queries), "models": judge(encoders, data, teacher="fp32")}

@@ -27,7 +27,7 @@ from recserve.data.search import SearchData, load_search
 from recserve.encoder.artifact import FILES, INFO_FILE, INPUTS, MODEL_FILE, TOKENIZER_FILE, Parity, load_info
 from recserve.encoder.evaluate import Encoder, judge, speeds
 from recserve.encoder.export import CHECK_TEXTS, ExportResult, _write
-from recserve.encoder.quantize import Mode, Quantized, quantize_graph
+from recserve.encoder.quantize import Mode, Quantized, needs_calibration, quantize_graph
 from recserve.encoder.recipe import DistillStage, EncoderGate, EncoderRecipe, PruneVocabStage, QuantizeStage
 from recserve.encoder.report import EncoderMeasure, EncoderReport
 from recserve.encoder.text import TextTokenizer
@@ -116,8 +116,8 @@ def _run_stage(stage, src: Path, out: Path, data: SearchData, seed: int, progres
         return {"vocabulary_before": r.before, "vocabulary_after": r.after, "tokens_used": r.used,
                 "texts": r.texts, "parity_min_cosine": result.info.parity.min_cosine}
     if isinstance(stage, QuantizeStage):
-        calibrated = stage.mode == "int8_static" or stage.outlier_ratio is not None
-        calibration = tuning_texts(data, seed, stage.calibration_texts) if calibrated else None
+        calibration = (tuning_texts(data, seed, stage.calibration_texts)
+                       if needs_calibration(stage.mode, stage.outlier_ratio) else None)
         result, q = quantize_encoder(src, out, stage.mode, calibration, stage.outlier_ratio)
         return {"mode": stage.mode, "parity_min_cosine": result.info.parity.min_cosine,
                 **({"float_channels": q.float_channels} if stage.outlier_ratio is not None else {})}

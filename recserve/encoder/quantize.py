@@ -88,6 +88,11 @@ def after_gelu(graph) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and n.name and from_gelu(n.input[0])]
 
 
+def needs_calibration(mode: Mode, outlier_ratio: float | None = None) -> bool:
+    """Whether quantizing in ``mode`` measures activation ranges on calibration texts."""
+    return mode == "int8_static" or outlier_ratio is not None
+
+
 @dataclass
 class Quantized:
     model: bytes
@@ -102,7 +107,7 @@ def quantize_graph(src: Path, mode: Mode, tokenizer: TextTokenizer, calibration:
     source = Path(src) / MODEL_FILE
     if outlier_ratio is not None and mode != "int8_dynamic":
         raise ValueError("outlier_ratio is for int8_dynamic")
-    if (mode == "int8_static" or outlier_ratio is not None) and not calibration:
+    if needs_calibration(mode, outlier_ratio) and not calibration:
         raise ValueError(f"{mode}{' with outlier_ratio' if outlier_ratio else ''} needs calibration texts")
     import onnx
 
