@@ -823,16 +823,14 @@ def encoder_quantize(
     """Quantize an exported encoder (INT8 weights, or FP16; LayerNorm and Softmax stay float in INT8)."""
     from recserve.encoder.artifact import FILES, load_info
     from recserve.encoder.pipeline import quantize_encoder, tuning_texts
-    from recserve.encoder.quantize import needs_calibration
+    from recserve.encoder.quantize import needs_calibration, outlier_ratio_problem
     from recserve.outdir import check_out
 
     load_info(encoder)
     check_out(out, force, FILES, "recserve encoder quantize")
     calibration = None
-    if outlier_ratio is not None and mode != EncoderPrecision.int8_dynamic:
-        raise ConfigError(f"--outlier-ratio is for --mode int8_dynamic, not {mode.value}")
-    if outlier_ratio is not None and outlier_ratio <= 1:
-        raise ConfigError(f"--outlier-ratio must be above 1 (a channel above the 99th percentile); got {outlier_ratio}")
+    if problem := outlier_ratio_problem(mode.value, outlier_ratio):
+        raise ConfigError(f"--outlier-ratio: {problem}")
     if needs_calibration(mode.value, outlier_ratio):
         if data is None:
             what = "int8_static" if outlier_ratio is None else "--outlier-ratio"

@@ -88,6 +88,17 @@ def after_gelu(graph) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and n.name and from_gelu(n.input[0])]
 
 
+def outlier_ratio_problem(mode: Mode, outlier_ratio: float | None) -> str | None:
+    """What is wrong with asking ``mode`` for ``outlier_ratio`` (None: nothing)."""
+    if outlier_ratio is None:
+        return None
+    if mode != "int8_dynamic":
+        return f"outlier_ratio is for mode int8_dynamic, not {mode}"
+    if outlier_ratio <= 1:
+        return f"outlier_ratio must be above 1 (a channel above the 99th percentile); got {outlier_ratio}"
+    return None
+
+
 def needs_calibration(mode: Mode, outlier_ratio: float | None = None) -> bool:
     """Whether quantizing in ``mode`` measures activation ranges on calibration texts."""
     return mode == "int8_static" or outlier_ratio is not None
@@ -105,8 +116,8 @@ def quantize_graph(src: Path, mode: Mode, tokenizer: TextTokenizer, calibration:
     """The graph ``src/model.onnx`` in ``mode`` (see the module's docstring); ``calibration`` texts for int8_static
     and for int8_dynamic's ``outlier_ratio``."""
     source = Path(src) / MODEL_FILE
-    if outlier_ratio is not None and mode != "int8_dynamic":
-        raise ValueError("outlier_ratio is for int8_dynamic")
+    if problem := outlier_ratio_problem(mode, outlier_ratio):
+        raise ValueError(problem)
     if needs_calibration(mode, outlier_ratio) and not calibration:
         raise ValueError(f"{mode}{' with outlier_ratio' if outlier_ratio else ''} needs calibration texts")
     import onnx

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recserve.encoder.distill import Schedule
-from recserve.encoder.quantize import Mode
+from recserve.encoder.quantize import Mode, outlier_ratio_problem
 from recserve.specs import parse_staged, read_text
 
 STAGE_TYPES = ("distill", "prune_vocab", "quantize")
@@ -55,8 +55,8 @@ class QuantizeStage(BaseModel):
 
     @model_validator(mode="after")
     def _outliers_are_dynamic(self) -> QuantizeStage:
-        if self.outlier_ratio is not None and self.mode != "int8_dynamic":
-            raise ValueError(f"outlier_ratio is for mode int8_dynamic, not {self.mode}")
+        if problem := outlier_ratio_problem(self.mode, self.outlier_ratio):
+            raise ValueError(problem)
         return self
 
 
