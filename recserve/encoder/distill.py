@@ -58,6 +58,9 @@ class DistillSettings:
     """Weight of the ranking-agreement loss over the teacher's catalog embeddings (0: cosine loss only)."""
     temperature: float = 0.05
     """Softmax temperature of the ranking-agreement loss (lower: only the top of each ranking counts)."""
+    token_weight: float = 0.0
+    """Weight of the token loss: 1 - cosine between the student's and the teacher's last hidden state of each token,
+    averaged over the text's tokens (0: off). Many targets per text instead of one pooled vector."""
     seed: int = 0
     device: str | None = None
     """PyTorch device to train on; None: the first CUDA GPU when there is one, else the CPU."""
@@ -101,6 +104,18 @@ def learning_rate_factor(schedule: Schedule, step: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / (total - warmup + 1))
+
+
+def token_loss(got, mask, targets):
+    """Mean over the real tokens (``mask`` 1) of 1 - cosine between ``got`` [batch, length, dim] and the teacher's
+    states of each text (``targets``: one [its length, dim] tensor a text, padding cut off)."""
+    import torch
+
+    target = torch.zeros_like(got)
+    for row, t in enumerate(targets):
+        target[row, :len(t)] = t.to(got.device, got.dtype)
+    cos = torch.nn.functional.cosine_similarity(got, target, dim=2)
+    return ((1 - cos) * mask).sum() / mask.sum()
 
 
 def _texts(data: SearchData, settings: DistillSettings) -> tuple[list[str], list[str]]:
@@ -157,6 +172,8 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
     progress(f"teacher embeddings of {len(train) + len(val):,} texts (on {device})")
     with torch.no_grad():
         target_train = st.encode(train, batch_size=128, convert_to_tensor=True)
+        tokens_train = ([t.half() for t in st.encode(train, batch_size=128, output_value="token_embeddings")]
+                        if s.token_weight > 0 else None)
         target_val = st.encode(val, batch_size=128, convert_to_tensor=True)
         catalog = None
         if s.ranking_weight > 0:
@@ -204,10 +221,14 @@ def distill_encoder(out: Path, data: SearchData, teacher: Path | None = None, se
             idx = order[start:start + s.batch_size]
             features = {k: v.to(device) if hasattr(v, "to") else v
                         for k, v in student.preprocess([train[i] for i in idx]).items()}
-            got = torch.nn.functional.normalize(student(features)["sentence_embedding"], dim=1)
+            features = student(features)
+            got = torch.nn.functional.normalize(features["sentence_embedding"], dim=1)
             loss = torch.nn.functional.mse_loss(got, target_train[idx])
             if catalog is not None:
                 loss = loss + s.ranking_weight * ranking_loss(got, target_train[idx])
+            if tokens_train is not None:
+                loss = loss + s.token_weight * token_loss(features["token_embeddings"], features["attention_mask"],
+                                                          [tokens_train[i] for i in idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

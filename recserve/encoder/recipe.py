@@ -32,6 +32,8 @@ class DistillStage(BaseModel):
     ranking_weight: float = Field(0.0, ge=0.0, description="weight of the ranking-agreement loss over the teacher's "
                                   "catalog embeddings (0: cosine only); the epoch is then chosen on top-10 agreement")
     temperature: float = Field(0.05, gt=0.0, description="softmax temperature of the ranking-agreement loss")
+    token_weight: float = Field(0.0, ge=0.0, description="weight of the token loss: 1 - cosine between the student's "
+                                "and the teacher's last hidden state of each token (0: off)")
 
 
 class PruneVocabStage(BaseModel):

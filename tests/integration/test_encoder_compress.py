@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 DATA = "synthetic:200,products=400"
 RECIPE = """name: tiny
 stages:
-  - {type: distill, layers: 2, epochs: 1, max_texts: 300, schedule: linear}
+  - {type: distill, layers: 2, epochs: 1, max_texts: 300, schedule: linear, token_weight: 0.5}
   - {type: prune_vocab}
   - {type: quantize, mode: int8_dynamic, outlier_ratio: 2}
 gate:
@@ -190,3 +190,28 @@ def test_a_ranking_agreement_loss_brings_the_students_top_10_closer_to_the_teach
     print("top-10 agreement", report.start, report.epochs)
     assert all(0 <= a <= 1 for a in report.epochs) and len(report.epochs) == 2
     assert report.best_epoch > 0 and max(report.epochs) > report.start
+
+
+def test_a_token_loss_trains_each_tokens_state_toward_the_teachers(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """``token_weight``: every batch's loss adds the token loss over the student's last hidden states against the
+    teacher's states of the same texts (their lengths as the tokenizer cut them), and training lowers it."""
+    import recserve.encoder.distill as distill
+
+    seen: list[float] = []
+
+    def spy(got, mask, targets):
+        assert [len(t) for t in targets] == mask.sum(1).tolist(), "one teacher state per real token"
+        assert got.shape[:2] == mask.shape and got.shape[2] == targets[0].shape[1]
+        loss = token_loss(got, mask, targets)
+        seen.append(loss.item())
+        return loss
+
+    token_loss = distill.token_loss
+    monkeypatch.setattr(distill, "token_loss", spy)
+    data = load_search(DATA)
+    _, report = distill.distill_encoder(tmp_path / "student", data, settings=distill.DistillSettings(
+        layers=1, epochs=3, max_texts=128, batch_size=32, token_weight=1.0, learning_rate=5e-4))
+    assert len(seen) == 3 * 4, "every batch of every epoch"
+    print("token loss by batch", [round(x, 3) for x in seen])
+    assert np.mean(seen[-4:]) < np.mean(seen[:4]), "the last epoch's token loss is below the first's"

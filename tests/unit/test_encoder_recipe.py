@@ -38,6 +38,7 @@ def test_the_shipped_recipe_parses_in_order() -> None:
     ("- a list", "YAML mapping"),
     ("catalog: student\nstages: [{type: quantize}]", "catalog"),
     ("stages: [{type: distill, schedule: cosine}]", "schedule"),
+    ("stages: [{type: distill, token_weight: -0.5}]", "token_weight"),
     ("stages: [{type: quantize, mode: fp16, outlier_ratio: 2}]", "outlier_ratio is for mode int8_dynamic"),
     ("stages: [{type: quantize, outlier_ratio: 1}]", "outlier_ratio"),
 ])
