@@ -7,8 +7,9 @@ The texts are the tuning half's queries, the corpus's product titles and query-l
 the student keeps (the candidates whose untrained student agrees best with the teacher) and after which
 epoch its weights are kept (the best mean cosine with the teacher, or with a ranking loss the best top-10
 agreement over the catalog). The loss is the mean squared difference of the two L2-normalized embeddings
-(2 - 2 cos). The student is then exported like any encoder (:func:`export_encoder`: checked against its own
-PyTorch model), with what was done in its ``encoder.json``.
+(2 - 2 cos); ``ranking_weight`` adds the teacher's order of the catalog for each text, ``token_weight`` the
+teacher's last hidden state of each token (:func:`token_loss`). The student is then exported like any encoder
+(:func:`export_encoder`: checked against its own PyTorch model), with what was done in its ``encoder.json``.
 """
 
 from __future__ import annotations
