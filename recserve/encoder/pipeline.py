@@ -100,10 +100,7 @@ def _run_stage(stage, src: Path, out: Path, data: SearchData, seed: int, progres
             raise StageError(f"distill starts from an exported teacher; {src} is already compressed "
                              f"({', '.join(info.compression)})")
         teacher = None if info.source == PACKAGED else Path(info.source)
-        settings = DistillSettings(layers=stage.layers, epochs=stage.epochs, batch_size=stage.batch_size,
-                                   learning_rate=stage.learning_rate, schedule=stage.schedule, max_texts=stage.max_texts,
-                                   ranking_weight=stage.ranking_weight, temperature=stage.temperature,
-                                   token_weight=stage.token_weight, seed=seed)
+        settings = DistillSettings(**stage.model_dump(exclude={"type"}), seed=seed)  # the stage's fields are settings
         _, r = distill_encoder(out, data, teacher, settings, progress=progress)
         per_epoch = "validation_top10_agreement" if stage.ranking_weight > 0 else "validation_cosine"
         return {"kept_layers": r.kept_layers, "candidates": r.candidates, per_epoch: r.epochs,
