@@ -186,8 +186,11 @@ def _ca_of(certs: Path, url: str) -> Path | None:
         return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def apiserver(tmp_path_factory):
+    """A real etcd and kube-apiserver for one test module, stopped after it. Each module binds this fixture
+    (``apiserver = apiserver_fixtures.apiserver``), so each gets a server of its own; at session scope, each
+    of those lived to the end of the whole suite (four pairs idling beside the fault and load tests)."""
     for b in ("etcd", "kube-apiserver"):
         if not os.access(BIN / b, os.X_OK):
             pytest.skip(f"run `make k8s-tools` first: {BIN / b} is missing (a real kube-apiserver and etcd, "
