@@ -185,6 +185,6 @@ def test_distill_a_two_layer_student_that_agrees_with_the_teacher(tmp_path: Path
     assert info.compression[0].startswith("distill: 2 of 6 layers"), info.compression
     assert "kept layers" in proc.stdout and "validation cosine by epoch" in proc.stdout
     epochs = [float(c) for c in proc.stdout.split("validation cosine by epoch: ")[1].split(";")[0].split(", ")]
-    assert max(epochs) > 0.8, epochs  # measured 0.86 after 2 epochs on 450 texts; untrained: 0.56
+    assert max(epochs) > 0.8, epochs  # measured 0.95 after 2 epochs on 6,381 texts; untrained: 0.56
     one_error(recserve("encoder", "distill", "--data", "synthetic:50", "--out", tmp_path / "s7", "--layers", "6"),
               "keeps 1 to 5 of the teacher's 6 layers")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recserve.data.search import load_search
-from recserve.encoder.distill import MAX_VALIDATION, SPAN_WORDS, DistillSettings, _texts
+from recserve.encoder.distill import MAX_VALIDATION, SPAN_WORDS, DistillSettings, _texts, span_positions
 from recserve.errors import DataError
 
 
@@ -39,6 +39,21 @@ def test_the_texts_are_seeded_and_bounded(data) -> None:
     train, val = _texts(data, DistillSettings(max_texts=50))
     assert len(train) == 50 and set(train) <= set(data.split(held_out=False)[0]), "queries come first"
     assert 0 < len(val) <= MAX_VALIDATION
+
+
+def test_a_small_catalog_is_not_padded_to_max_texts_with_repeated_spans(data) -> None:
+    """Every other tuning query, every title, and no more spans than the titles have places for: not 30,000 texts
+    drawn from 300 titles (a distillation that took minutes over the same few spans again and again)."""
+    train, val = _texts(data, DistillSettings(max_texts=30_000))
+    queries = len(set(data.split(held_out=False)[0])) - len(val)
+    titles = sorted(set(data.titles) - set(val))
+    assert len(train) == queries + len(titles) + span_positions(titles) < 30_000
+
+
+def test_span_positions_count_every_run_of_one_to_four_words() -> None:
+    assert SPAN_WORDS == (1, 4)
+    assert span_positions(["a b c d e"]) == 5 + 4 + 3 + 2
+    assert span_positions(["a b", "c", ""]) == (2 + 1) + 1 + 0
 
 
 def test_data_without_tuning_queries_to_validate_on_is_refused() -> None:
