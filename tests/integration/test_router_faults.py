@@ -186,6 +186,8 @@ class StallMeters:
                     open_[tid] = (since, total + wait)
                 elif tid in open_:
                     self._close_wait(last, *open_.pop(tid))
+            for tid in open_.keys() - now_waited.keys():  # the thread ended: its stretch ended with it
+                self._close_wait(last, *open_.pop(tid))
             waited, last = now_waited, now
         for since, total in open_.values():
             self._close_wait(last, since, total)
